@@ -1,0 +1,7 @@
+"""BIVDiff: training-free video synthesis by bridging image and video diffusion models."""
+
+from bivdiff.schedulers import BIVDiffDDIMInverseScheduler
+
+__version__ = "0.1.0"
+
+__all__ = ["BIVDiffDDIMInverseScheduler"]

@@ -1,0 +1,162 @@
+"""Tiny random-weight components of the real model families, for tests and `bivdiff run --tiny`.
+
+Every builder is seeded, needs no download, and returns the same classes the full-size models use, so the
+pipelines run the same code paths. The image and video text encoders have different widths on purpose: an
+embedding handed to the wrong UNet fails loudly instead of silently broadcasting.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IMAGE_TEXT_DIM = 32
+VIDEO_TEXT_DIM = 24
+VAE_SCALE_FACTOR = 2
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to chr(256 + n).
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def tiny_tokenizer():
+    """A byte-level CLIP tokenizer with no merges: every word splits into characters (514 tokens)."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + 256 for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = 512
+    vocab["<|endoftext|>"] = 513
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def tiny_text_encoder(hidden_size: int = IMAGE_TEXT_DIM, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        layer_norm_eps=1e-5,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=1000,
+        max_position_embeddings=77,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[8, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=2,
+        scaling_factor=0.18215,
+    ).eval()
+
+
+def tiny_unet(in_channels: int = 4, seed: int = 0):
+    """SD-1.5-shaped UNet2DConditionModel; in_channels 8 for InstructPix2Pix, 9 for inpainting."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=in_channels,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=IMAGE_TEXT_DIM,
+        attention_head_dim=4,
+        norm_num_groups=2,
+    ).eval()
+
+
+def tiny_controlnet(seed: int = 0):
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    return ControlNetModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        in_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        cross_attention_dim=IMAGE_TEXT_DIM,
+        attention_head_dim=4,
+        conditioning_embedding_out_channels=(8, 16),
+        norm_num_groups=2,
+    ).eval()
+
+
+def tiny_adapter(in_channels: int = 3, seed: int = 0):
+    from diffusers import T2IAdapter
+
+    torch.manual_seed(seed)
+    return T2IAdapter(
+        in_channels=in_channels,
+        channels=[8, 16],
+        num_res_blocks=1,
+        downscale_factor=VAE_SCALE_FACTOR,
+        adapter_type="full_adapter",
+    ).eval()
+
+
+def tiny_video_unet(seed: int = 0):
+    """ModelScope/ZeroScope-shaped UNet3DConditionModel."""
+    from diffusers import UNet3DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet3DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=VIDEO_TEXT_DIM,
+        attention_head_dim=4,
+        norm_num_groups=2,
+    ).eval()
+
+
+def sd15_scheduler_config() -> dict:
+    """SD-1.5's DDIM settings, given at construction so `from_config` keeps every key."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+    )
+
+
+def tiny_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**sd15_scheduler_config())
