@@ -1,7 +1,19 @@
 """BIVDiff: training-free video synthesis by bridging image and video diffusion models."""
 
+from bivdiff.pipelines import (
+    BIVDiffControllablePipeline,
+    BIVDiffPipeline,
+    BIVDiffPipelineOutput,
+    MixedInversionMixin,
+)
 from bivdiff.schedulers import BIVDiffDDIMInverseScheduler
 
 __version__ = "0.1.0"
 
-__all__ = ["BIVDiffDDIMInverseScheduler"]
+__all__ = [
+    "BIVDiffControllablePipeline",
+    "BIVDiffDDIMInverseScheduler",
+    "BIVDiffPipeline",
+    "BIVDiffPipelineOutput",
+    "MixedInversionMixin",
+]

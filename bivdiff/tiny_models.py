@@ -160,3 +160,30 @@ def tiny_scheduler():
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(**sd15_scheduler_config())
+
+
+def tiny_inverse_scheduler():
+    from bivdiff.schedulers import BIVDiffDDIMInverseScheduler
+
+    return BIVDiffDDIMInverseScheduler(**sd15_scheduler_config())
+
+
+def tiny_video_components(seed: int = 0) -> dict:
+    """The video-model side shared by every BIVDiff pipeline."""
+    return dict(
+        video_unet=tiny_video_unet(seed),
+        video_text_encoder=tiny_text_encoder(VIDEO_TEXT_DIM, seed=seed + 1),
+        video_tokenizer=tiny_tokenizer(),
+    )
+
+
+def tiny_image_components(seed: int = 0, unet_in_channels: int = 4) -> dict:
+    """The SD-1.5-family image side: VAE, text encoder, tokenizer, UNet, scheduler, inverse scheduler."""
+    return dict(
+        vae=tiny_vae(seed),
+        text_encoder=tiny_text_encoder(IMAGE_TEXT_DIM, seed=seed),
+        tokenizer=tiny_tokenizer(),
+        unet=tiny_unet(unet_in_channels, seed=seed),
+        scheduler=tiny_scheduler(),
+        inverse_scheduler=tiny_inverse_scheduler(),
+    )

@@ -1,0 +1,206 @@
+"""BIVDiffControllablePipeline with ControlNet: stage 1 against the stock pipeline, outputs, save/load, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionControlNetPipeline
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+from pipeline_helpers import (
+    HEIGHT,
+    NUM_FRAMES,
+    WIDTH,
+    all_models,
+    bivdiff_components,
+    control_video,
+    count_forward_calls,
+    generators,
+    pipeline_file,
+)
+
+from bivdiff import BIVDiffControllablePipeline, BIVDiffDDIMInverseScheduler
+from bivdiff.tiny_models import tiny_controlnet, tiny_text_encoder, tiny_video_unet
+
+PIPELINE_FILE = pipeline_file("pipeline_bivdiff_controllable.py")
+
+
+def make_pipe(**overrides):
+    pipe = BIVDiffControllablePipeline(**bivdiff_components(**{"controlnet": tiny_controlnet(), **overrides}))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def inputs(**overrides):
+    args = dict(
+        prompt="a red car",
+        control_frames=control_video(),
+        num_inference_steps=2,
+        mixing_ratio=0.5,
+        generator=generators(),
+        output_type="np",
+    )
+    args.update(overrides)
+    return args
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return make_pipe()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("frame_batch_size", [1, 2, 8])
+def test_batched_stage1_equals_stock_pipeline_per_frame(pipe, frame_batch_size):
+    frames = control_video()
+    neg, pos = pipe.encode_image_prompt("a red car", "ugly", "cpu")
+    ours = pipe.generate_frames(
+        [list(frames)], pos, neg, HEIGHT, WIDTH, 3, 7.5, 1.0, frame_batch_size, generators(), None, None
+    )
+    stock = StableDiffusionControlNetPipeline(
+        **{k: getattr(pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "controlnet", "scheduler")},
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    stock.set_progress_bar_config(disable=True)
+    for i in range(NUM_FRAMES):
+        expected = stock(
+            "a red car",
+            image=frames[i : i + 1],
+            negative_prompt="ugly",
+            num_inference_steps=3,
+            generator=torch.Generator().manual_seed(i),
+            output_type="latent",
+        ).images
+        assert (ours[0, :, i] - expected[0]).abs().max().item() <= 1e-4
+
+
+def test_one_generator_derives_the_same_frames_whatever_the_chunking(pipe):
+    out = [
+        pipe(**inputs(generator=torch.Generator().manual_seed(7), frame_batch_size=n, output_type="latent")).idm_frames
+        for n in (1, 3)
+    ]
+    torch.testing.assert_close(out[0], out[1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "output_type, check",
+    [
+        ("np", lambda v: isinstance(v, np.ndarray) and v.shape == (1, NUM_FRAMES, HEIGHT, WIDTH, 3)),
+        ("pt", lambda v: torch.is_tensor(v) and v.shape == (1, NUM_FRAMES, 3, HEIGHT, WIDTH)),
+        ("latent", lambda v: torch.is_tensor(v) and v.shape == (1, 4, NUM_FRAMES, HEIGHT // 2, WIDTH // 2)),
+        ("pil", lambda v: len(v) == 1 and len(v[0]) == NUM_FRAMES and v[0][0].size == (WIDTH, HEIGHT)),
+    ],
+)
+def test_output_layouts(pipe, output_type, check):
+    out = pipe(**inputs(output_type=output_type))
+    assert check(out.frames) and check(out.idm_frames)
+    if output_type in ("np", "pt"):
+        assert 0 <= float(out.frames.min()) and float(out.frames.max()) <= 1
+
+
+def test_same_seed_same_video_and_dict_tuple_agree(pipe):
+    a = pipe(**inputs())
+    b = pipe(**inputs(), return_dict=False)
+    np.testing.assert_array_equal(a.frames, b[0])
+    np.testing.assert_array_equal(a.idm_frames, b[1])
+    c = pipe(**inputs(generator=generators(base=100)))
+    assert np.abs(a.idm_frames - c.idm_frames).max() > 1e-3
+
+
+def test_idm_frames_can_be_skipped(pipe):
+    with count_forward_calls(vae=pipe.vae.decoder) as calls:
+        out = pipe(**inputs(return_idm_frames=False, decode_chunk_size=2))
+    assert out.idm_frames is None
+    assert calls["vae"] == 2  # 3 frames in chunks of 2, final video only
+
+
+def test_callback_zeroing_latents_on_last_step_gives_zero_output(pipe):
+    seen = []
+
+    def callback(p, step, timestep, kwargs):
+        seen.append((step, sorted(kwargs)))
+        if step == p.num_timesteps - 1:
+            return {"latents": torch.zeros_like(kwargs["latents"])}
+        return {}
+
+    out = pipe(
+        **inputs(output_type="latent"),
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+    )
+    assert torch.count_nonzero(out.frames) == 0
+    assert seen == [(0, ["latents", "prompt_embeds"]), (1, ["latents", "prompt_embeds"])]
+
+
+def test_save_load_restores_every_component_and_output(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["inverse_scheduler"] == ["bivdiff.schedulers.scheduling_bivdiff_ddim_inverse", "BIVDiffDDIMInverseScheduler"]
+    assert index["inversion_unet"] == [None, None] and index["adapter"] == [None, None]
+    loaded = BIVDiffControllablePipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.inverse_scheduler, BIVDiffDDIMInverseScheduler)
+    assert loaded.inversion_unet is None and loaded.adapter is None
+    assert set(loaded.components) == set(pipe.components)
+    np.testing.assert_allclose(pipe(**inputs()).frames, loaded(**inputs()).frames, atol=1e-5)
+
+
+def test_loads_as_custom_pipeline_from_its_file(pipe, tmp_path, modules_cache):
+    folder = tmp_path / "model"
+    pipe.save_pretrained(folder)
+    loaded = DiffusionPipeline.from_pretrained(folder, custom_pipeline=PIPELINE_FILE, trust_remote_code=True)
+    assert type(loaded).__name__ == "BIVDiffControllablePipeline"
+    assert type(loaded).__module__.startswith("diffusers_modules")
+    assert (modules_cache / "diffusers_modules" / "local" / "mixed_inversion.py").exists()
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(pipe(**inputs()).frames, loaded(**inputs()).frames, atol=1e-5)
+
+
+def test_multi_controlnet_takes_one_video_per_net():
+    pipe = make_pipe(controlnet=[tiny_controlnet(seed=1), tiny_controlnet(seed=2)])
+    assert isinstance(pipe.controlnet, MultiControlNetModel)
+    out = pipe(**inputs(control_frames=[control_video(seed=1), control_video(seed=2)], controlnet_conditioning_scale=[1.0, 0.5]))
+    assert out.frames.shape == (1, NUM_FRAMES, HEIGHT, WIDTH, 3)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(num_frames=4), "one condition image per frame"),
+        (dict(height=30), "divisible by 8"),
+        (dict(width=36, height=32), "divisible by 8"),
+        (dict(mixing_ratio=1.5), "mixing_ratio"),
+        (dict(mixing_ratio=-0.1), "mixing_ratio"),
+        (dict(prompt=""), "prompt"),
+        (dict(latents=torch.zeros(1, 4, 2, 16, 16)), "frames"),
+    ],
+)
+def test_bad_input_fails_before_any_model_runs(pipe, overrides, message):
+    with count_forward_calls(**all_models(pipe)) as calls:
+        with pytest.raises(ValueError, match=message):
+            pipe(**inputs(**overrides))
+    assert sum(calls.values()) == 0
+
+
+def test_mismatched_video_text_encoder_is_named():
+    pipe = make_pipe(video_text_encoder=tiny_text_encoder(hidden_size=32))
+    with count_forward_calls(**all_models(pipe)) as calls:
+        with pytest.raises(ValueError, match="video_unet` expects text embeddings of width 24"):
+            pipe(**inputs())
+    assert sum(calls.values()) == 0
+
+
+def test_controlnet_and_adapter_are_exclusive():
+    pipe = make_pipe(controlnet=None)
+    with pytest.raises(ValueError, match="exactly one of `controlnet` and `adapter`"):
+        pipe(**inputs())
+
+
+def test_zero_mixing_ratio_skips_the_image_inversion():
+    pipe = make_pipe(video_unet=tiny_video_unet(seed=3))
+    with count_forward_calls(unet=pipe.unet, video_unet=pipe.video_unet) as calls:
+        pipe(**inputs(mixing_ratio=0.0, num_inference_steps=2))
+    # Stage 1 uses the image UNet with CFG in one call per step; stage 2 skips it at r = 0.
+    assert calls == {"unet": 2, "video_unet": 2 + 2}

@@ -1,0 +1,88 @@
+import pytest
+import torch
+from diffusers import DDIMScheduler, PNDMScheduler
+
+from bivdiff import BIVDiffDDIMInverseScheduler
+from bivdiff.tiny_models import sd15_scheduler_config
+
+
+def reference_reverse_step(eps, t, z, alphas_cumprod, step_ratio, last):
+    """The original BIVDiff `reverse_step`, written out: evaluate at t, move to min(t + T/N, T - 2)."""
+    a_t = alphas_cumprod[t]
+    a_next = alphas_cumprod[min(t + step_ratio, last)]
+    x0 = (z - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    return a_next**0.5 * x0 + (1 - a_next) ** 0.5 * eps
+
+
+@pytest.fixture
+def scheduler():
+    return BIVDiffDDIMInverseScheduler.from_config(DDIMScheduler(**sd15_scheduler_config()).config)
+
+
+def test_timesteps_for_50_steps_ascend_from_1_to_981(scheduler):
+    scheduler.set_timesteps(50)
+    assert scheduler.timesteps.tolist() == list(range(1, 1000, 20))
+    assert scheduler.next_timestep(981) == 998
+    # The same levels DDIM denoises over, in reverse order.
+    ddim = DDIMScheduler(**sd15_scheduler_config())
+    ddim.set_timesteps(50)
+    assert scheduler.timesteps.tolist() == ddim.timesteps.flip(0).tolist()
+
+
+def test_step_matches_the_original_reverse_step(scheduler):
+    scheduler.set_timesteps(50)
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 8, 8, generator=generator)
+    alphas = DDIMScheduler(**sd15_scheduler_config()).alphas_cumprod
+    for t in scheduler.timesteps.tolist():
+        eps = torch.randn(z.shape, generator=generator)
+        expected = reference_reverse_step(eps, t, z, alphas, 20, 998)
+        z = scheduler.step(eps, t, z).prev_sample
+        torch.testing.assert_close(z, expected, rtol=0, atol=1e-5)
+        z = expected
+
+
+def test_v_prediction_inverts_the_v_parameterisation():
+    scheduler = BIVDiffDDIMInverseScheduler(**{**sd15_scheduler_config(), "prediction_type": "v_prediction"})
+    scheduler.set_timesteps(10)
+    t = 101
+    a = scheduler.alphas_cumprod[t]
+    x0 = torch.randn(1, 4, 4, 4)
+    eps = torch.randn(1, 4, 4, 4)
+    z = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0
+    out = scheduler.step(v, t, z)
+    torch.testing.assert_close(out.pred_original_sample, x0, atol=1e-5, rtol=0)
+    a_next = scheduler.alphas_cumprod[t + 100]
+    torch.testing.assert_close(out.prev_sample, a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps, atol=1e-5, rtol=0)
+
+
+def test_from_config_of_other_schedulers_keeps_betas_and_offset():
+    pndm = PNDMScheduler(**{k: v for k, v in sd15_scheduler_config().items() if k not in ("clip_sample",)})
+    inv = BIVDiffDDIMInverseScheduler.from_config(pndm.config)
+    torch.testing.assert_close(inv.alphas_cumprod, pndm.alphas_cumprod)
+    inv.set_timesteps(50)
+    assert inv.timesteps[0].item() == 1
+
+
+def test_alphas_stay_fp32_for_half_samples(scheduler):
+    scheduler.set_timesteps(50)
+    z = torch.randn(1, 4, 4, 4)
+    eps = torch.randn(1, 4, 4, 4)
+    half = scheduler.step(eps.half(), 981, z.half()).prev_sample
+    assert half.dtype == torch.float16
+    assert scheduler.alphas_cumprod.dtype == torch.float32
+    torch.testing.assert_close(half.float(), scheduler.step(eps, 981, z).prev_sample, atol=1e-2, rtol=1e-2)
+
+
+def test_step_before_set_timesteps_is_an_error():
+    with pytest.raises(ValueError, match="set_timesteps"):
+        BIVDiffDDIMInverseScheduler().step(torch.zeros(1), 1, torch.zeros(1))
+
+
+def test_save_and_reload(tmp_path, scheduler):
+    scheduler.save_pretrained(tmp_path)
+    again = BIVDiffDDIMInverseScheduler.from_pretrained(tmp_path)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(again.config) == public(scheduler.config)
+    torch.testing.assert_close(again.alphas_cumprod, scheduler.alphas_cumprod)
