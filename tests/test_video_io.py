@@ -10,6 +10,7 @@ from PIL import Image
 from bivdiff import video_io
 from bivdiff.video_io import (
     default_clip_path,
+    default_mask_path,
     gif_delays_ms,
     read_video,
     read_video_clip,
@@ -428,5 +429,14 @@ def test_shipped_clip_reads_with_its_attribution():
     assert clip.frames[0].size == (512, 288)
     attribution = (default_clip_path().parent / "ATTRIBUTION.md").read_text()
     assert "Blender Foundation" in attribution and "Creative Commons Attribution 3.0" in attribution
-    assert default_clip_path().name in attribution
+    assert default_clip_path().name in attribution and default_mask_path().name in attribution
 
+
+def test_shipped_mask_matches_the_clip():
+    clip = read_video_clip(default_mask_path(), as_mask=True)
+    assert len(clip.frames) == 132
+    assert clip.fps == pytest.approx(25)
+    assert clip.frames[0].size == (512, 288)
+    first, last = np.asarray(clip.frames[0]), np.asarray(clip.frames[-1])
+    assert first[144, 256] >= 250 and first[0, 0] <= 5 and first[144, 20] <= 5
+    assert np.abs(first.astype(int) - last).max() <= 2
