@@ -13,9 +13,9 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageSequence
@@ -236,7 +236,9 @@ def _read_ffmpeg(
         loaders = ((lambda data=data: Image.frombytes(mode, size, data)) for data in reader)
         frames = _select_frames(loaders, path, num_frames, stride, start)
     except (OSError, RuntimeError) as err:
-        raise ValueError(f"Cannot read video frames from {path}: {err}\nCheck that the file is a complete video.") from err
+        raise ValueError(
+            f"Cannot read video frames from {path}: {err}\nCheck that the file is a complete video."
+        ) from err
     finally:
         reader.close()  # stops ffmpeg when we leave before the end of the video
     return frames, (float(meta["fps"]) or None)
