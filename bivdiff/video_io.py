@@ -324,9 +324,9 @@ def to_numpy_frames(frames) -> np.ndarray:
     """Frames as a uint8 array (F, H, W, 3).
 
     Accepts a list of PIL images (any mode) or of arrays, a numpy array (F, H, W, 3), (F, H, W, 1) or (F, H, W),
-    or a torch tensor (F, 3, H, W) or (F, H, W, 3). uint8 data is taken as [0, 255]; float data as [0, 1] and
-    clipped there (a decoder overshoots a little), but float data beyond [-0.5, 1.5] is refused: it is almost
-    surely [0, 255] or [-1, 1] data, which would otherwise be silently clipped to a blank video.
+    or a torch tensor (F, 3, H, W) or (F, H, W, 3). uint8 data is taken as [0, 255], bool as black/white masks,
+    float data as [0, 1] and clipped there (a decoder overshoots a little), but float data beyond [-0.5, 1.5] is
+    refused: it is almost surely [0, 255] or [-1, 1] data, which clipping would silently turn into a blank video.
     """
     if isinstance(frames, (list, tuple)):
         if not frames:
@@ -391,6 +391,8 @@ def _torch_to_channels_last(tensor) -> np.ndarray:
 def _float_or_uint8(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
+    if array.dtype == np.bool_:  # a binary mask: white = True
+        return array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.floating):
         low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
         if low < -0.5 or high > 1.5:

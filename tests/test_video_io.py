@@ -400,6 +400,12 @@ def test_grayscale_frames_become_rgb():
     )
 
 
+def test_bool_masks_become_black_and_white():
+    mask = np.zeros((2, 8, 8), bool)
+    mask[:, 2:6, 2:6] = True
+    np.testing.assert_array_equal(to_numpy_frames(torch.from_numpy(mask)[:, None])[..., 0], mask * 255)
+
+
 def test_float_overshoot_is_clipped():
     frames = np.full((1, 8, 8, 3), 1.04)
     frames[..., 0] = -0.03
