@@ -1,0 +1,283 @@
+"""Metrics for generated videos: weights-free temporal consistency, plus CLIP scores from a local CLIP folder.
+
+Pixel metrics (`warp_error`, `frame_difference`) are mean absolute differences in [0, 1] intensity units, so
+0.01 is about 2.5 grey levels; multiply by 1000 to compare with tables that report them "x 10^-3". CLIP
+scores are 100 x cosine similarity, in [-100, 100].
+
+Every function takes frames in any form `bivdiff.video_io.to_numpy_frames` accepts (PIL list, numpy array,
+torch tensor), measured at 8 bits per channel as a saved video would be; `evaluate_video` also takes paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bivdiff.video_io import read_video, to_numpy_frames, to_pil_frames
+
+# OpenCV's documented Farneback settings: 3-level pyramid halving each level, 15 px window, 3 iterations,
+# 5-pixel polynomial neighbourhood with sigma 1.2.
+_FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights-free metrics
+
+
+def frame_difference(frames) -> float:
+    """Mean absolute difference of consecutive frames, in [0, 1] intensity units.
+
+    A crude flicker measure with no motion model: it also grows with honest motion, so compare it only between
+    videos of the same content (say, frame-wise IDM output against the smoothed video).
+    """
+    video = _float_frames(frames, "frame_difference")
+    return float(np.mean([np.abs(b - a).mean() for a, b in itertools.pairwise(video)]))
+
+
+def warp_error(frames, source=None) -> float:
+    """Temporal consistency by warping, in [0, 1] intensity units (0 = every frame is its predecessor moved).
+
+    For each consecutive pair (t, t+1): optical flow t -> t+1 and t+1 -> t (OpenCV Farneback), frame t+1 warped
+    back onto frame t along the forward flow, and the absolute difference to frame t averaged over the pixels
+    that are not occluded. The flow comes from `source` when given (the video the output was made from, whose
+    motion the output should follow, as in video editing), else from the output frames themselves; `source`
+    must have the output's frame count and size.
+
+    Occlusions follow Ruder et al. (2016): a pixel counts when its forward flow and the backward flow at its
+    destination cancel, |f + b|^2 < 0.01 (|f|^2 + |b|^2) + 0.5, and its destination lies inside the frame.
+    Pairs with no such pixel are skipped; NaN when every pair is.
+    """
+    video = _float_frames(frames, "warp_error")
+    if source is None:
+        motion = video
+    else:
+        motion = _float_frames(source, "warp_error")
+        if motion.shape != video.shape:
+            raise ValueError(
+                f"warp_error's source is {_describe(motion)} but the video is {_describe(video)}: pass the source "
+                "frames the video was made from, read at its size, e.g. read_video(path, num_frames=F, "
+                "stride=s, height=H, width=W)."
+            )
+    gray = [_gray_uint8(frame) for frame in motion]
+    errors = []
+    for t in range(len(video) - 1):
+        forward = _flow(gray[t], gray[t + 1])
+        backward = _flow(gray[t + 1], gray[t])
+        warped, inside = _warp(video[t + 1], forward)
+        valid = inside & _consistent(forward, backward)
+        if valid.any():
+            errors.append(np.abs(video[t] - warped)[valid].mean())
+    return float(np.mean(errors)) if errors else float("nan")
+
+
+def _float_frames(frames, metric: str) -> np.ndarray:
+    video = to_numpy_frames(frames).astype(np.float32) / 255.0
+    if len(video) < 2:
+        raise ValueError(f"{metric} compares consecutive frames and needs at least 2; got {len(video)}.")
+    return video
+
+
+def _describe(video: np.ndarray) -> str:
+    return f"{len(video)} frames of {video.shape[2]}x{video.shape[1]}"
+
+
+def _gray_uint8(frame: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.cvtColor((frame * 255.0).round().astype(np.uint8), cv2.COLOR_RGB2GRAY)
+
+
+def _flow(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Dense flow (H, W, 2) with first(x) ~ second(x + flow(x))."""
+    import cv2
+
+    return cv2.calcOpticalFlowFarneback(first, second, None, **_FARNEBACK)
+
+
+def _warp(image: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """image sampled at x + flow(x) (bilinear), and where that point lies inside the image."""
+    import cv2
+
+    height, width = flow.shape[:2]
+    grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+    map_x, map_y = grid_x + flow[..., 0], grid_y + flow[..., 1]
+    warped = cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    inside = (map_x >= 0) & (map_x <= width - 1) & (map_y >= 0) & (map_y <= height - 1)
+    return warped, inside
+
+
+def _consistent(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
+    backward_at_target, _ = _warp(backward, forward)
+    mismatch = np.square(forward + backward_at_target).sum(-1)
+    scale = np.square(forward).sum(-1) + np.square(backward_at_target).sum(-1)
+    return mismatch < 0.01 * scale + 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLIP scores
+
+
+@dataclass(frozen=True)
+class _Clip:
+    model: object
+    tokenizer: object
+    preprocess: Callable[[list[Image.Image]], object]
+    device: str
+
+
+def clip_scores(frames, prompt: str | None = None, *, clip_path: str | os.PathLike, batch_size: int = 16) -> dict:
+    """CLIP scores of a video, 100 x cosine similarity of projected embeddings, in [-100, 100]:
+
+    - `clip_frame_consistency`: mean over consecutive frame pairs of their image embeddings' cosine (100 for
+      identical frames); needs at least 2 frames.
+    - `clip_text_alignment` (when `prompt` is given): mean over frames of the cosine between the frame's image
+      embedding and the prompt's text embedding.
+
+    `clip_path` is a local folder holding a transformers `CLIPModel` with its tokenizer and (optionally) its
+    `preprocessor_config.json`, e.g. a download of openai/clip-vit-large-patch14; nothing is downloaded. The
+    last model loaded stays in memory, so scoring many videos loads it once.
+    """
+    import torch
+
+    pil_frames = to_pil_frames(frames)
+    clip = _load_clip(str(Path(clip_path).resolve()), "cuda" if torch.cuda.is_available() else "cpu")
+    images = _image_embeddings(clip, pil_frames, batch_size)
+    scores = {}
+    if len(images) > 1:
+        scores["clip_frame_consistency"] = 100.0 * float((images[:-1] * images[1:]).sum(-1).mean())
+    if prompt is not None:
+        scores["clip_text_alignment"] = 100.0 * float((images @ _text_embedding(clip, prompt)).mean())
+    if not scores:
+        raise ValueError("clip_scores got 1 frame and no prompt: give a prompt, or at least 2 frames.")
+    return scores
+
+
+@functools.lru_cache(maxsize=1)
+def _load_clip(path: str, device: str) -> _Clip:
+    from transformers import AutoTokenizer, CLIPModel
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(
+            f"No CLIP folder at {path}: give clip_path a local folder holding a CLIPModel, its tokenizer and "
+            "preprocessor_config.json (e.g. a download of openai/clip-vit-large-patch14)."
+        )
+    try:
+        model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Cannot load a CLIPModel and its tokenizer from {path}: {err}") from err
+    return _Clip(model, tokenizer, _image_preprocessor(path, model.config.vision_config.image_size), device)
+
+
+def _image_preprocessor(path: str, image_size: int) -> Callable[[list[Image.Image]], object]:
+    """The folder's CLIP image processor on its PIL backend, or the same steps in numpy where it cannot load.
+
+    The PIL backend is preferred over transformers' torchvision one so a score does not depend on whether
+    torchvision is installed.
+    """
+    try:
+        try:
+            from transformers import CLIPImageProcessorPil as Processor  # transformers 5
+        except ImportError:
+            from transformers import CLIPImageProcessor as Processor  # transformers 4: PIL-based already
+        processor = Processor.from_pretrained(path, local_files_only=True)
+    except (ImportError, OSError, ValueError):
+        return functools.partial(_clip_preprocess, **_preprocessor_settings(path, image_size))
+    return lambda images: processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def _preprocessor_settings(path: str, image_size: int) -> dict:
+    config_file = Path(path) / "preprocessor_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    size = config.get("size", image_size)
+    crop = config.get("crop_size", image_size)
+    return dict(
+        shortest_edge=size["shortest_edge"] if isinstance(size, dict) else int(size),
+        crop=(crop["height"], crop["width"]) if isinstance(crop, dict) else (int(crop), int(crop)),
+        mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
+        std=tuple(config.get("image_std", OPENAI_CLIP_STD)),
+    )
+
+
+def _clip_preprocess(images: list[Image.Image], shortest_edge: int, crop: tuple[int, int], mean, std):
+    """CLIP's preprocessing without transformers: shortest side to `shortest_edge` (bicubic), centre crop,
+    scale to [0, 1], normalise. Returns (N, 3, crop_h, crop_w) float32."""
+    import torch
+
+    batch = []
+    for image in images:
+        width, height = image.size
+        scale = shortest_edge / min(width, height)
+        # The long side truncates, as transformers' get_resize_output_image_size does.
+        size = (shortest_edge, int(height * scale)) if width <= height else (int(width * scale), shortest_edge)
+        array = np.asarray(image.convert("RGB").resize(size, Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+        top, left = (array.shape[0] - crop[0]) // 2, (array.shape[1] - crop[1]) // 2
+        array = array[top : top + crop[0], left : left + crop[1]]
+        batch.append(((array - np.float32(mean)) / np.float32(std)).transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(batch))
+
+
+def _image_embeddings(clip: _Clip, frames: list[Image.Image], batch_size: int):
+    import torch
+
+    embeddings = []
+    with torch.no_grad():
+        for begin in range(0, len(frames), batch_size):
+            pixels = clip.preprocess(frames[begin : begin + batch_size]).to(clip.device, torch.float32)
+            # vision_model + visual_projection directly: get_image_features' return type differs across
+            # transformers versions (a tensor in 4.x, a model output in 5.x).
+            pooled = clip.model.vision_model(pixel_values=pixels).pooler_output
+            embeddings.append(clip.model.visual_projection(pooled))
+    return torch.nn.functional.normalize(torch.cat(embeddings).float(), dim=-1).cpu()
+
+
+def _text_embedding(clip: _Clip, prompt: str):
+    import torch
+
+    max_length = min(clip.tokenizer.model_max_length, clip.model.config.text_config.max_position_embeddings)
+    tokens = clip.tokenizer([prompt], truncation=True, max_length=max_length, return_tensors="pt").to(clip.device)
+    with torch.no_grad():
+        pooled = clip.model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        embedding = clip.model.text_projection(pooled.pooler_output)
+    return torch.nn.functional.normalize(embedding.float(), dim=-1).cpu()[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# All together
+
+
+def evaluate_video(video, source=None, prompt: str | None = None, clip_path: str | os.PathLike | None = None) -> dict:
+    """All metrics of one video as a JSON-serialisable dict.
+
+    `video` and `source` are frames or paths (read whole, at their own size). Keys: `num_frames`, `height`,
+    `width`, `frame_difference`, `warp_error` (both [0, 1] intensity units), `warp_flow` ("source" or "output":
+    whose motion the warp followed), and with `clip_path` the `clip_scores` keys (`clip_text_alignment` only
+    when `prompt` is given). Without `clip_path` the prompt is unused.
+    """
+    frames = to_numpy_frames(_frames_of(video))
+    source_frames = None if source is None else to_numpy_frames(_frames_of(source))
+    results = {
+        "num_frames": int(frames.shape[0]),
+        "height": int(frames.shape[1]),
+        "width": int(frames.shape[2]),
+        "frame_difference": frame_difference(frames),
+        "warp_error": warp_error(frames, source_frames),
+        "warp_flow": "output" if source is None else "source",
+    }
+    if clip_path is not None:
+        results.update(clip_scores(frames, prompt, clip_path=clip_path))
+    return results
+
+
+def _frames_of(video):
+    return read_video(video) if isinstance(video, (str, os.PathLike)) else video
