@@ -8,6 +8,8 @@ Layouts: a latent video is (B, C, F, h, w); an image UNet sees frames folded int
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -129,6 +131,36 @@ class MixedInversionMixin:
         """The UNet that inverts frame by frame: `inversion_unet` when set, else the IDM's own `unet`."""
         return getattr(self, "inversion_unet", None) or getattr(self, "unet", None)
 
+    # ------------------------------------------------------------------ stages
+    def begin_call(self):
+        """Resets per-call state; every `__call__` starts with it."""
+        self._interrupt = False
+        self.stage_log = []
+        self.current_stage = None
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Marks a stage of the call: `current_stage` names it while it runs (profilers attribute model calls
+        with it), and `stage_log` keeps its wall time and, on CUDA, its peak allocated memory."""
+        device = self._execution_device
+        on_cuda = device.type == "cuda"
+        if on_cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        previous, self.current_stage = getattr(self, "current_stage", None), name
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if on_cuda:
+                torch.cuda.synchronize(device)
+            entry = {"stage": name, "seconds": time.perf_counter() - start}
+            entry["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) if on_cuda else None
+            if not hasattr(self, "stage_log"):
+                self.stage_log = []
+            self.stage_log.append(entry)
+            self.current_stage = previous
+
     def stage_progress_bar(self, total: int, desc: str):
         """`self.progress_bar` labelled with the stage's name, unless the user set a label."""
         config = getattr(self, "_progress_bar_config", {})
@@ -238,13 +270,14 @@ class MixedInversionMixin:
         pixels = self.video_processor.preprocess(frames, height=height, width=width)
         generators = frame_generators(generator, num_frames)
         latents = []
-        for start in range(0, num_frames, chunk_size):
-            chunk = pixels[start : start + chunk_size].to(device=device, dtype=self.vae.dtype)
-            dist = self.vae.encode(chunk).latent_dist
-            if generators is None:
-                latents.append(dist.mode())
-            else:
-                latents.append(dist.sample(generator=generators[start : start + chunk_size]))
+        with self.stage("VAE encoding"):
+            for start in range(0, num_frames, chunk_size):
+                chunk = pixels[start : start + chunk_size].to(device=device, dtype=self.vae.dtype)
+                dist = self.vae.encode(chunk).latent_dist
+                if generators is None:
+                    latents.append(dist.mode())
+                else:
+                    latents.append(dist.sample(generator=generators[start : start + chunk_size]))
         latents = torch.cat(latents) * self.vae.config.scaling_factor
         return unfold_frames(latents, num_frames)
 
@@ -261,7 +294,8 @@ class MixedInversionMixin:
     def postprocess(self, latents: torch.Tensor, output_type: str, decode_chunk_size: int):
         if output_type == "latent":
             return latents
-        video = self.decode_latents(latents, decode_chunk_size)
+        with self.stage("decoding"):
+            video = self.decode_latents(latents, decode_chunk_size)
         return self.video_processor.postprocess_video(video=video.float(), output_type=output_type)
 
     # ------------------------------------------------------------------ stage 2
@@ -274,7 +308,9 @@ class MixedInversionMixin:
         z = fold_frames(latents).to(unet.dtype)
         cond = cond.to(unet.dtype)
         self.inverse_scheduler.set_timesteps(num_steps, device=z.device)
-        with self.stage_progress_bar(num_steps, "Mixed inversion (image UNet)") as progress_bar:
+        with self.stage("image inversion"), self.stage_progress_bar(
+            num_steps, "Mixed inversion (image UNet)"
+        ) as progress_bar:
             for t in self.inverse_scheduler.timesteps:
                 chunks = []
                 for start in range(0, z.shape[0], frame_batch_size):
@@ -291,7 +327,9 @@ class MixedInversionMixin:
         z = latents.to(unet.dtype)
         cond = cond.to(unet.dtype).expand(z.shape[0], -1, -1)
         self.inverse_scheduler.set_timesteps(num_steps, device=z.device)
-        with self.stage_progress_bar(num_steps, "Mixed inversion (video UNet)") as progress_bar:
+        with self.stage("video inversion"), self.stage_progress_bar(
+            num_steps, "Mixed inversion (video UNet)"
+        ) as progress_bar:
             for t in self.inverse_scheduler.timesteps:
                 eps = unet(z, t, encoder_hidden_states=cond).sample
                 z = self.inverse_scheduler.step(eps, t, z).prev_sample
@@ -342,7 +380,9 @@ class MixedInversionMixin:
         latents = latents.to(unet.dtype) * scheduler.init_noise_sigma
         batch = latents.shape[0]
 
-        with self.stage_progress_bar(len(timesteps), "Temporal smoothing (video UNet)") as progress_bar:
+        with self.stage("temporal smoothing"), self.stage_progress_bar(
+            len(timesteps), "Temporal smoothing (video UNet)"
+        ) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue

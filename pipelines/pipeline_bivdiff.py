@@ -179,7 +179,7 @@ class BIVDiffPipeline(DiffusionPipeline, MixedInversionMixin):
             frames, latents, prompt, height, width, mixing_ratio, num_inference_steps, num_inversion_steps,
             callback_on_step_end_tensor_inputs,
         )
-        self._interrupt = False
+        self.begin_call()
         self._guidance_scale = guidance_scale
         device = self._execution_device
 

@@ -381,27 +381,28 @@ class BIVDiffControllablePipeline(DiffusionPipeline, MixedInversionMixin):
             prompt, control_frames, num_frames, latents, height, width, mixing_ratio, num_inference_steps,
             num_inversion_steps, frame_batch_size, decode_chunk_size, callback_on_step_end_tensor_inputs,
         )
-        self._interrupt = False
+        self.begin_call()
         self._guidance_scale = guidance_scale
         device = self._execution_device
 
         # Prompts are encoded once; every chunk of stage 1 reuses the embeddings.
         negative_embeds, prompt_embeds = self.encode_image_prompt(prompt, negative_prompt, device)
 
-        idm_latents = self.generate_frames(
-            self.condition_videos(control_frames),
-            prompt_embeds,
-            negative_embeds,
-            height,
-            width,
-            num_inference_steps,
-            guidance_scale,
-            controlnet_conditioning_scale if self.controlnet is not None else adapter_conditioning_scale,
-            frame_batch_size,
-            generator,
-            latents,
-            cross_attention_kwargs,
-        )
+        with self.stage("frame-wise generation"):
+            idm_latents = self.generate_frames(
+                self.condition_videos(control_frames),
+                prompt_embeds,
+                negative_embeds,
+                height,
+                width,
+                num_inference_steps,
+                guidance_scale,
+                controlnet_conditioning_scale if self.controlnet is not None else adapter_conditioning_scale,
+                frame_batch_size,
+                generator,
+                latents,
+                cross_attention_kwargs,
+            )
 
         video_latents = self.invert_and_smooth(
             idm_latents,

@@ -204,3 +204,18 @@ def test_zero_mixing_ratio_skips_the_image_inversion():
         pipe(**inputs(mixing_ratio=0.0, num_inference_steps=2))
     # Stage 1 uses the image UNet with CFG in one call per step; stage 2 skips it at r = 0.
     assert calls == {"unet": 2, "video_unet": 2 + 2}
+
+
+def test_stage_log_names_every_stage_in_order(pipe):
+    pipe(**inputs())
+    stages = [entry["stage"] for entry in pipe.stage_log]
+    assert stages == [
+        "frame-wise generation",
+        "image inversion",
+        "video inversion",
+        "temporal smoothing",
+        "decoding",
+        "decoding",
+    ]
+    assert all(entry["seconds"] >= 0 for entry in pipe.stage_log)
+    assert pipe.current_stage is None
