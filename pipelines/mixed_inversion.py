@@ -94,6 +94,32 @@ def text_width(text_encoder) -> int:
     return text_encoder.config.hidden_size
 
 
+def temporal_windows(num_frames: int, size: int | None, overlap: int) -> list[tuple[int, int]]:
+    """[start, stop) frame windows of `size` frames overlapping by `overlap`, covering every frame.
+
+    The last window is shifted back to end on the last frame, so every window has exactly `size` frames (a video
+    model sees the clip length it was trained on).
+    """
+    if size is None or num_frames <= size:
+        return [(0, num_frames)]
+    stride = size - overlap
+    starts = list(range(0, num_frames - size + 1, stride))
+    if starts[-1] + size < num_frames:
+        starts.append(num_frames - size)
+    return [(start, start + size) for start in starts]
+
+
+def window_weights(size: int, overlap: int, first: bool, last: bool) -> torch.Tensor:
+    """Per-frame blending weights: linear ramps over the overlaps with neighbouring windows, 1 elsewhere."""
+    weights = torch.ones(size)
+    ramp = torch.arange(1, overlap + 1, dtype=torch.float32) / (overlap + 1)
+    if overlap > 0 and not first:
+        weights[:overlap] = ramp
+    if overlap > 0 and not last:
+        weights[size - overlap :] = ramp.flip(0)
+    return weights
+
+
 class MixedInversionMixin:
     r"""
     Mixed Inversion (stage 2) and temporal smoothing (stage 3) of BIVDiff, for a pipeline that registers `vae`,
@@ -130,6 +156,36 @@ class MixedInversionMixin:
     def image_inversion_unet(self):
         """The UNet that inverts frame by frame: `inversion_unet` when set, else the IDM's own `unet`."""
         return getattr(self, "inversion_unet", None) or getattr(self, "unet", None)
+
+    # ------------------------------------------------------------------ long videos
+    def enable_video_windows(self, size: int = 16, overlap: int = 4):
+        """Run the video UNet on overlapping windows of `size` frames and blend their noise predictions.
+
+        Peak memory of the video branch then depends on `size`, not on the clip length; use it for clips longer
+        than the video model was trained on (8 for VidRD, 24 for ZeroScope). Overlapping frames are averaged with
+        linear ramps so window borders do not show.
+        """
+        if not 0 <= overlap < size:
+            raise ValueError(f"`overlap` must be in [0, size), got overlap={overlap}, size={size}.")
+        self._video_windows = (size, overlap)
+
+    def disable_video_windows(self):
+        self._video_windows = None
+
+    def video_noise_prediction(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """The video UNet's output on (B, C, F, h, w), whole clip or blended over temporal windows."""
+        size, overlap = getattr(self, "_video_windows", None) or (None, 0)
+        windows = temporal_windows(sample.shape[2], size, overlap)
+        if len(windows) == 1:
+            return self.video_unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+        total = torch.zeros_like(sample, dtype=torch.float32)
+        norm = torch.zeros(sample.shape[2], device=sample.device)
+        for i, (start, stop) in enumerate(windows):
+            weights = window_weights(stop - start, overlap, i == 0, i == len(windows) - 1).to(sample.device)
+            out = self.video_unet(sample[:, :, start:stop], timestep, encoder_hidden_states=encoder_hidden_states).sample
+            total[:, :, start:stop] += out.float() * weights.view(1, 1, -1, 1, 1)
+            norm[start:stop] += weights
+        return (total / norm.view(1, 1, -1, 1, 1)).to(sample.dtype)
 
     # ------------------------------------------------------------------ stages
     def begin_call(self):
@@ -331,7 +387,7 @@ class MixedInversionMixin:
             num_steps, "Mixed inversion (video UNet)"
         ) as progress_bar:
             for t in self.inverse_scheduler.timesteps:
-                eps = unet(z, t, encoder_hidden_states=cond).sample
+                eps = self.video_noise_prediction(z, t, cond)
                 z = self.inverse_scheduler.step(eps, t, z).prev_sample
                 progress_bar.update()
         return z
@@ -392,7 +448,7 @@ class MixedInversionMixin:
                 else:
                     model_in, embeds = latents, prompt_embeds.expand(batch, -1, -1)
                 model_in = scheduler.scale_model_input(model_in, t)
-                noise_pred = unet(model_in, t, encoder_hidden_states=embeds.to(unet.dtype)).sample
+                noise_pred = self.video_noise_prediction(model_in, t, embeds.to(unet.dtype))
                 if self.do_classifier_free_guidance:
                     noise_uncond, noise_text = noise_pred.chunk(2)
                     noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
