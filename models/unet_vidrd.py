@@ -21,9 +21,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
@@ -32,9 +29,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_3d_condition import UNet3DConditionOutput
 from diffusers.models.upsampling import Upsample2D
-from diffusers.utils import logging
-
-logger = logging.get_logger(__name__)
+from torch import nn
 
 # VidRD's temporal convolutions use GroupNorm(32) whatever `norm_num_groups` says, so every width must be a
 # multiple of 32.
@@ -389,7 +384,11 @@ class VidRDDownBlock3D(_CheckpointedBlock):
         self.temp_convs = nn.ModuleList(temp_convs) if add_temp_conv else None
         self.downsamplers = (
             nn.ModuleList(
-                [Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=downsample_padding, name="op")]
+                [
+                    Downsample2D(
+                        out_channels, use_conv=True, out_channels=out_channels, padding=downsample_padding, name="op"
+                    )
+                ]
             )
             if add_downsample
             else None
@@ -836,7 +835,7 @@ class VidRDUNet3DConditionModel(ModelMixin, ConfigMixin):
         if down_block_additional_residuals is not None:
             down_block_res_samples = tuple(
                 res + _as_video(extra, num_frames)
-                for res, extra in zip(down_block_res_samples, down_block_additional_residuals)
+                for res, extra in zip(down_block_res_samples, down_block_additional_residuals, strict=True)
             )
 
         sample = self.mid_block(sample, emb, encoder_hidden_states, cross_attention_kwargs)
