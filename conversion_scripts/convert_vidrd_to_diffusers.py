@@ -107,6 +107,14 @@ def _listing(title: str, names) -> str:
     return f"{title} ({len(names)}):\n{shown}{more}"
 
 
+def _corrupt(path: Path, err: Exception) -> ConversionError:
+    detail = " ".join(str(err).split())[:300]
+    return ConversionError(
+        f"{path} is truncated or corrupt and cannot be read as a PyTorch checkpoint ({path.stat().st_size} bytes); "
+        f"download it again. Reader error: {type(err).__name__}: {detail}"
+    )
+
+
 def load_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read a Lightning (`{"state_dict": {...}}`) or plain state-dict checkpoint into a flat name -> tensor dict.
 
@@ -124,18 +132,16 @@ def load_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) 
     try:
         obj = torch.load(path, **kwargs)
     except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if refused:
             raise ConversionError(
-                f"{path} contains pickled Python objects besides tensors (often Lightning's hyper_parameters), "
-                "and loading those can execute code. Pass --allow-unsafe-pickle (allow_unsafe_pickle=True) only if "
-                f"you trust the file. PyTorch said: {str(err).strip().splitlines()[0]}"
+                f"{path} contains pickled Python objects besides tensors ({refused[1]}; Lightning checkpoints may "
+                "store hyper-parameters this way), and unpickling them can execute code from the file. Pass "
+                "--allow-unsafe-pickle (allow_unsafe_pickle=True) only if you trust the file."
             ) from err
-        raise ConversionError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {err}") from err
+        raise _corrupt(path, err) from err
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
-        raise ConversionError(
-            f"{path} is truncated or corrupt and cannot be read ({path.stat().st_size} bytes; re-download it). "
-            f"PyTorch said: {err}"
-        ) from err
+        raise _corrupt(path, err) from err
 
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -185,7 +191,9 @@ def unet_config_from_sd21(sd21_unet_config: dict, sample_size: int = VIDRD_SAMPL
         if any(v not in allowed for v in values):
             unsupported.append(f"{key}={value!r}")
     if unsupported:
-        raise ConversionError("The SD UNet config has settings VidRD's UNet does not support: " + ", ".join(unsupported))
+        raise ConversionError(
+            "The SD UNet config has settings VidRD's UNet does not support: " + ", ".join(unsupported)
+        )
 
     try:
         down = [_BLOCK_TYPES[t] for t in cfg["down_block_types"]]
@@ -308,12 +316,16 @@ def _check_sd21(sd21: Path, need_text_encoder: bool, need_vae: bool) -> None:
     if need_vae:
         needed.append("vae/config.json")
     missing = [n for n in needed if not (sd21 / n).exists()]
-    if need_text_encoder and not any((sd21 / "text_encoder").glob("*.safetensors")) and not any(
-        (sd21 / "text_encoder").glob("*.bin")
+    if (
+        need_text_encoder
+        and not any((sd21 / "text_encoder").glob("*.safetensors"))
+        and not any((sd21 / "text_encoder").glob("*.bin"))
     ):
         missing.append("text_encoder weights (the checkpoint has no text_encoder.* tensors)")
     if missing:
-        raise ConversionError(f"{sd21} is not a complete stable-diffusion-2-1-base folder; missing: {', '.join(missing)}")
+        raise ConversionError(
+            f"{sd21} is not a complete stable-diffusion-2-1-base folder; missing: {', '.join(missing)}"
+        )
 
 
 def _verify_inputs(unet, device: torch.device, dtype: torch.dtype) -> dict:

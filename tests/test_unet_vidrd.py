@@ -26,6 +26,15 @@ def _converter():
     return sys.modules[name]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy machine the threads mostly wait for each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def parity():
     meta = json.loads((FIXTURES / "vidrd_parity.json").read_text())
@@ -102,7 +111,10 @@ def test_single_frame_skips_temporal_layers_but_keeps_frame_position_embedding(p
 
         perturbed = VidRDUNet3DConditionModel(**meta["config"])
         perturbed.load_state_dict(
-            {k: v + 0.5 if ("temp_convs" in k or "temp_attn" in k or "temp_norm" in k) else v for k, v in state_dict.items()}
+            {
+                k: v + 0.5 if ("temp_convs" in k or "temp_attn" in k or "temp_norm" in k) else v
+                for k, v in state_dict.items()
+            }
         )
         assert torch.equal(perturbed(sample, 500, text).sample, reference)
 
@@ -185,7 +197,9 @@ def test_additional_residuals_accept_video_and_folded_layouts(parity_unet, parit
         def folded(x):
             return x.permute(0, 2, 1, 3, 4).reshape(-1, *x.shape[1:2], *x.shape[3:])
 
-        video = parity_unet(sample, 10, text, down_block_additional_residuals=residuals, mid_block_additional_residual=mid)
+        video = parity_unet(
+            sample, 10, text, down_block_additional_residuals=residuals, mid_block_additional_residual=mid
+        )
         flat = parity_unet(
             sample,
             10,
@@ -214,7 +228,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     unet.enable_gradient_checkpointing()
     assert unet.is_gradient_checkpointing
     checkpointed = grads()
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed, strict=True))
 
 
 def test_half_precision_forward(parity, parity_unet):
