@@ -365,10 +365,10 @@ def verify_unet(in_memory, folder: str | os.PathLike, device: str = "cpu") -> fl
     outputs = []
     for model in (in_memory, reloaded):
         original_device = next(model.parameters()).device
-        model.to(device, run_dtype)
+        _cast(model, run_dtype).to(device)
         inputs = _verify_inputs(model, device, run_dtype)
         outputs.append(model(**inputs).sample.float().cpu())
-        model.to(original_device, dtype)
+        _cast(model, dtype).to(original_device)
         del inputs
     del reloaded
     if not torch.isfinite(outputs[0]).all():
@@ -409,21 +409,25 @@ def convert(
 
     # Build everything before writing anything, so a mismatch aborts with no output at all.
     unet_config = unet_config_from_sd21(_read_config(sd21 / "unet"), sample_size=sample_size)
-    unet = build_unet(unet_config, sections["unet"]).to(torch_dtype)
+    unet = _cast(build_unet(unet_config, sections["unet"]), torch_dtype)
     logger.info("UNet: %d tensors, %.1f M parameters.", len(sections["unet"]), _millions(unet))
     if "text_encoder" in sections:
-        text_encoder = build_text_encoder(sd21 / "text_encoder", sections["text_encoder"]).to(torch_dtype)
+        text_encoder = _cast(build_text_encoder(sd21 / "text_encoder", sections["text_encoder"]), torch_dtype)
         logger.info("Text encoder: from the checkpoint (%d tensors).", len(sections["text_encoder"]))
     else:
-        text_encoder = CLIPTextModel.from_pretrained(sd21 / "text_encoder").to(torch_dtype).eval()
+        text_encoder = _cast(CLIPTextModel.from_pretrained(sd21 / "text_encoder"), torch_dtype).eval()
         logger.info("Text encoder: the checkpoint has none; using SD-2.1's.")
     tokenizer = CLIPTokenizer.from_pretrained(sd21 / "tokenizer")
-    vae = build_vae(sd21 / "vae", sections["vae"]).to(torch_dtype) if "vae" in sections else None
+    vae = _cast(build_vae(sd21 / "vae", sections["vae"]), torch_dtype) if "vae" in sections else None
     if vae is not None:
         logger.info("VAE: from the checkpoint (%d tensors).", len(sections["vae"]))
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    # mkdtemp makes the folder private; the result should get the permissions of any new folder.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     try:
         unet.save_pretrained(staging / "video_unet")
         text_encoder.save_pretrained(staging / "video_text_encoder")
@@ -447,6 +451,12 @@ def _read_config(folder: Path) -> dict:
         raise ConversionError(f"Missing {config_file}")
     with open(config_file) as f:
         return json.load(f)
+
+
+def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    # Module.float()/half() rather than .to(dtype), which makes diffusers models log a spurious warning.
+    casts = {torch.float32: model.float, torch.float16: model.half, torch.bfloat16: model.bfloat16}
+    return casts[dtype]()
 
 
 def _millions(model: torch.nn.Module) -> float:
@@ -476,7 +486,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="also unpickle non-tensor objects in the checkpoint (runs code from the file; trusted files only)",
     )
-    parser.add_argument("--verify", action="store_true", help="reload the saved UNet and compare it before finishing")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="reload the saved UNet and compare weights and one forward pass before finishing (holds two UNets)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     parser.add_argument(
         "--sample-size", type=int, default=VIDRD_SAMPLE_SIZE, help="latent size recorded in the UNet config"
