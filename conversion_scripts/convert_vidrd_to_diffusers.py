@@ -30,7 +30,7 @@ import pickle
 import re
 import shutil
 import sys
-import tempfile
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -423,11 +423,9 @@ def convert(
         logger.info("VAE: from the checkpoint (%d tensors).", len(sections["vae"]))
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-    # mkdtemp makes the folder private; the result should get the permissions of any new folder.
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
+    # Not tempfile.mkdtemp: its folder is private (0700) and would stay so after the rename.
+    staging = output.parent / f".{output.name}.{uuid.uuid4().hex[:8]}.partial"
+    staging.mkdir()
     try:
         unet.save_pretrained(staging / "video_unet")
         text_encoder.save_pretrained(staging / "video_text_encoder")
