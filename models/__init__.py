@@ -1,3 +1,5 @@
 """Models that diffusers does not ship (the VidRD UNet port)."""
 
-__all__: list[str] = []
+from .unet_vidrd import VidRDUNet3DConditionModel
+
+__all__ = ["VidRDUNet3DConditionModel"]
