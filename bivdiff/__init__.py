@@ -6,6 +6,7 @@ from bivdiff.pipelines import (
     BIVDiffPipelineOutput,
     MixedInversionMixin,
 )
+from bivdiff.models import VidRDUNet3DConditionModel
 from bivdiff.schedulers import BIVDiffDDIMInverseScheduler
 
 __version__ = "0.1.0"
@@ -16,4 +17,5 @@ __all__ = [
     "BIVDiffPipeline",
     "BIVDiffPipelineOutput",
     "MixedInversionMixin",
+    "VidRDUNet3DConditionModel",
 ]

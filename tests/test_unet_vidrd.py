@@ -13,7 +13,7 @@ from bivdiff.models import VidRDUNet3DConditionModel
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-KEY_MANIFEST = ROOT.parent / "shared" / "fixtures" / "vidrd_unet_keys_sd21.json"
+KEY_MANIFEST = ROOT / "tests" / "fixtures" / "vidrd_unet_keys_sd21.json"
 
 
 def _converter():
@@ -26,13 +26,6 @@ def _converter():
     return sys.modules[name]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy machine the threads mostly wait for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +64,6 @@ def _tiny_config(**overrides):
     return config
 
 
-@pytest.mark.skipif(not KEY_MANIFEST.is_file(), reason="shared key manifest not available")
 def test_full_size_parameters_match_vidrd_checkpoint_layout():
     manifest = json.loads(KEY_MANIFEST.read_text())
     with torch.device("meta"):
@@ -81,12 +73,11 @@ def test_full_size_parameters_match_vidrd_checkpoint_layout():
 
 
 def test_defaults_describe_released_vidrd():
-    manifest = json.loads(KEY_MANIFEST.read_text()) if KEY_MANIFEST.is_file() else None
+    manifest = json.loads(KEY_MANIFEST.read_text())
     with torch.device("meta"):
         unet = VidRDUNet3DConditionModel()
     assert len(unet.state_dict()) == 1150
-    if manifest is not None:
-        assert {k: list(v.shape) for k, v in unet.state_dict().items()} == manifest["tensors"]
+    assert {k: list(v.shape) for k, v in unet.state_dict().items()} == manifest["tensors"]
 
 
 @pytest.mark.parametrize("case", ["f1", "f4", "f6", "f3_odd_size"])
