@@ -188,3 +188,25 @@ def tiny_image_components(seed: int = 0, unet_in_channels: int = 4) -> dict:
         scheduler=tiny_scheduler(),
         inverse_scheduler=tiny_inverse_scheduler(),
     )
+
+
+def tiny_vidrd_unet(seed: int = 0):
+    """VidRD-shaped UNet (temporal convs and in-block temporal attention); its GroupNorms need widths of 32."""
+    from bivdiff.models import VidRDUNet3DConditionModel
+
+    torch.manual_seed(seed)
+    unet = VidRDUNet3DConditionModel(
+        sample_size=16,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        cross_attention_dim=VIDEO_TEXT_DIM,
+        attention_head_dim=(2, 2),
+    )
+    # Zero-initialised temporal outputs would make the temporal layers idle; give them small random weights.
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "temp" in name and torch.count_nonzero(param) == 0:
+                param.normal_(0, 0.02)
+    return unet.eval()
