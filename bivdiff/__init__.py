@@ -4,6 +4,8 @@ from bivdiff.pipelines import (
     BIVDiffControllablePipeline,
     BIVDiffPipeline,
     BIVDiffPipelineOutput,
+    BIVDiffPrompt2PromptPipeline,
+    BIVDiffPrompt2PromptPipelineOutput,
     MixedInversionMixin,
 )
 from bivdiff.schedulers import BIVDiffDDIMInverseScheduler
@@ -15,5 +17,7 @@ __all__ = [
     "BIVDiffDDIMInverseScheduler",
     "BIVDiffPipeline",
     "BIVDiffPipelineOutput",
+    "BIVDiffPrompt2PromptPipeline",
+    "BIVDiffPrompt2PromptPipelineOutput",
     "MixedInversionMixin",
 ]
