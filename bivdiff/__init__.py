@@ -4,6 +4,8 @@ from bivdiff.pipelines import (
     BIVDiffControllablePipeline,
     BIVDiffPipeline,
     BIVDiffPipelineOutput,
+    BIVDiffPrompt2PromptPipeline,
+    BIVDiffPrompt2PromptPipelineOutput,
     MixedInversionMixin,
 )
 from bivdiff.models import VidRDUNet3DConditionModel
@@ -16,6 +18,8 @@ __all__ = [
     "BIVDiffDDIMInverseScheduler",
     "BIVDiffPipeline",
     "BIVDiffPipelineOutput",
+    "BIVDiffPrompt2PromptPipeline",
+    "BIVDiffPrompt2PromptPipelineOutput",
     "MixedInversionMixin",
     "VidRDUNet3DConditionModel",
 ]

@@ -1,0 +1,482 @@
+"""BIVDiff video editing with Prompt2Prompt: every frame edited by attention control on Stable Diffusion, then Mixed
+Inversion and a text-to-video model for temporal coherence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.schedulers import DDIMScheduler, KarrasDiffusionSchedulers
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import replace_example_docstring
+from diffusers.video_processor import VideoProcessor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .mixed_inversion import (
+    BIVDiffPipelineOutput,
+    FrameInput,
+    MixedInversionMixin,
+    count_frames,
+    fold_frames,
+    frame_size,
+    unfold_frames,
+)
+from .prompt2prompt_control import (
+    AttentionEdit,
+    attention_control,
+    check_prompt2prompt_inputs,
+    make_controller,
+    token_ids,
+)
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers import UNet3DConditionModel
+        >>> from diffusers.utils import export_to_video, load_video
+        >>> from transformers import CLIPTextModel, CLIPTokenizer
+        >>> from bivdiff import BIVDiffDDIMInverseScheduler, BIVDiffPrompt2PromptPipeline
+
+        >>> zeroscope = "cerspense/zeroscope_v2_576w"
+        >>> pipe = BIVDiffPrompt2PromptPipeline.from_pretrained(
+        ...     "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        ...     video_unet=UNet3DConditionModel.from_pretrained(zeroscope, subfolder="unet", torch_dtype=torch.float16),
+        ...     video_text_encoder=CLIPTextModel.from_pretrained(zeroscope, subfolder="text_encoder", torch_dtype=torch.float16),
+        ...     video_tokenizer=CLIPTokenizer.from_pretrained(zeroscope, subfolder="tokenizer"),
+        ...     inverse_scheduler=None,
+        ...     torch_dtype=torch.float16,
+        ... )
+        >>> pipe.inverse_scheduler = BIVDiffDDIMInverseScheduler.from_config(pipe.scheduler.config)
+        >>> pipe.to("cuda")
+
+        >>> source = load_video("car-turn.mp4")[::4][:8]  # frame stride 4, 8 frames, as the original configs
+        >>> out = pipe(
+        ...     video=source,
+        ...     source_prompt="a jeep car is moving on the road",
+        ...     prompt="a jeep car is moving on the road in the snow",  # longer prompt: a "refine" edit
+        ...     height=512,
+        ...     width=512,
+        ... )
+        >>> export_to_video(out.frames[0], "car_snow.mp4", fps=8)  # after temporal smoothing
+        >>> export_to_video(out.idm_frames[0], "car_snow_frames.mp4", fps=8)  # Prompt2Prompt, frame by frame
+        >>> export_to_video(out.source_frames[0], "car_reconstructed.mp4", fps=8)  # inversion + reconstruction
+
+        >>> # A word swap ("replace": same token count) kept to the car's region with a local blend.
+        >>> out = pipe(
+        ...     video=source,
+        ...     source_prompt="a jeep car is moving on the road",
+        ...     prompt="a sports car is moving on the road",
+        ...     local_blend_words=("jeep", "sports"),
+        ...     height=512,
+        ...     width=512,
+        ... )
+        ```
+"""
+
+
+@dataclass
+class BIVDiffPrompt2PromptPipelineOutput(BIVDiffPipelineOutput):
+    r"""
+    Output of [`BIVDiffPrompt2PromptPipeline`].
+
+    Args:
+        frames: The final, temporally smoothed edited video (layouts as [`BIVDiffPipelineOutput`]).
+        idm_frames: The Prompt2Prompt frames, edited one by one (`None` when not asked for).
+        source_frames: The source branch: the source video inverted and denoised with `source_prompt`, i.e. what
+            the edit is measured against (`None` when not asked for).
+    """
+
+    source_frames: np.ndarray | torch.Tensor | list[list[PIL.Image.Image]] | None = None
+
+
+class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
+    r"""
+    BIVDiff video editing with Prompt2Prompt.
+
+    0. The source video is VAE-encoded (posterior mean unless a generator is given) and DDIM-inverted by the image
+       UNet alone, frame by frame, over the `num_inference_steps` timesteps of stage 1, conditioned on the negative
+       prompt (`""` by default, as the original) or on `inversion_prompt`.
+    1. Every frame is denoised from that noise twice, once with `source_prompt` and once with `prompt`, by diffusers'
+       stock `StableDiffusionPipeline` built from this pipeline's components, while the project's Prompt2Prompt
+       attention processors let the edited branch reuse the source branch's attention (cross-attention replaced or
+       refined, self-attention replaced, optionally a local blend). The controller only touches the conditional half
+       of the guidance batch and keeps one state per frame, so frames never mix; `frame_batch_size` frames (twice as
+       many source/edit pairs) go through each call.
+    2. + 3. The edited latents are inverted by the image and video UNets, mixed with `mixing_ratio` (the original's
+       0.25 for Prompt2Prompt by default) and denoised by the video UNet with `video_prompt`.
+
+    Stage 1 always samples with DDIM (eta 0) built from `scheduler.config`, whatever `scheduler` is: the noise comes
+    from DDIM inversion and only DDIM walks back along the same path, so the source branch reconstructs the video
+    (the original release sampled with SD-1.5's default PNDM here).
+
+    Args:
+        vae ([`AutoencoderKL`]): SD-1.5 VAE; every BIVDiff video model shares its latent space.
+        text_encoder ([`CLIPTextModel`]), tokenizer ([`CLIPTokenizer`]), unet ([`UNet2DConditionModel`]): the SD-1.5
+            image model that inverts the source and edits the frames.
+        video_unet ([`UNet3DConditionModel`] or `VidRDUNet3DConditionModel`): the text-to-video UNet.
+        video_text_encoder ([`CLIPTextModel`]), video_tokenizer ([`CLIPTokenizer`]): the video model's text side.
+        scheduler ([`SchedulerMixin`]): its config gives the betas of every DDIM schedule (stages 1 and 3).
+        inverse_scheduler ([`BIVDiffDDIMInverseScheduler`] or [`DDIMInverseScheduler`]): the inversion step.
+        inversion_unet ([`UNet2DConditionModel`], *optional*): inverts frame by frame instead of `unet`, both the
+            source and the edited frames. Best left unset: the source branch reconstructs the video only when the
+            UNet that inverts it is the one that denoises it.
+    """
+
+    model_cpu_offload_seq = "text_encoder->video_text_encoder->unet->inversion_unet->video_unet->vae"
+    _optional_components = ["inversion_unet"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        video_unet: ModelMixin,
+        video_text_encoder: CLIPTextModel,
+        video_tokenizer: CLIPTokenizer,
+        scheduler: KarrasDiffusionSchedulers,
+        inverse_scheduler: SchedulerMixin,
+        inversion_unet: UNet2DConditionModel | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            video_unet=video_unet,
+            video_text_encoder=video_text_encoder,
+            video_tokenizer=video_tokenizer,
+            scheduler=scheduler,
+            inverse_scheduler=inverse_scheduler,
+            inversion_unet=inversion_unet,
+        )
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # ------------------------------------------------------------------ stage 0: the source video's noise
+    def invert_source(
+        self, latents: torch.Tensor, cond: torch.Tensor, num_steps: int, frame_batch_size: int
+    ) -> torch.Tensor:
+        """DDIM-invert the source latents (1, C, F, h, w) with the image UNet only (r = 1), frame by frame."""
+        # The mixin's image branch does exactly this; only the progress bar's label differs (a user label wins).
+        config = getattr(self, "_progress_bar_config", {})
+        self._progress_bar_config = {"desc": "Source inversion (image UNet)", **config}
+        try:
+            return self.invert_image_branch(latents, cond, num_steps, frame_batch_size)
+        finally:
+            self._progress_bar_config = config
+
+    # ------------------------------------------------------------------ stage 1
+    def resolve_edit_type(self, source_prompt: str, prompt: str, edit_type: str | None) -> str:
+        """`edit_type` as given, or when `None`: "replace" for prompts with the same token count, else "refine"."""
+        if edit_type is not None:
+            return edit_type
+        same_length = len(token_ids(self.tokenizer, source_prompt)) == len(token_ids(self.tokenizer, prompt))
+        return "replace" if same_length else "refine"
+
+    def image_pipeline(self) -> StableDiffusionPipeline:
+        """The stock diffusers image pipeline, built from this pipeline's own components (no copies), with a DDIM
+        scheduler so that it retraces the DDIM inversion of the source."""
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=DDIMScheduler.from_config(self.scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        config = dict(getattr(self, "_progress_bar_config", {}))
+        config.setdefault("desc", "Frame-wise editing (Prompt2Prompt)")
+        pipe.set_progress_bar_config(**config)
+        return pipe
+
+    def edit_frames(
+        self,
+        noise: torch.Tensor,
+        controller: AttentionEdit,
+        pair_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        frame_batch_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 1: Prompt2Prompt on every frame from its inverted noise (1, C, F, h, w).
+
+        `pair_embeds` holds the (source, edited) prompt embeddings (2, L, D). Each chunk runs the stock pipeline on
+        the batch [src_0, edit_0, src_1, edit_1, ...], both branches of a frame starting from the frame's noise.
+        Returns the source-branch and edited latents, each (1, C, F, h, w).
+        """
+        num_frames = noise.shape[2]
+        noise = fold_frames(noise)
+        pipe = self.image_pipeline()
+        sources, edits = [], []
+        with attention_control(self.unet, controller):
+            for start in range(0, num_frames, frame_batch_size):
+                chunk = noise[start : start + frame_batch_size]
+                n = chunk.shape[0]
+                # The controller's step counter and local-blend maps belong to one chunk of frames.
+                controller.reset()
+                out = pipe(
+                    prompt_embeds=pair_embeds.repeat(n, 1, 1),
+                    negative_prompt_embeds=negative_embeds.expand(2 * n, -1, -1),
+                    latents=chunk.repeat_interleave(2, dim=0),
+                    height=height,
+                    width=width,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    output_type="latent",
+                    callback_on_step_end=controller.callback_on_step_end,
+                ).images
+                sources.append(out[0::2])
+                edits.append(out[1::2])
+        return unfold_frames(torch.cat(sources), num_frames), unfold_frames(torch.cat(edits), num_frames)
+
+    # ------------------------------------------------------------------ checks
+    def check_inputs(
+        self,
+        video,
+        source_prompt,
+        prompt,
+        video_prompt,
+        negative_prompt,
+        inversion_prompt,
+        edit_type,
+        cross_replace_steps,
+        self_replace_steps,
+        local_blend_words,
+        local_blend_threshold,
+        height,
+        width,
+        mixing_ratio,
+        num_inference_steps,
+        num_inversion_steps,
+        frame_batch_size,
+        decode_chunk_size,
+        callback_on_step_end_tensor_inputs,
+    ):
+        if video is None or count_frames(video) == 0:
+            raise ValueError("`video` is required: the source frames to edit (PIL images, an array or a tensor).")
+        for name, value in (("source_prompt", source_prompt), ("prompt", prompt)):
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(
+                    f"`{name}` must be a non-empty string: `source_prompt` describes the source video, `prompt` the "
+                    f"edited one; got {value!r}."
+                )
+        for name, value in (
+            ("video_prompt", video_prompt),
+            ("negative_prompt", negative_prompt),
+            ("inversion_prompt", inversion_prompt),
+        ):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"`{name}` must be a string, got {type(value).__name__}.")
+        check_prompt2prompt_inputs(
+            self.tokenizer,
+            source_prompt,
+            prompt,
+            edit_type,
+            local_blend_words=local_blend_words,
+            cross_replace_steps=cross_replace_steps,
+            self_replace_steps=self_replace_steps,
+            local_blend_threshold=local_blend_threshold,
+        )
+        for name, value in (("frame_batch_size", frame_batch_size), ("decode_chunk_size", decode_chunk_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if callback_on_step_end_tensor_inputs is not None and any(
+            k not in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+        ):
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}.")
+        if self.unet.config.cross_attention_dim != self.text_encoder.config.hidden_size:
+            raise ValueError(
+                f"`unet` expects text embeddings of width {self.unet.config.cross_attention_dim} but `text_encoder` "
+                f"produces {self.text_encoder.config.hidden_size}."
+            )
+        if self.unet.config.in_channels != self.vae.config.latent_channels:
+            raise ValueError(
+                f"Prompt2Prompt needs a plain {self.vae.config.latent_channels}-channel text-to-image `unet` "
+                f"(SD-1.5), got one with {self.unet.config.in_channels} input channels."
+            )
+        self.check_mixed_inversion_inputs(height, width, mixing_ratio, num_inference_steps, num_inversion_steps)
+        # The source is inverted by the image UNet whatever `mixing_ratio` is.
+        self.check_image_inversion_components()
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        video: FrameInput | None = None,
+        source_prompt: str | None = None,
+        prompt: str | None = None,
+        video_prompt: str | None = None,
+        negative_prompt: str | None = None,
+        inversion_prompt: str | None = None,
+        edit_type: str | None = None,
+        cross_replace_steps: float | tuple[float, float] = 0.4,
+        self_replace_steps: float | tuple[float, float] = 0.4,
+        local_blend_words: str | Sequence[str | Sequence[str]] | None = None,
+        local_blend_threshold: float = 0.3,
+        mixing_ratio: float = 0.25,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        num_inversion_steps: int | None = None,
+        guidance_scale: float = 7.5,
+        video_guidance_scale: float | None = None,
+        frame_batch_size: int = 8,
+        decode_chunk_size: int = 8,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "np",
+        return_idm_frames: bool = True,
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ):
+        r"""
+        Edit a video by changing its prompt.
+
+        Args:
+            video (`list[PIL.Image.Image]`, `np.ndarray` `(F, H, W, 3)` or `torch.Tensor` `(F, 3, H, W)` in [0, 1]):
+                The source video.
+            source_prompt (`str`): Describes the source video.
+            prompt (`str`): The edited description, e.g. one word swapped or words added.
+            video_prompt (`str`, *optional*): The video model's prompt; defaults to `prompt`.
+            negative_prompt (`str`, *optional*): Used by both models; also the inversions' conditioning.
+            inversion_prompt (`str`, *optional*): Conditions the source inversion and both Mixed Inversion branches
+                instead of the negative prompt (e.g. `source_prompt`; the original inverted on `""`).
+            edit_type (`str`, *optional*): `"replace"` (prompts with the same number of tokens: the edited prompt
+                uses the source's cross-attention maps position by position) or `"refine"` (any prompts: tokens
+                aligned to identical source tokens take the source's maps, new tokens keep their own). Defaults to
+                `"replace"` when the two prompts have the same token count, else `"refine"`.
+            cross_replace_steps (`float` or `(float, float)`, defaults to 0.4): Fraction of the steps from the start
+                (or a (start, end) pair of fractions) during which cross-attention is edited.
+            self_replace_steps (`float` or `(float, float)`, defaults to 0.4): Same, for replacing the edited
+                branch's self-attention by the source's in the coarse layers (16x16 at 512 px).
+            local_blend_words (`str`, `(source, edit)` pair or `list[str]`, *optional*): Words whose attention marks
+                the region allowed to change; outside it every frame keeps its source-branch latents. A pair gives
+                the source prompt's words then the edited prompt's, as the original.
+            local_blend_threshold (`float`, defaults to 0.3): Threshold on the normalised blend-word attention.
+            mixing_ratio (`float`, defaults to 0.25): Weight r of the image-model inversion in
+                `r * z_T(image) + (1 - r) * z_T(video)` for the edited frames (the original's value for
+                Prompt2Prompt); r = 1 runs no video-UNet inversion, r = 0 no image-UNet one.
+            height (`int`, *optional*), width (`int`, *optional*): Output size, multiples of 8; default the source
+                frames' size rounded down to a multiple of 8.
+            num_inference_steps (`int`, defaults to 50): DDIM steps of the source inversion, of the frame-wise
+                editing (the two must match for the source branch to retrace the inversion) and of smoothing.
+            num_inversion_steps (`int`, *optional*): Mixed Inversion steps; defaults to `num_inference_steps`.
+            guidance_scale (`float`, defaults to 7.5): CFG of the frame-wise editing.
+            video_guidance_scale (`float`, *optional*): CFG of smoothing; defaults to `guidance_scale`.
+            frame_batch_size (`int`, defaults to 8): Frames per image-model call (VAE encoding, inversions and
+                editing, where each frame counts twice: source and edit). The frames do not depend on it.
+            decode_chunk_size (`int`, defaults to 8): Frames per VAE decode call.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): Samples the VAE posterior of the
+                source frames; without it the posterior mean is used. Nothing else is random (every DDIM runs with
+                eta 0).
+            output_type (`str`, defaults to `"np"`): `"np"`, `"pt"`, `"pil"` or `"latent"`.
+            return_idm_frames (`bool`, defaults to `True`): Also decode and return the Prompt2Prompt frames and the
+                source reconstruction.
+            return_dict (`bool`, defaults to `True`): Return a [`BIVDiffPrompt2PromptPipelineOutput`] rather than
+                a tuple.
+            callback_on_step_end (`Callable`, *optional*): Called after each smoothing step as
+                `callback_on_step_end(self, step, timestep, callback_kwargs)`; may return new `latents`. The
+                frame-wise stage's step callback belongs to the attention controller.
+            callback_on_step_end_tensor_inputs (`list`): Tensors passed in `callback_kwargs`.
+
+        Examples:
+
+        Returns:
+            [`BIVDiffPrompt2PromptPipelineOutput`] or `tuple` `(frames, idm_frames, source_frames)`.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        num_inversion_steps = num_inversion_steps or num_inference_steps
+        video_prompt = prompt if video_prompt is None else video_prompt
+        video_guidance_scale = guidance_scale if video_guidance_scale is None else video_guidance_scale
+        if video is not None and (height is None or width is None) and count_frames(video) > 0:
+            h, w = frame_size(video)
+            height, width = height or h // 8 * 8, width or w // 8 * 8
+        if isinstance(source_prompt, str) and isinstance(prompt, str):
+            edit_type = self.resolve_edit_type(source_prompt, prompt, edit_type)
+        self.check_inputs(
+            video, source_prompt, prompt, video_prompt, negative_prompt, inversion_prompt, edit_type,
+            cross_replace_steps, self_replace_steps, local_blend_words, local_blend_threshold, height, width,
+            mixing_ratio, num_inference_steps, num_inversion_steps, frame_batch_size, decode_chunk_size,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._interrupt = False
+        self._guidance_scale = guidance_scale
+        device = self._execution_device
+
+        # Prompts are encoded once, in one call: negative, source, edit (and the inversion prompt when given).
+        texts = [negative_prompt or "", source_prompt, prompt]
+        if inversion_prompt is not None:
+            texts.append(inversion_prompt)
+        embeds = self.encode_text(texts, self.tokenizer, self.text_encoder, device)
+        negative_embeds, pair_embeds = embeds[:1], embeds[1:3]
+        inversion_cond = embeds[3:4] if inversion_prompt is not None else negative_embeds
+
+        source_latents = self.encode_frames(video, height, width, frame_batch_size, generator)
+        noise = self.invert_source(source_latents, inversion_cond, num_inference_steps, frame_batch_size)
+
+        # As the stock pipeline decides: guidance-distilled UNets (time_cond_proj_dim) run no CFG batch.
+        cfg = self.do_classifier_free_guidance and self.unet.config.time_cond_proj_dim is None
+        controller = make_controller(
+            self.tokenizer,
+            source_prompt,
+            prompt,
+            edit_type,
+            num_inference_steps,
+            cross_replace_steps=cross_replace_steps,
+            self_replace_steps=self_replace_steps,
+            local_blend_words=local_blend_words,
+            local_blend_threshold=local_blend_threshold,
+            do_classifier_free_guidance=cfg,
+        )
+        reconstructed, edited = self.edit_frames(
+            noise,
+            controller,
+            pair_embeds,
+            negative_embeds,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            frame_batch_size,
+        )
+
+        video_latents = self.invert_and_smooth(
+            edited,
+            video_prompt=video_prompt,
+            negative_prompt=negative_prompt,
+            inversion_prompt=inversion_prompt,
+            mixing_ratio=mixing_ratio,
+            num_inference_steps=num_inference_steps,
+            num_inversion_steps=num_inversion_steps,
+            video_guidance_scale=video_guidance_scale,
+            frame_batch_size=frame_batch_size,
+            image_negative_embeds=negative_embeds,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+
+        frames = self.postprocess(video_latents, output_type, decode_chunk_size)
+        idm_frames = source_frames = None
+        if return_idm_frames:
+            idm_frames = self.postprocess(edited, output_type, decode_chunk_size)
+            source_frames = self.postprocess(reconstructed, output_type, decode_chunk_size)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames, idm_frames, source_frames)
+        return BIVDiffPrompt2PromptPipelineOutput(frames=frames, idm_frames=idm_frames, source_frames=source_frames)

@@ -1,0 +1,283 @@
+"""BIVDiffPrompt2PromptPipeline: stage 1 against the stock DDIM pipeline and against itself (identical prompts,
+chunking), end-to-end outputs, UNet call counts, save/load, custom_pipeline loading, and input errors."""
+
+import ast
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
+from pipeline_helpers import (
+    HEIGHT,
+    NUM_FRAMES,
+    WIDTH,
+    all_models,
+    bivdiff_components,
+    control_video,
+    count_forward_calls,
+    pipeline_file,
+)
+
+from bivdiff import BIVDiffDDIMInverseScheduler, BIVDiffPrompt2PromptPipeline, BIVDiffPrompt2PromptPipelineOutput
+from bivdiff.pipelines.prompt2prompt_control import P2PAttnProcessor, make_controller
+
+PIPELINE_FILE = pipeline_file("pipeline_bivdiff_prompt2prompt.py")
+STEPS = 2
+SOURCE, EDIT = "a cat on a mat", "a dog on a mat"  # same token count with the byte-level tokenizer: "replace"
+
+
+def inputs(**overrides):
+    args = dict(
+        video=control_video(),
+        source_prompt=SOURCE,
+        prompt=EDIT,
+        local_blend_words=("cat", "dog"),
+        num_inference_steps=STEPS,
+        output_type="latent",
+    )
+    args.update(overrides)
+    return args
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny tensors gain nothing from intra-op threads; on a busy 2-core runner they made a serial run of this file
+    3x slower. Restore the setting for the other test files."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = BIVDiffPrompt2PromptPipeline(**bivdiff_components())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def edited(pipe):
+    """One default run (all 3 frames in one chunk), latent outputs; shared by the oracles below."""
+    return pipe(**inputs())
+
+
+def stock_ddim_pipeline(pipe):
+    stock = StableDiffusionPipeline(
+        **{k: getattr(pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet")},
+        scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    stock.set_progress_bar_config(disable=True)
+    return stock
+
+
+@torch.no_grad()
+def source_noise(pipe):
+    """The source video's inverted noise, as the pipeline makes it: posterior mean, image UNet on the "" prompt."""
+    latents = pipe.encode_frames(control_video(), HEIGHT, WIDTH, NUM_FRAMES)
+    cond = pipe.encode_text("", pipe.tokenizer, pipe.text_encoder, "cpu")
+    return pipe.invert_source(latents, cond, STEPS, NUM_FRAMES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stage 1 oracles
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("edit_type", ["replace", "refine"])
+def test_same_prompt_edit_equals_source_reconstruction(pipe, edit_type):
+    out = pipe(**inputs(prompt=SOURCE, edit_type=edit_type, local_blend_words="cat", mixing_ratio=1.0))
+    assert out.idm_frames.shape == out.source_frames.shape == (1, 4, NUM_FRAMES, HEIGHT // 2, WIDTH // 2)
+    assert (out.idm_frames - out.source_frames).abs().max().item() <= 1e-6
+
+
+def test_source_reconstruction_equals_stock_ddim_pipeline_from_inverted_noise(pipe, edited):
+    noise = source_noise(pipe)
+    stock = stock_ddim_pipeline(pipe)
+    for i in range(NUM_FRAMES):
+        expected = stock(
+            SOURCE, latents=noise[:, :, i], num_inference_steps=STEPS, guidance_scale=7.5, output_type="latent"
+        ).images
+        assert (edited.source_frames[0, :, i] - expected[0]).abs().max().item() <= 1e-4
+
+
+def test_without_attention_edits_the_edit_branch_is_the_stock_pipeline_on_the_edited_prompt(pipe):
+    out = pipe(**inputs(cross_replace_steps=0.0, self_replace_steps=0.0, local_blend_words=None, mixing_ratio=1.0))
+    noise = source_noise(pipe)
+    stock = stock_ddim_pipeline(pipe)
+    for i in range(NUM_FRAMES):
+        expected = stock(
+            EDIT, latents=noise[:, :, i], num_inference_steps=STEPS, guidance_scale=7.5, output_type="latent"
+        ).images
+        assert (out.idm_frames[0, :, i] - expected[0]).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("frame_batch_size", [1, 2])
+def test_stage1_batched_equals_per_frame(pipe, frame_batch_size):
+    noise = source_noise(pipe)
+    embeds = pipe.encode_text(["", SOURCE, EDIT], pipe.tokenizer, pipe.text_encoder, "cpu")
+
+    def stage1(chunk):
+        controller = make_controller(pipe.tokenizer, SOURCE, EDIT, "replace", STEPS, local_blend_words=("cat", "dog"))
+        return pipe.edit_frames(noise, controller, embeds[1:3], embeds[:1], HEIGHT, WIDTH, STEPS, 7.5, chunk)
+
+    (src_all, edit_all), (src, edit) = stage1(NUM_FRAMES), stage1(frame_batch_size)
+    assert (edit - edit_all).abs().max().item() <= 1e-5 and (src - src_all).abs().max().item() <= 1e-5
+
+
+def test_frame_batch_size_does_not_change_the_result(pipe, edited):
+    # End to end the VAE and the inversion also run in chunks; their batch-size-dependent float rounding (~1e-6)
+    # is amplified by guidance, hence a looser bound than stage 1 alone.
+    out = pipe(**inputs(frame_batch_size=1))
+    for got, expected in zip(out.to_tuple(), edited.to_tuple()):
+        assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_the_edit_changes_the_frames_and_leaves_the_processors_as_they_were(pipe, edited):
+    assert (edited.idm_frames - edited.source_frames).abs().max().item() > 1e-3
+    assert (edited.idm_frames[:, :, 0] - edited.idm_frames[:, :, 1]).abs().max().item() > 1e-3
+    assert not any(isinstance(p, P2PAttnProcessor) for p in pipe.unet.attn_processors.values())
+
+
+def test_edit_type_defaults_to_replace_for_equal_token_counts(pipe):
+    assert pipe.resolve_edit_type("a cat", "a dog", None) == "replace"
+    assert pipe.resolve_edit_type("a car", "a bicycle", None) == "refine"
+    assert pipe.resolve_edit_type("a cat", "a dog", "refine") == "refine"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_latent_output_layout(edited):
+    assert isinstance(edited, BIVDiffPrompt2PromptPipelineOutput)
+    for video in (edited.frames, edited.idm_frames, edited.source_frames):
+        assert torch.is_tensor(video) and video.shape == (1, 4, NUM_FRAMES, HEIGHT // 2, WIDTH // 2)
+
+
+def test_np_output_layout(pipe):
+    out = pipe(**inputs(output_type="np"))
+    for video in (out.frames, out.idm_frames, out.source_frames):
+        assert isinstance(video, np.ndarray) and video.shape == (1, NUM_FRAMES, HEIGHT, WIDTH, 3)
+        assert 0 <= video.min() and video.max() <= 1
+
+
+def test_tuple_output_and_callback_on_smoothing_steps_only(pipe, edited):
+    steps = []
+
+    def callback(p, step, timestep, kwargs):
+        steps.append(step)
+        return {}
+
+    out = pipe(**inputs(), return_dict=False, callback_on_step_end=callback)
+    assert len(out) == 3 and steps == list(range(STEPS))
+    for got, expected in zip(out, (edited.frames, edited.idm_frames, edited.source_frames)):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "mixing_ratio, unet_calls, video_unet_calls",
+    [
+        # source inversion + editing (one batched CFG call per step) + image inversion; video inversion + smoothing
+        (0.25, 3 * STEPS, 2 * STEPS),
+        # r = 0 skips the image branch of Mixed Inversion, never the source inversion
+        (0.0, 2 * STEPS, 2 * STEPS),
+    ],
+)
+def test_unet_calls_per_stage(pipe, mixing_ratio, unet_calls, video_unet_calls):
+    models = dict(unet=pipe.unet, video_unet=pipe.video_unet, encoder=pipe.vae.encoder, decoder=pipe.vae.decoder)
+    with count_forward_calls(**models) as calls:
+        out = pipe(**inputs(mixing_ratio=mixing_ratio, output_type="np", return_idm_frames=False))
+    assert out.idm_frames is None and out.source_frames is None
+    assert calls == {"unet": unet_calls, "video_unet": video_unet_calls, "encoder": 1, "decoder": 1}
+
+
+def test_save_load_restores_every_component_and_output(pipe, edited, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["inverse_scheduler"] == [
+        "bivdiff.schedulers.scheduling_bivdiff_ddim_inverse",
+        "BIVDiffDDIMInverseScheduler",
+    ]
+    assert index["inversion_unet"] == [None, None]
+    loaded = BIVDiffPrompt2PromptPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.inverse_scheduler, BIVDiffDDIMInverseScheduler) and loaded.inversion_unet is None
+    assert set(loaded.components) == set(pipe.components)
+    torch.testing.assert_close(loaded(**inputs()).frames, edited.frames, atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def fresh_modules_cache(modules_cache, monkeypatch):
+    """`modules_cache`, and forget the `diffusers_modules` packages an earlier custom_pipeline test imported in this
+    process: the loaded file's relative imports resolve through them, i.e. in that test's cache folder, where this
+    pipeline's siblings were never copied."""
+    for name in [m for m in sys.modules if m.split(".")[0] == "diffusers_modules"]:
+        monkeypatch.delitem(sys.modules, name)
+    modules_cache.mkdir(parents=True, exist_ok=True)
+    monkeypatch.syspath_prepend(str(modules_cache))
+    return modules_cache
+
+
+def test_loads_as_custom_pipeline_from_its_file(pipe, edited, tmp_path, fresh_modules_cache):
+    folder = tmp_path / "model"
+    pipe.save_pretrained(folder)
+    loaded = DiffusionPipeline.from_pretrained(folder, custom_pipeline=PIPELINE_FILE, trust_remote_code=True)
+    assert type(loaded).__name__ == "BIVDiffPrompt2PromptPipeline"
+    assert type(loaded).__module__.startswith("diffusers_modules")
+    for sibling in ("mixed_inversion.py", "prompt2prompt_control.py"):
+        assert (fresh_modules_cache / "diffusers_modules" / "local" / sibling).exists()
+    loaded.set_progress_bar_config(disable=True)
+    out = loaded(**inputs())
+    torch.testing.assert_close(out.frames, edited.frames, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.source_frames, edited.source_frames, atol=1e-5, rtol=0)
+
+
+def test_file_is_a_self_contained_community_pipeline():
+    tree = ast.parse(pathlib.Path(PIPELINE_FILE).read_text())
+    relative = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
+    assert relative == {"mixed_inversion", "prompt2prompt_control"}
+    pipelines = [
+        node.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef) and any(ast.unparse(b) == "DiffusionPipeline" for b in node.bases)
+    ]
+    assert pipelines == ["BIVDiffPrompt2PromptPipeline"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# errors before any model runs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(source_prompt="a car", prompt="a bicycle", edit_type="replace", local_blend_words=None), "same number"),
+        (dict(local_blend_words=("cat", "truck")), r"'truck' is not a word of the edited prompt"),
+        (dict(local_blend_words="dog"), r"'dog' is not a word of the source prompt"),
+        (dict(source_prompt=""), "`source_prompt` must be a non-empty string"),
+        (dict(prompt=" "), "`prompt` must be a non-empty string"),
+        (dict(prompt=None), "`prompt` must be a non-empty string"),
+        (dict(edit_type="reweight"), "Unknown Prompt2Prompt edit_type"),
+        (dict(height=30), "divisible by 8"),
+        (dict(width=36, height=32), "divisible by 8"),
+        (dict(mixing_ratio=1.5), "mixing_ratio"),
+        (dict(video=[]), "`video` is required"),
+        (dict(frame_batch_size=0), "frame_batch_size"),
+        (dict(cross_replace_steps=2.0), "cross_replace_steps"),
+    ],
+)
+def test_bad_input_fails_before_any_model_runs(pipe, overrides, message):
+    with count_forward_calls(**all_models(pipe)) as calls:
+        with pytest.raises(ValueError, match=message):
+            pipe(**inputs(**overrides))
+    assert sum(calls.values()) == 0
