@@ -415,7 +415,7 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
             mixing_ratio, num_inference_steps, num_inversion_steps, frame_batch_size, decode_chunk_size,
             callback_on_step_end_tensor_inputs,
         )
-        self._interrupt = False
+        self.begin_call()
         self._guidance_scale = guidance_scale
         device = self._execution_device
 
@@ -444,17 +444,18 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
             local_blend_threshold=local_blend_threshold,
             do_classifier_free_guidance=cfg,
         )
-        reconstructed, edited = self.edit_frames(
-            noise,
-            controller,
-            pair_embeds,
-            negative_embeds,
-            height,
-            width,
-            num_inference_steps,
-            guidance_scale,
-            frame_batch_size,
-        )
+        with self.stage("frame-wise generation"):
+            reconstructed, edited = self.edit_frames(
+                noise,
+                controller,
+                pair_embeds,
+                negative_embeds,
+                height,
+                width,
+                num_inference_steps,
+                guidance_scale,
+                frame_batch_size,
+            )
 
         video_latents = self.invert_and_smooth(
             edited,

@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -14,12 +15,20 @@ torch.set_num_threads(1)
 
 @pytest.fixture
 def modules_cache(tmp_path, monkeypatch):
-    """Point diffusers' dynamic-module cache at a temp folder so custom_pipeline loads see no stale copies."""
+    """Point diffusers' dynamic-module cache at a temp folder so custom_pipeline loads see no stale copies.
+
+    The `diffusers_modules` packages an earlier load imported in this process are forgotten too: a loaded file's
+    relative imports would otherwise resolve through them, in that load's cache folder.
+    """
     import diffusers.utils.constants as constants
     import diffusers.utils.dynamic_modules_utils as dyn
 
     cache = tmp_path / "hf_modules"
+    cache.mkdir()
     monkeypatch.setenv("HF_MODULES_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_MODULES_CACHE", str(cache))
     monkeypatch.setattr(dyn, "HF_MODULES_CACHE", str(cache))
+    for name in [m for m in sys.modules if m.split(".")[0] == "diffusers_modules"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(cache))
     return cache

@@ -4,7 +4,6 @@ chunking), end-to-end outputs, UNet call counts, save/load, custom_pipeline load
 import ast
 import json
 import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -42,14 +41,6 @@ def inputs(**overrides):
     return args
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy 2-core runner they made a serial run of this file
-    3x slower. Restore the setting for the other test files."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -215,26 +206,14 @@ def test_save_load_restores_every_component_and_output(pipe, edited, tmp_path):
     torch.testing.assert_close(loaded(**inputs()).frames, edited.frames, atol=1e-5, rtol=0)
 
 
-@pytest.fixture
-def fresh_modules_cache(modules_cache, monkeypatch):
-    """`modules_cache`, and forget the `diffusers_modules` packages an earlier custom_pipeline test imported in this
-    process: the loaded file's relative imports resolve through them, i.e. in that test's cache folder, where this
-    pipeline's siblings were never copied."""
-    for name in [m for m in sys.modules if m.split(".")[0] == "diffusers_modules"]:
-        monkeypatch.delitem(sys.modules, name)
-    modules_cache.mkdir(parents=True, exist_ok=True)
-    monkeypatch.syspath_prepend(str(modules_cache))
-    return modules_cache
-
-
-def test_loads_as_custom_pipeline_from_its_file(pipe, edited, tmp_path, fresh_modules_cache):
+def test_loads_as_custom_pipeline_from_its_file(pipe, edited, tmp_path, modules_cache):
     folder = tmp_path / "model"
     pipe.save_pretrained(folder)
     loaded = DiffusionPipeline.from_pretrained(folder, custom_pipeline=PIPELINE_FILE, trust_remote_code=True)
     assert type(loaded).__name__ == "BIVDiffPrompt2PromptPipeline"
     assert type(loaded).__module__.startswith("diffusers_modules")
     for sibling in ("mixed_inversion.py", "prompt2prompt_control.py"):
-        assert (fresh_modules_cache / "diffusers_modules" / "local" / sibling).exists()
+        assert (modules_cache / "diffusers_modules" / "local" / sibling).exists()
     loaded.set_progress_bar_config(disable=True)
     out = loaded(**inputs())
     torch.testing.assert_close(out.frames, edited.frames, atol=1e-5, rtol=0)
