@@ -219,3 +219,22 @@ def test_stage_log_names_every_stage_in_order(pipe):
     ]
     assert all(entry["seconds"] >= 0 for entry in pipe.stage_log)
     assert pipe.current_stage is None
+
+
+def test_bfloat16_run_stays_close_to_float32():
+    pipe = make_pipe()
+    reference = pipe(**inputs()).frames
+    pipe.to(dtype=torch.bfloat16)
+    low = pipe(**inputs()).frames
+    assert low.dtype == np.float32 and np.isfinite(low).all()
+    assert np.abs(low - reference).max() < 0.15
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="model CPU offload needs an accelerator")
+def test_model_cpu_offload_gives_the_same_video():
+    pipe = make_pipe().to("cuda")
+    reference = pipe(**inputs(generator=[torch.Generator("cuda").manual_seed(i) for i in range(NUM_FRAMES)])).frames
+    pipe = make_pipe()
+    pipe.enable_model_cpu_offload()
+    out = pipe(**inputs(generator=[torch.Generator("cuda").manual_seed(i) for i in range(NUM_FRAMES)])).frames
+    np.testing.assert_allclose(out, reference, atol=1e-4)
