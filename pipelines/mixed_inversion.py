@@ -413,8 +413,14 @@ class MixedInversionMixin:
 
     # ------------------------------------------------------------------ stage 3
     def smoothing_scheduler(self) -> DDIMScheduler:
-        """A DDIM scheduler (eta 0) with the pipeline scheduler's betas, whatever sampler stage 1 uses."""
-        return DDIMScheduler.from_config(self.scheduler.config)
+        """A DDIM scheduler (eta 0) with the pipeline scheduler's betas, whatever sampler stage 1 uses.
+
+        `clip_sample` is always off: latents are not bounded to [-1, 1], and configs of other samplers (PNDM,
+        Euler) often omit the key, which would turn on DDIM's default clipping. A missing `set_alpha_to_one`
+        means SD's False (the last step lands on alphas_cumprod[0], as in the original).
+        """
+        config = {"set_alpha_to_one": False, **self.scheduler.config}
+        return DDIMScheduler.from_config(config, clip_sample=False)
 
     def temporal_smoothing(
         self,

@@ -131,3 +131,16 @@ def test_vae_encoding_uses_posterior_mean_without_generator(pipe):
     torch.testing.assert_close(a[0].permute(1, 0, 2, 3), expected, atol=1e-5, rtol=0)
     sampled = pipe.encode_frames(frames, 32, 32, chunk_size=2, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(sampled, a)
+
+
+def test_smoothing_never_clips_latents_whatever_the_stage1_sampler():
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from bivdiff.tiny_models import sd15_scheduler_config
+
+    config = {k: v for k, v in sd15_scheduler_config().items() if k not in ("clip_sample", "set_alpha_to_one")}
+    pipe = BIVDiffPipeline(**bivdiff_components(scheduler=EulerAncestralDiscreteScheduler(**config)))
+    smoothing = pipe.smoothing_scheduler()
+    assert smoothing.config.clip_sample is False and smoothing.config.set_alpha_to_one is False
+    assert smoothing.config.steps_offset == 1
+    torch.testing.assert_close(smoothing.alphas_cumprod, pipe.inverse_scheduler.alphas_cumprod)
