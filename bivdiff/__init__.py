@@ -2,6 +2,7 @@
 
 from bivdiff.pipelines import (
     BIVDiffControllablePipeline,
+    BIVDiffInstructPix2PixPipeline,
     BIVDiffPipeline,
     BIVDiffPipelineOutput,
     MixedInversionMixin,
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BIVDiffControllablePipeline",
     "BIVDiffDDIMInverseScheduler",
+    "BIVDiffInstructPix2PixPipeline",
     "BIVDiffPipeline",
     "BIVDiffPipelineOutput",
     "MixedInversionMixin",
