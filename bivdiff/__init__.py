@@ -2,6 +2,7 @@
 
 from bivdiff.pipelines import (
     BIVDiffControllablePipeline,
+    BIVDiffInpaintPipeline,
     BIVDiffInstructPix2PixPipeline,
     BIVDiffPipeline,
     BIVDiffPipelineOutput,
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BIVDiffControllablePipeline",
     "BIVDiffDDIMInverseScheduler",
+    "BIVDiffInpaintPipeline",
     "BIVDiffInstructPix2PixPipeline",
     "BIVDiffPipeline",
     "BIVDiffPipelineOutput",

@@ -206,7 +206,9 @@ class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, MixedInversionMixin):
         callback_on_step_end_tensor_inputs,
     ):
         if video is None or count_frames(video) == 0:
-            raise ValueError("`video` is required: the source frames to edit (PIL list, np (F, H, W, 3) or (F, 3, H, W) tensor).")
+            raise ValueError(
+                "`video` is required: the source frames to edit (PIL list, np (F, H, W, 3) or (F, 3, H, W) tensor)."
+            )
         num_frames = count_frames(video)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("`prompt` must be a non-empty edit instruction, e.g. 'make it minecraft style'.")
@@ -218,7 +220,8 @@ class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, MixedInversionMixin):
             )
         if latents is not None and (latents.ndim != 5 or latents.shape[2] != num_frames):
             raise ValueError(
-                f"`latents` must be (1, 4, F, h, w) noise with F = {num_frames} frames, got shape {tuple(latents.shape)}."
+                f"`latents` must be (1, 4, F, h, w) noise with F = {num_frames} frames, "
+                f"got shape {tuple(latents.shape)}."
             )
         if isinstance(generator, list) and len(generator) != num_frames:
             raise ValueError(f"`generator` is a list of {len(generator)}; pass one per frame ({num_frames}).")

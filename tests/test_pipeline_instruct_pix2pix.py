@@ -162,7 +162,10 @@ def test_inversion_uses_inversion_unet_and_zero_ratio_needs_none():
 def test_save_load_restores_every_component_and_output(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["inverse_scheduler"] == ["bivdiff.schedulers.scheduling_bivdiff_ddim_inverse", "BIVDiffDDIMInverseScheduler"]
+    assert index["inverse_scheduler"] == [
+        "bivdiff.schedulers.scheduling_bivdiff_ddim_inverse",
+        "BIVDiffDDIMInverseScheduler",
+    ]
     assert index["inversion_unet"] == ["diffusers", "UNet2DConditionModel"]
     loaded = BIVDiffInstructPix2PixPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
