@@ -2,6 +2,8 @@
 
 from bivdiff.pipelines import (
     BIVDiffControllablePipeline,
+    BIVDiffInpaintPipeline,
+    BIVDiffInstructPix2PixPipeline,
     BIVDiffPipeline,
     BIVDiffPipelineOutput,
     BIVDiffPrompt2PromptPipeline,
@@ -16,6 +18,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BIVDiffControllablePipeline",
     "BIVDiffDDIMInverseScheduler",
+    "BIVDiffInpaintPipeline",
+    "BIVDiffInstructPix2PixPipeline",
     "BIVDiffPipeline",
     "BIVDiffPipelineOutput",
     "BIVDiffPrompt2PromptPipeline",

@@ -1,6 +1,8 @@
 from .mixed_inversion import BIVDiffPipelineOutput, MixedInversionMixin
 from .pipeline_bivdiff import BIVDiffPipeline
 from .pipeline_bivdiff_controllable import BIVDiffControllablePipeline
+from .pipeline_bivdiff_inpaint import BIVDiffInpaintPipeline
+from .pipeline_bivdiff_instruct_pix2pix import BIVDiffInstructPix2PixPipeline
 from .pipeline_bivdiff_prompt2prompt import BIVDiffPrompt2PromptPipeline, BIVDiffPrompt2PromptPipelineOutput
 
 __all__ = [
@@ -8,6 +10,8 @@ __all__ = [
     "MixedInversionMixin",
     "BIVDiffPipeline",
     "BIVDiffControllablePipeline",
+    "BIVDiffInpaintPipeline",
+    "BIVDiffInstructPix2PixPipeline",
     "BIVDiffPrompt2PromptPipeline",
     "BIVDiffPrompt2PromptPipelineOutput",
 ]

@@ -1,0 +1,599 @@
+"""BIVDiff video inpainting and outpainting: Stable Diffusion Inpainting fills every frame, then Mixed Inversion and a
+text-to-video model make the filled frames temporally coherent."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionInpaintPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import replace_example_docstring
+from diffusers.video_processor import VideoProcessor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .mixed_inversion import (
+    BIVDiffPipelineOutput,
+    FrameInput,
+    MixedInversionMixin,
+    count_frames,
+    fold_frames,
+    frame_generators,
+    frame_size,
+    unfold_frames,
+)
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers import UNet2DConditionModel, UNet3DConditionModel
+        >>> from diffusers.utils import export_to_video, load_video
+        >>> from transformers import CLIPTextModel, CLIPTokenizer
+        >>> from bivdiff import BIVDiffDDIMInverseScheduler, BIVDiffInpaintPipeline
+
+        >>> zeroscope = "cerspense/zeroscope_v2_576w"
+        >>> pipe = BIVDiffInpaintPipeline.from_pretrained(
+        ...     "stable-diffusion-v1-5/stable-diffusion-inpainting",
+        ...     inversion_unet=UNet2DConditionModel.from_pretrained(
+        ...         "stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="unet", torch_dtype=torch.float16
+        ...     ),
+        ...     video_unet=UNet3DConditionModel.from_pretrained(zeroscope, subfolder="unet", torch_dtype=torch.float16),
+        ...     video_text_encoder=CLIPTextModel.from_pretrained(zeroscope, subfolder="text_encoder", torch_dtype=torch.float16),
+        ...     video_tokenizer=CLIPTokenizer.from_pretrained(zeroscope, subfolder="tokenizer"),
+        ...     inverse_scheduler=None,
+        ...     safety_checker=None,
+        ...     torch_dtype=torch.float16,
+        ... )
+        >>> pipe.inverse_scheduler = BIVDiffDDIMInverseScheduler.from_config(pipe.scheduler.config)
+        >>> pipe.to("cuda")
+
+        >>> source = [f.resize((512, 512)) for f in load_video("hike.mp4")[::4][:8]]
+        >>> masks = [m.resize((512, 512)) for m in load_video("hike-mask.mp4")[::4][:8]]  # white = regenerate
+        >>> erased = pipe(video=source, mask=masks, generator=torch.Generator("cuda").manual_seed(42)).frames[0]
+        >>> export_to_video(erased, "hike_inpainted.mp4", fps=8)
+
+        >>> # Outpainting: regenerate the top and bottom quarters, keep the source pixels elsewhere.
+        >>> wider = pipe(video=source, outpaint="horizontal", paste_back=True).frames[0]
+        ```
+"""
+
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+OUTPAINT_SIDES = ("top", "bottom", "left", "right")
+
+
+def outpaint_mask(height: int, width: int, outpaint: str | dict | tuple | list) -> np.ndarray:
+    """The outpainting mask of a `height` x `width` frame: a float32 (H, W) array, 1.0 = regenerate, 0.0 = keep.
+
+    `outpaint` is `"horizontal"` (rows `[0, H//4)` and `[H//4*3, H)` regenerated, as in the original release),
+    `"vertical"` (columns `[0, W//4)` and `[W//4*3, W)`), or pixel margins `(top, bottom, left, right)` or a dict
+    with any of those keys (missing ones are 0). The frame keeps its size: to grow a video, pad it first and
+    outpaint the padding.
+    """
+    mask = np.zeros((height, width), dtype=np.float32)
+    if isinstance(outpaint, str):
+        if outpaint == "horizontal":
+            mask[: height // 4] = 1.0
+            mask[height // 4 * 3 :] = 1.0
+        elif outpaint == "vertical":
+            mask[:, : width // 4] = 1.0
+            mask[:, width // 4 * 3 :] = 1.0
+        else:
+            raise ValueError(
+                f"Unknown `outpaint` {outpaint!r}: use 'horizontal', 'vertical', or pixel margins "
+                "(top, bottom, left, right) / a dict with those keys."
+            )
+        return mask
+    if isinstance(outpaint, dict):
+        unknown = set(outpaint) - set(OUTPAINT_SIDES)
+        if unknown:
+            raise ValueError(f"Unknown `outpaint` margin(s) {sorted(unknown)}; use {list(OUTPAINT_SIDES)}.")
+        margins = [outpaint.get(side, 0) for side in OUTPAINT_SIDES]
+    elif isinstance(outpaint, (tuple, list)) and len(outpaint) == 4:
+        margins = list(outpaint)
+    else:
+        raise ValueError(
+            "`outpaint` must be 'horizontal', 'vertical', (top, bottom, left, right) pixels or a dict, "
+            f"got {outpaint!r}."
+        )
+    if any(not isinstance(m, (int, np.integer)) or isinstance(m, bool) or m < 0 for m in margins):
+        raise ValueError(f"`outpaint` margins must be non-negative integers (pixels), got {margins}.")
+    top, bottom, left, right = (int(m) for m in margins)
+    if top + bottom >= height or left + right >= width:
+        raise ValueError(
+            f"`outpaint` margins {margins} leave nothing of the {height}x{width} frame to keep; "
+            "top + bottom must be below the height and left + right below the width."
+        )
+    if top + bottom + left + right == 0:
+        raise ValueError("`outpaint` margins are all zero: nothing to regenerate.")
+    mask[:top] = 1.0
+    mask[height - bottom :] = 1.0
+    mask[:, :left] = 1.0
+    mask[:, width - right :] = 1.0
+    return mask
+
+
+def feather_mask(mask: torch.Tensor, feather: int) -> torch.Tensor:
+    """Blend weights (F, 1, H, W) from a binary mask: 1 inside the mask, falling linearly to exactly 0 at more than
+    `feather` pixels (chessboard distance) outside it.
+
+    The ramp lies only outside the mask, so no source pixel of a regenerated region leaks back in.
+    """
+    weight = mask.clone()
+    for k in range(1, feather + 1):
+        weight += torch.nn.functional.max_pool2d(mask, kernel_size=2 * k + 1, stride=1, padding=k)
+    return weight / (feather + 1)
+
+
+def _gray(values: np.ndarray) -> np.ndarray:
+    """(..., H, W, C) -> (..., H, W) with PIL's "L" weights, so array masks read like image masks."""
+    if values.shape[-1] == 1:
+        return values[..., 0]
+    return values[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=values.dtype)
+
+
+def _to_unit(values: np.ndarray) -> np.ndarray:
+    if values.dtype == np.uint8:
+        return values.astype(np.float32) / 255.0
+    return values.astype(np.float32)
+
+
+def _array_mask(values) -> torch.Tensor:
+    """One mask frame (H, W), (H, W, C) or (C, H, W), array or tensor, as a float32 (1, H, W) tensor in [0, 1]."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    values = _to_unit(np.asarray(values))
+    if values.ndim == 3 and values.shape[0] in (1, 3) and values.shape[-1] not in (1, 3):
+        values = values.transpose(1, 2, 0)
+    if values.ndim == 3:
+        values = _gray(values)
+    if values.ndim != 2:
+        raise ValueError(f"A mask frame must be (H, W) or (H, W, C), got shape {values.shape}.")
+    return torch.from_numpy(np.ascontiguousarray(values))[None]
+
+
+def _item_size(item) -> tuple[int, int]:
+    if isinstance(item, PIL.Image.Image):
+        return item.height, item.width
+    return tuple(item.shape[-2:])
+
+
+def mask_frames(mask, num_frames: int) -> list:
+    """The user's mask as one item per frame: PIL images stay PIL (the stock pipeline reads them itself); arrays and
+    tensors become float32 (1, H, W) tensors in [0, 1].
+
+    A single mask (one PIL image, an (H, W) array or tensor) is used for every frame.
+    """
+    if isinstance(mask, PIL.Image.Image):
+        return [mask] * num_frames
+    if isinstance(mask, (list, tuple)):
+        if all(isinstance(m, PIL.Image.Image) for m in mask):
+            return list(mask)
+        # One kind per video, so every chunk is read the same way.
+        return [_array_mask(np.asarray(m.convert("L")) if isinstance(m, PIL.Image.Image) else m) for m in mask]
+    if isinstance(mask, torch.Tensor):
+        values = mask.detach().cpu()
+        if values.ndim == 4:  # (F, C, H, W) -> (F, H, W, C)
+            values = values.permute(0, 2, 3, 1)
+        values = values.numpy()
+    else:
+        values = np.asarray(mask)
+    if values.ndim == 2:
+        return [_array_mask(values)] * num_frames
+    if values.ndim in (3, 4):
+        return [_array_mask(v) for v in values]
+    raise ValueError(f"`mask` must be (H, W), (F, H, W) or (F, H, W, C), got shape {values.shape}.")
+
+
+class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
+    r"""
+    BIVDiff video inpainting and outpainting. Stage 1 runs diffusers' stock `StableDiffusionInpaintPipeline` on every
+    frame with its mask (white = regenerate), `frame_batch_size` frames at a time, one generator per frame; stage 2
+    inverts the filled latents with an SD-1.5 image UNet and the video UNet and mixes them with `mixing_ratio`;
+    stage 3 denoises the mix with the video UNet. The video model redraws the whole frame, the known region too;
+    `paste_back=True` puts the source pixels back there.
+
+    Args:
+        vae, text_encoder, tokenizer, scheduler: the inpainting model's (SD-1.5 family; `scheduler` drives stage 1,
+            its config also gives the DDIM schedule of smoothing).
+        unet ([`UNet2DConditionModel`]): the 9-channel inpainting UNet (a plain 4-channel SD UNet also works, as in
+            diffusers, by blending latents).
+        video_unet ([`UNet3DConditionModel`] or `VidRDUNet3DConditionModel`): the text-to-video UNet.
+        video_text_encoder ([`CLIPTextModel`]), video_tokenizer ([`CLIPTokenizer`]): the video model's text side.
+        inverse_scheduler ([`BIVDiffDDIMInverseScheduler`] or [`DDIMInverseScheduler`]): the inversion step.
+        inversion_unet ([`UNet2DConditionModel`], *optional*): a plain 4-channel SD-1.5 UNet for the image branch
+            of the inversion; needed whenever `mixing_ratio` > 0 and `unet` is the 9-channel inpainting UNet.
+    """
+
+    model_cpu_offload_seq = "text_encoder->video_text_encoder->unet->inversion_unet->video_unet->vae"
+    _optional_components = ["inversion_unet"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        video_unet: ModelMixin,
+        video_text_encoder: CLIPTextModel,
+        video_tokenizer: CLIPTokenizer,
+        scheduler: KarrasDiffusionSchedulers,
+        inverse_scheduler: SchedulerMixin,
+        inversion_unet: UNet2DConditionModel | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            video_unet=video_unet,
+            video_text_encoder=video_text_encoder,
+            video_tokenizer=video_tokenizer,
+            scheduler=scheduler,
+            inverse_scheduler=inverse_scheduler,
+            inversion_unet=inversion_unet,
+        )
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor)
+        # Source frames resized but kept in [0, 1]: the stock pipeline normalises them itself, and paste-back
+        # needs the exact source pixels.
+        self.frame_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_convert_rgb=True
+        )
+        # The stock inpainting pipeline's mask reading (grayscale, binarised at 0.5), for paste-back.
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
+
+    # ------------------------------------------------------------------ stage 1
+    def image_pipeline(self) -> StableDiffusionInpaintPipeline:
+        """The stock diffusers inpainting pipeline, built from this pipeline's own components (no copies)."""
+        pipe = StableDiffusionInpaintPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        config = dict(getattr(self, "_progress_bar_config", {}))
+        config.setdefault("desc", "Frame-wise inpainting (SD Inpainting)")
+        pipe.set_progress_bar_config(**config)
+        return pipe
+
+    def source_pixels(self, video: FrameInput, height: int, width: int) -> torch.Tensor:
+        """Source frames as a (F, 3, H, W) tensor in [0, 1] at the output size."""
+        return self.frame_processor.preprocess(video, height=height, width=width)
+
+    def prepare_masks(self, mask, outpaint, num_frames: int, height: int, width: int) -> list:
+        """One mask item per frame for the stock pipeline: the user's masks, or the outpainting mask at output size."""
+        if outpaint is not None:
+            return [torch.from_numpy(outpaint_mask(height, width, outpaint))[None]] * num_frames
+        return mask_frames(mask, num_frames)
+
+    def binary_masks(self, masks: list, height: int, width: int) -> torch.Tensor:
+        """(F, 1, H, W) masks exactly as the stock pipeline reads them: resized, grayscale, 1 where >= 0.5."""
+        if isinstance(masks[0], PIL.Image.Image):
+            return self.mask_processor.preprocess(masks, height=height, width=width)
+        return self.mask_processor.preprocess(torch.stack(masks), height=height, width=width)
+
+    def generate_frames(
+        self,
+        source: torch.Tensor,
+        masks: list,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        frame_batch_size: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        cross_attention_kwargs: dict | None = None,
+    ) -> torch.Tensor:
+        """Stage 1: SD inpainting on every source frame (F, 3, H, W) in [0, 1] with its mask item, in chunks;
+        returns scaled latents (1, 4, F, h, w)."""
+        num_frames = source.shape[0]
+        generators = frame_generators(generator, num_frames)
+        noise = fold_frames(latents) if latents is not None else None
+        pipe = self.image_pipeline()
+        chunks = []
+        for start in range(0, num_frames, frame_batch_size):
+            stop = min(start + frame_batch_size, num_frames)
+            n = stop - start
+            chunk_masks = masks[start:stop]
+            mask_image = chunk_masks if isinstance(chunk_masks[0], PIL.Image.Image) else torch.stack(chunk_masks)
+            chunks.append(
+                pipe(
+                    image=source[start:stop],
+                    mask_image=mask_image,
+                    prompt_embeds=prompt_embeds.expand(n, -1, -1),
+                    negative_prompt_embeds=negative_prompt_embeds.expand(n, -1, -1),
+                    height=height,
+                    width=width,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    generator=generators[start:stop] if generators is not None else None,
+                    latents=noise[start:stop] if noise is not None else None,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    output_type="latent",
+                ).images
+            )
+        return unfold_frames(torch.cat(chunks), num_frames)
+
+    # ------------------------------------------------------------------ paste-back
+    def paste_source_back(
+        self,
+        latents: torch.Tensor,
+        source: torch.Tensor,
+        masks: torch.Tensor,
+        feather: int,
+        output_type: str,
+        decode_chunk_size: int,
+    ):
+        """Decode (1, 4, F, h, w) latents and composite the source (F, 3, H, W) in [0, 1] back where the feathered
+        mask (F, 1, H, W) is below 1. Where it is 0 the result is the source, bit for bit."""
+        pixels = self.video_processor.denormalize(self.decode_latents(latents, decode_chunk_size).float())
+        weight = feather_mask(masks.to(pixels), feather).permute(1, 0, 2, 3)[None]
+        source = source.to(pixels).permute(1, 0, 2, 3)[None]
+        composite = weight * pixels + (1 - weight) * source
+        num_frames = composite.shape[2]
+        # Already in [0, 1]: a second denormalisation would round the source pixels.
+        return self.video_processor.postprocess_video(
+            video=composite, output_type=output_type, do_denormalize=[False] * num_frames
+        )
+
+    # ------------------------------------------------------------------ checks
+    def check_inputs(
+        self,
+        video,
+        prompt,
+        video_prompt,
+        mask,
+        outpaint,
+        latents,
+        generator,
+        height,
+        width,
+        mixing_ratio,
+        num_inference_steps,
+        num_inversion_steps,
+        frame_batch_size,
+        decode_chunk_size,
+        output_type,
+        paste_back,
+        paste_back_feather,
+        callback_on_step_end_tensor_inputs,
+    ) -> list:
+        """Raises on bad input before any model runs; returns the per-frame mask items."""
+        if video is None or count_frames(video) == 0:
+            raise ValueError(
+                "`video` is required: the source frames (PIL list, np (F, H, W, 3) or (F, 3, H, W) tensor)."
+            )
+        num_frames = count_frames(video)
+        for name, text in (("prompt", prompt), ("video_prompt", video_prompt)):
+            if not isinstance(text, str):
+                raise ValueError(f"`{name}` must be a string (it may be empty), got {type(text).__name__}.")
+        if latents is not None and (latents.ndim != 5 or latents.shape[2] != num_frames):
+            raise ValueError(
+                f"`latents` must be (1, 4, F, h, w) noise with F = {num_frames} frames, "
+                f"got shape {tuple(latents.shape)}."
+            )
+        if isinstance(generator, list) and len(generator) != num_frames:
+            raise ValueError(f"`generator` is a list of {len(generator)}; pass one per frame ({num_frames}).")
+        for name, value in (("frame_batch_size", frame_batch_size), ("decode_chunk_size", decode_chunk_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if paste_back and output_type == "latent":
+            raise ValueError(
+                "`paste_back=True` composites source pixels into decoded frames, so it cannot give "
+                '`output_type="latent"`; use "np", "pt" or "pil", or set `paste_back=False`.'
+            )
+        if not isinstance(paste_back_feather, int) or paste_back_feather < 0:
+            raise ValueError(
+                f"`paste_back_feather` must be a non-negative integer (pixels), got {paste_back_feather!r}."
+            )
+        if callback_on_step_end_tensor_inputs is not None and any(
+            k not in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+        ):
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}.")
+        latent_channels = self.vae.config.latent_channels
+        if self.unet.config.in_channels not in (latent_channels, 2 * latent_channels + 1):
+            raise ValueError(
+                f"`unet` must be an inpainting UNet taking {2 * latent_channels + 1} channels (or a plain "
+                f"{latent_channels}-channel one), got {self.unet.config.in_channels}."
+            )
+        if self.unet.config.cross_attention_dim != self.text_encoder.config.hidden_size:
+            raise ValueError(
+                f"`unet` expects text embeddings of width {self.unet.config.cross_attention_dim} but `text_encoder` "
+                f"produces {self.text_encoder.config.hidden_size}."
+            )
+        if mixing_ratio > 0 and self.inversion_unet is None and self.unet.config.in_channels != latent_channels:
+            raise ValueError(
+                f"`mixing_ratio`={mixing_ratio} inverts the filled frames with an image UNet, and the "
+                f"{self.unet.config.in_channels}-channel inpainting `unet` cannot do it. Pass `inversion_unet` (an "
+                "SD-1.5 UNet2DConditionModel, e.g. from 'stable-diffusion-v1-5/stable-diffusion-v1-5', subfolder "
+                "'unet'), or set `mixing_ratio=0`."
+            )
+        self.check_mixed_inversion_inputs(height, width, mixing_ratio, num_inference_steps, num_inversion_steps)
+
+        if (mask is None) == (outpaint is None):
+            raise ValueError(
+                "Pass exactly one of `mask` (a mask video or image, white = regenerate) and `outpaint` "
+                "('horizontal', 'vertical' or pixel margins); got " + ("both." if mask is not None else "neither.")
+            )
+        masks = self.prepare_masks(mask, outpaint, num_frames, height, width)
+        if outpaint is not None:
+            return masks
+        if len(masks) != num_frames:
+            raise ValueError(f"`mask` has {len(masks)} frames but `video` has {num_frames}; pass one mask per frame.")
+        video_size = tuple(frame_size(video))
+        sizes = {_item_size(m) for m in masks}
+        if sizes != {video_size}:
+            raise ValueError(
+                f"`mask` frames are {sorted(sizes)} (H, W) but the video frames are {video_size}; resize the mask "
+                "to the video's size."
+            )
+        if any(not isinstance(m, PIL.Image.Image) and (m.min() < 0 or m.max() > 1) for m in masks):
+            raise ValueError("Float `mask` values must lie in [0, 1] (uint8 masks may use 0-255).")
+        return masks
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        video: FrameInput | None = None,
+        prompt: str = "",
+        video_prompt: str | None = None,
+        mask: FrameInput | PIL.Image.Image | np.ndarray | torch.Tensor | None = None,
+        outpaint: str | dict | tuple | None = None,
+        negative_prompt: str | None = None,
+        inversion_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        num_inversion_steps: int | None = None,
+        guidance_scale: float = 7.5,
+        video_guidance_scale: float | None = None,
+        mixing_ratio: float = 0.1,
+        paste_back: bool = False,
+        paste_back_feather: int = 8,
+        frame_batch_size: int = 8,
+        decode_chunk_size: int = 8,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_idm_frames: bool = True,
+        return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ):
+        r"""
+        Inpaint (with `mask`) or outpaint (with `outpaint`) a video.
+
+        Args:
+            video (`list[PIL.Image.Image]`, `np.ndarray` `(F, H, W, 3)` or `torch.Tensor` `(F, 3, H, W)` in [0, 1]):
+                The source frames.
+            prompt (`str`, defaults to `""`): The inpainting model's prompt for every frame; may be empty, as in
+                the original release.
+            video_prompt (`str`, *optional*): The video model's prompt; defaults to `prompt`.
+            mask (*optional*): White (>= 0.5) = regenerate, black = keep. One mask per frame: a list of PIL images,
+                arrays or tensors; an array or tensor `(F, H, W)` (or `(F, H, W, C)` / `(F, C, H, W)`); or a
+                single mask (a PIL image, an `(H, W)` array) for every frame. Frames the size of `video`; uint8
+                values in 0-255, floats in [0, 1]. Read like the stock pipeline reads `mask_image`.
+            outpaint (`str`, `tuple` or `dict`, *optional*): Instead of `mask`: `"horizontal"` regenerates the top
+                and bottom quarters, `"vertical"` the left and right quarters, or pixel margins
+                `(top, bottom, left, right)` / `{"top": 64, ...}` of the output frame. See [`outpaint_mask`].
+            negative_prompt (`str`, *optional*): Used by both models; also the inversion's conditioning.
+            inversion_prompt (`str`, *optional*): Conditions both inversions instead of the negative prompt.
+            height (`int`, *optional*), width (`int`, *optional*): Output size, multiples of 8; default the source
+                frames' size rounded down to a multiple of 8. Frames and masks are resized (not cropped) to it.
+            num_inference_steps (`int`, defaults to 50): Steps of the inpainting model and of smoothing.
+            num_inversion_steps (`int`, *optional*): DDIM inversion steps; defaults to `num_inference_steps`.
+            guidance_scale (`float`, defaults to 7.5): CFG of the inpainting model.
+            video_guidance_scale (`float`, *optional*): CFG of smoothing; defaults to `guidance_scale`.
+            mixing_ratio (`float`, defaults to 0.1): Weight r of the image-model inversion in
+                `r * z_T(image) + (1 - r) * z_T(video)` (0.1 in the original release); r > 0 needs
+                `inversion_unet` when `unet` is the 9-channel inpainting UNet.
+            paste_back (`bool`, defaults to `False`): Composite the source back into the final frames outside the
+                mask, feathered over `paste_back_feather` pixels outside it; the original release did not. Not
+                available with `output_type="latent"`.
+            paste_back_feather (`int`, defaults to 8): Width in pixels of the blend ramp outside the mask; beyond
+                it the source pixels are kept exactly. 0 pastes with a hard edge.
+            frame_batch_size (`int`, defaults to 8): Frames per image-model call (stage 1 and image inversion).
+            decode_chunk_size (`int`, defaults to 8): Frames per VAE decode call.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): One per frame, or one from which
+                a generator per frame is derived; frames are the same whatever `frame_batch_size`.
+            latents (`torch.Tensor` `(1, 4, F, h, w)`, *optional*): Initial noise of stage 1.
+            output_type (`str`, defaults to `"np"`): `"np"`, `"pt"`, `"pil"` or `"latent"`.
+            return_idm_frames (`bool`, defaults to `True`): Also decode and return the frame-wise inpaintings
+                (never pasted back).
+            return_dict (`bool`, defaults to `True`): Return a [`BIVDiffPipelineOutput`] rather than a tuple.
+            cross_attention_kwargs (`dict`, *optional*): Passed to the inpainting model's attention processors.
+            callback_on_step_end (`Callable`, *optional*): Called after each smoothing step as
+                `callback_on_step_end(self, step, timestep, callback_kwargs)`; may return new `latents`.
+            callback_on_step_end_tensor_inputs (`list`): Tensors passed in `callback_kwargs`.
+
+        Examples:
+
+        Returns:
+            [`BIVDiffPipelineOutput`] or `tuple` `(frames, idm_frames)`.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        num_inversion_steps = num_inversion_steps or num_inference_steps
+        video_prompt = prompt if video_prompt is None else video_prompt
+        video_guidance_scale = guidance_scale if video_guidance_scale is None else video_guidance_scale
+        if video is not None and count_frames(video) > 0 and (height is None or width is None):
+            h, w = frame_size(video)
+            height, width = height or h // 8 * 8, width or w // 8 * 8
+        masks = self.check_inputs(
+            video, prompt, video_prompt, mask, outpaint, latents, generator, height, width, mixing_ratio,
+            num_inference_steps, num_inversion_steps, frame_batch_size, decode_chunk_size, output_type, paste_back,
+            paste_back_feather, callback_on_step_end_tensor_inputs,
+        )
+        self.begin_call()
+        self._guidance_scale = guidance_scale
+        device = self._execution_device
+
+        # Prompts are encoded once; every chunk of stage 1 reuses the embeddings.
+        negative_embeds, prompt_embeds = self.encode_image_prompt(prompt, negative_prompt, device)
+        source = self.source_pixels(video, height, width)
+
+        with self.stage("frame-wise generation"):
+            idm_latents = self.generate_frames(
+                source,
+                masks,
+                prompt_embeds,
+                negative_embeds,
+                height,
+                width,
+                num_inference_steps,
+                guidance_scale,
+                frame_batch_size,
+                generator,
+                latents,
+                cross_attention_kwargs,
+            )
+
+        video_latents = self.invert_and_smooth(
+            idm_latents,
+            video_prompt=video_prompt,
+            negative_prompt=negative_prompt,
+            inversion_prompt=inversion_prompt,
+            mixing_ratio=mixing_ratio,
+            num_inference_steps=num_inference_steps,
+            num_inversion_steps=num_inversion_steps,
+            video_guidance_scale=video_guidance_scale,
+            frame_batch_size=frame_batch_size,
+            image_negative_embeds=negative_embeds,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+
+        if paste_back:
+            frames = self.paste_source_back(
+                video_latents, source, self.binary_masks(masks, height, width), paste_back_feather, output_type,
+                decode_chunk_size,
+            )
+        else:
+            frames = self.postprocess(video_latents, output_type, decode_chunk_size)
+        idm_frames = self.postprocess(idm_latents, output_type, decode_chunk_size) if return_idm_frames else None
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames, idm_frames)
+        return BIVDiffPipelineOutput(frames=frames, idm_frames=idm_frames)
