@@ -29,8 +29,15 @@ def full_size_components() -> dict:
 
     def clip(hidden, layers, heads):
         config = CLIPTextConfig(
-            hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
-            vocab_size=49408, max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
             hidden_act="quick_gelu" if hidden == 768 else "gelu",
         )
         return CLIPTextModel(config)
@@ -38,8 +45,12 @@ def full_size_components() -> dict:
     sd_unet = dict(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
     return dict(
         vae=AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
         ),
         text_encoder=clip(768, 12, 12),
         tokenizer=tiny.tiny_tokenizer(),
@@ -100,7 +111,9 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--resolution", type=int, default=None, help="square size in pixels (default 32 tiny, 512 full)")
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="square size in pixels (default 32 tiny, 512 full)"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -115,8 +128,12 @@ def main(argv=None):
     pipe.set_progress_bar_config(disable=True)
     control = np.random.default_rng(0).random((args.frames, size, size, 3)).astype(np.float32)
     call = dict(
-        prompt="a bear walking through a snow mountain", control_frames=control, num_inference_steps=args.steps,
-        generator=torch.Generator(device).manual_seed(42), output_type="latent", return_idm_frames=False,
+        prompt="a bear walking through a snow mountain",
+        control_frames=control,
+        num_inference_steps=args.steps,
+        generator=torch.Generator(device).manual_seed(42),
+        output_type="latent",
+        return_idm_frames=False,
     )
     print(f"device={device} dtype={args.dtype} size={args.size} frames={args.frames} {size}x{size} steps={args.steps}")
 
@@ -136,7 +153,9 @@ def main(argv=None):
     # Ratios, each from runs made here, one after the other.
     sequential, _ = timed(pipe, device, **{**call, "frame_batch_size": 1, "mixing_ratio": 1.0})
     batched, _ = timed(pipe, device, **{**call, "frame_batch_size": args.frames, "mixing_ratio": 1.0})
-    print(f"\nstage 1, {args.frames} frames per call vs one: time ratio {sequential / batched:.2f} (>1: batching faster)")
+    print(
+        f"\nstage 1, {args.frames} frames per call vs one: time ratio {sequential / batched:.2f} (>1: batching faster)"
+    )
 
     both, both_calls = timed(pipe, device, **{**call, "mixing_ratio": 1.0 - 1e-6})
     skipped, skipped_calls = timed(pipe, device, **{**call, "mixing_ratio": 1.0})

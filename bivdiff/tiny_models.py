@@ -16,7 +16,9 @@ VAE_SCALE_FACTOR = 2
 
 def _bytes_to_unicode() -> dict[int, str]:
     # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to chr(256 + n).
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

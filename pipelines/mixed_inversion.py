@@ -21,6 +21,7 @@ from diffusers.schedulers import DDIMScheduler
 from diffusers.utils import BaseOutput
 
 FrameInput = list[PIL.Image.Image] | np.ndarray | torch.Tensor
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
 
 @dataclass
@@ -31,7 +32,8 @@ class BIVDiffPipelineOutput(BaseOutput):
     Args:
         frames (`np.ndarray`, `torch.Tensor` or `list[list[PIL.Image.Image]]`):
             The final, temporally smoothed video; layouts as in diffusers' video pipelines: np `(B, F, H, W, 3)` in
-            [0, 1], pt `(B, F, 3, H, W)` in [0, 1], pil a list (per video) of lists of frames, latent `(B, 4, F, h, w)`.
+            [0, 1], pt `(B, F, 3, H, W)` in [0, 1], pil a list (per video) of lists of frames, latent
+            `(B, 4, F, h, w)`.
         idm_frames (same type as `frames`, or `None`):
             The frame-wise image-model result that was inverted (`None` when not asked for).
     """
@@ -172,7 +174,9 @@ class MixedInversionMixin:
     def disable_video_windows(self):
         self._video_windows = None
 
-    def video_noise_prediction(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def video_noise_prediction(
+        self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
         """The video UNet's output on (B, C, F, h, w), whole clip or blended over temporal windows."""
         size, overlap = getattr(self, "_video_windows", None) or (None, 0)
         windows = temporal_windows(sample.shape[2], size, overlap)
@@ -182,7 +186,9 @@ class MixedInversionMixin:
         norm = torch.zeros(sample.shape[2], device=sample.device)
         for i, (start, stop) in enumerate(windows):
             weights = window_weights(stop - start, overlap, i == 0, i == len(windows) - 1).to(sample.device)
-            out = self.video_unet(sample[:, :, start:stop], timestep, encoder_hidden_states=encoder_hidden_states).sample
+            out = self.video_unet(
+                sample[:, :, start:stop], timestep, encoder_hidden_states=encoder_hidden_states
+            ).sample
             total[:, :, start:stop] += out.float() * weights.view(1, 1, -1, 1, 1)
             norm[start:stop] += weights
         return (total / norm.view(1, 1, -1, 1, 1)).to(sample.dtype)
@@ -239,7 +245,10 @@ class MixedInversionMixin:
                 f"`mixing_ratio` must be in [0, 1] (1 = image-model inversion only, 0 = video-model only), "
                 f"got {mixing_ratio}."
             )
-        for name, steps in (("num_inference_steps", num_inference_steps), ("num_inversion_steps", num_inversion_steps)):
+        for name, steps in (
+            ("num_inference_steps", num_inference_steps),
+            ("num_inversion_steps", num_inversion_steps),
+        ):
             if not isinstance(steps, int) or steps < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {steps!r}.")
         if self.inverse_scheduler is None:
@@ -250,6 +259,18 @@ class MixedInversionMixin:
         self.check_video_components()
         if mixing_ratio > 0:
             self.check_image_inversion_components()
+
+    def check_call_options(self, frame_batch_size, decode_chunk_size, output_type, callback_on_step_end_tensor_inputs):
+        """Checks of the options every pipeline's `__call__` shares."""
+        for name, value in (("frame_batch_size", frame_batch_size), ("decode_chunk_size", decode_chunk_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if callback_on_step_end_tensor_inputs is not None and any(
+            k not in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+        ):
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}.")
 
     def check_video_components(self):
         width = text_width(self.video_text_encoder)
@@ -298,12 +319,18 @@ class MixedInversionMixin:
             mask = (ids != tokenizer.pad_token_id).long()
         return text_encoder(ids, attention_mask=mask)[0]
 
-    def encode_video_prompt(self, prompt: str, negative_prompt: str | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_video_prompt(
+        self, prompt: str, negative_prompt: str | None, device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(negative, positive) embeddings of the video text encoder, encoded in one call."""
-        embeds = self.encode_text([negative_prompt or "", prompt], self.video_tokenizer, self.video_text_encoder, device)
+        embeds = self.encode_text(
+            [negative_prompt or "", prompt], self.video_tokenizer, self.video_text_encoder, device
+        )
         return embeds[:1], embeds[1:]
 
-    def encode_image_prompt(self, prompt: str, negative_prompt: str | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_image_prompt(
+        self, prompt: str, negative_prompt: str | None, device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(negative, positive) embeddings of the image text encoder, encoded in one call."""
         embeds = self.encode_text([negative_prompt or "", prompt], self.tokenizer, self.text_encoder, device)
         return embeds[:1], embeds[1:]
@@ -364,9 +391,10 @@ class MixedInversionMixin:
         z = fold_frames(latents).to(unet.dtype)
         cond = cond.to(unet.dtype)
         self.inverse_scheduler.set_timesteps(num_steps, device=z.device)
-        with self.stage("image inversion"), self.stage_progress_bar(
-            num_steps, "Mixed inversion (image UNet)"
-        ) as progress_bar:
+        with (
+            self.stage("image inversion"),
+            self.stage_progress_bar(num_steps, "Mixed inversion (image UNet)") as progress_bar,
+        ):
             for t in self.inverse_scheduler.timesteps:
                 chunks = []
                 for start in range(0, z.shape[0], frame_batch_size):
@@ -383,9 +411,10 @@ class MixedInversionMixin:
         z = latents.to(unet.dtype)
         cond = cond.to(unet.dtype).expand(z.shape[0], -1, -1)
         self.inverse_scheduler.set_timesteps(num_steps, device=z.device)
-        with self.stage("video inversion"), self.stage_progress_bar(
-            num_steps, "Mixed inversion (video UNet)"
-        ) as progress_bar:
+        with (
+            self.stage("video inversion"),
+            self.stage_progress_bar(num_steps, "Mixed inversion (video UNet)") as progress_bar,
+        ):
             for t in self.inverse_scheduler.timesteps:
                 eps = self.video_noise_prediction(z, t, cond)
                 z = self.inverse_scheduler.step(eps, t, z).prev_sample
@@ -442,15 +471,18 @@ class MixedInversionMixin:
         latents = latents.to(unet.dtype) * scheduler.init_noise_sigma
         batch = latents.shape[0]
 
-        with self.stage("temporal smoothing"), self.stage_progress_bar(
-            len(timesteps), "Temporal smoothing (video UNet)"
-        ) as progress_bar:
+        with (
+            self.stage("temporal smoothing"),
+            self.stage_progress_bar(len(timesteps), "Temporal smoothing (video UNet)") as progress_bar,
+        ):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 if self.do_classifier_free_guidance:
                     model_in = torch.cat([latents, latents])
-                    embeds = torch.cat([negative_prompt_embeds.expand(batch, -1, -1), prompt_embeds.expand(batch, -1, -1)])
+                    embeds = torch.cat(
+                        [negative_prompt_embeds.expand(batch, -1, -1), prompt_embeds.expand(batch, -1, -1)]
+                    )
                 else:
                     model_in, embeds = latents, prompt_embeds.expand(batch, -1, -1)
                 model_in = scheduler.scale_model_input(model_in, t)
@@ -521,4 +553,3 @@ class MixedInversionMixin:
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
         )
-

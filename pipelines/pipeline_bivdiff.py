@@ -93,7 +93,18 @@ class BIVDiffPipeline(DiffusionPipeline, MixedInversionMixin):
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor)
 
     def check_inputs(
-        self, frames, latents, prompt, height, width, mixing_ratio, num_inference_steps, num_inversion_steps,
+        self,
+        frames,
+        latents,
+        prompt,
+        height,
+        width,
+        mixing_ratio,
+        num_inference_steps,
+        num_inversion_steps,
+        frame_batch_size,
+        decode_chunk_size,
+        output_type,
         callback_on_step_end_tensor_inputs,
     ):
         if (frames is None) == (latents is None):
@@ -104,10 +115,7 @@ class BIVDiffPipeline(DiffusionPipeline, MixedInversionMixin):
             raise ValueError(f"`latents` must be (B, C, F, h, w), got shape {tuple(latents.shape)}.")
         if not isinstance(prompt, str):
             raise ValueError(f"`prompt` must be a string describing the video, got {type(prompt).__name__}.")
-        if callback_on_step_end_tensor_inputs is not None and any(
-            k not in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
-        ):
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}.")
+        self.check_call_options(frame_batch_size, decode_chunk_size, output_type, callback_on_step_end_tensor_inputs)
         self.check_mixed_inversion_inputs(height, width, mixing_ratio, num_inference_steps, num_inversion_steps)
 
     @torch.no_grad()
@@ -151,7 +159,8 @@ class BIVDiffPipeline(DiffusionPipeline, MixedInversionMixin):
                 InstructPix2Pix frames, 0.25 for Prompt2Prompt and 0.1 for inpainting.
             frame_batch_size (`int`, defaults to 8): Frames per image-UNet call.
             decode_chunk_size (`int`, defaults to 8): Frames per VAE call.
-            generator (`torch.Generator`, *optional*): Samples the VAE posterior; without it the posterior mean is used.
+            generator (`torch.Generator`, *optional*): Samples the VAE posterior; without it the posterior mean is
+                used.
             latents (`torch.Tensor` `(B, 4, F, h, w)`, *optional*): Scaled VAE latents of the frames, instead of
                 `frames`.
             output_type (`str`, defaults to `"np"`): `"np"`, `"pt"`, `"pil"` or `"latent"`.
@@ -176,7 +185,17 @@ class BIVDiffPipeline(DiffusionPipeline, MixedInversionMixin):
             height = latents.shape[-2] * self.vae_scale_factor
             width = latents.shape[-1] * self.vae_scale_factor
         self.check_inputs(
-            frames, latents, prompt, height, width, mixing_ratio, num_inference_steps, num_inversion_steps,
+            frames,
+            latents,
+            prompt,
+            height,
+            width,
+            mixing_ratio,
+            num_inference_steps,
+            num_inversion_steps,
+            frame_batch_size,
+            decode_chunk_size,
+            output_type,
             callback_on_step_end_tensor_inputs,
         )
         self.begin_call()

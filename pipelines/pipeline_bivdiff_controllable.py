@@ -254,6 +254,7 @@ class BIVDiffControllablePipeline(DiffusionPipeline, MixedInversionMixin):
         num_inversion_steps,
         frame_batch_size,
         decode_chunk_size,
+        output_type,
         callback_on_step_end_tensor_inputs,
     ):
         if (self.controlnet is None) == (self.adapter is None):
@@ -265,7 +266,9 @@ class BIVDiffControllablePipeline(DiffusionPipeline, MixedInversionMixin):
             raise ValueError("`prompt` must be a non-empty string describing the frames to generate.")
         if control_frames is None:
             raise ValueError("`control_frames` is required: one condition image per frame (depth, canny, pose...).")
-        if self.num_conditions > 1 and (not isinstance(control_frames, (list, tuple)) or len(control_frames) != self.num_conditions):
+        if self.num_conditions > 1 and (
+            not isinstance(control_frames, (list, tuple)) or len(control_frames) != self.num_conditions
+        ):
             raise ValueError(
                 f"With {self.num_conditions} ControlNets/adapters, `control_frames` must be a list of "
                 f"{self.num_conditions} condition videos."
@@ -284,18 +287,12 @@ class BIVDiffControllablePipeline(DiffusionPipeline, MixedInversionMixin):
                 f"`control_frames` must hold one condition image per frame: expected {expected} frames, got "
                 f"{counts if len(counts) > 1 else counts[0]}."
             )
-        for name, value in (("frame_batch_size", frame_batch_size), ("decode_chunk_size", decode_chunk_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if callback_on_step_end_tensor_inputs is not None and any(
-            k not in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
-        ):
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}.")
         if self.unet.config.cross_attention_dim != self.text_encoder.config.hidden_size:
             raise ValueError(
                 f"`unet` expects text embeddings of width {self.unet.config.cross_attention_dim} but `text_encoder` "
                 f"produces {self.text_encoder.config.hidden_size}."
             )
+        self.check_call_options(frame_batch_size, decode_chunk_size, output_type, callback_on_step_end_tensor_inputs)
         self.check_mixed_inversion_inputs(height, width, mixing_ratio, num_inference_steps, num_inversion_steps)
 
     # ------------------------------------------------------------------ call
@@ -378,8 +375,19 @@ class BIVDiffControllablePipeline(DiffusionPipeline, MixedInversionMixin):
             h, w = frame_size(first_video)
             height, width = height or h // 8 * 8, width or w // 8 * 8
         self.check_inputs(
-            prompt, control_frames, num_frames, latents, height, width, mixing_ratio, num_inference_steps,
-            num_inversion_steps, frame_batch_size, decode_chunk_size, callback_on_step_end_tensor_inputs,
+            prompt,
+            control_frames,
+            num_frames,
+            latents,
+            height,
+            width,
+            mixing_ratio,
+            num_inference_steps,
+            num_inversion_steps,
+            frame_batch_size,
+            decode_chunk_size,
+            output_type,
+            callback_on_step_end_tensor_inputs,
         )
         self.begin_call()
         self._guidance_scale = guidance_scale

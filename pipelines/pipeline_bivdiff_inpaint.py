@@ -64,7 +64,6 @@ EXAMPLE_DOC_STRING = """
         ```
 """
 
-OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 OUTPAINT_SIDES = ("top", "bottom", "left", "right")
 
 
@@ -391,11 +390,6 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
             )
         if isinstance(generator, list) and len(generator) != num_frames:
             raise ValueError(f"`generator` is a list of {len(generator)}; pass one per frame ({num_frames}).")
-        for name, value in (("frame_batch_size", frame_batch_size), ("decode_chunk_size", decode_chunk_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if paste_back and output_type == "latent":
             raise ValueError(
                 "`paste_back=True` composites source pixels into decoded frames, so it cannot give "
@@ -405,10 +399,6 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
             raise ValueError(
                 f"`paste_back_feather` must be a non-negative integer (pixels), got {paste_back_feather!r}."
             )
-        if callback_on_step_end_tensor_inputs is not None and any(
-            k not in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
-        ):
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}.")
         latent_channels = self.vae.config.latent_channels
         if self.unet.config.in_channels not in (latent_channels, 2 * latent_channels + 1):
             raise ValueError(
@@ -427,6 +417,7 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
                 "SD-1.5 UNet2DConditionModel, e.g. from 'stable-diffusion-v1-5/stable-diffusion-v1-5', subfolder "
                 "'unet'), or set `mixing_ratio=0`."
             )
+        self.check_call_options(frame_batch_size, decode_chunk_size, output_type, callback_on_step_end_tensor_inputs)
         self.check_mixed_inversion_inputs(height, width, mixing_ratio, num_inference_steps, num_inversion_steps)
 
         if (mask is None) == (outpaint is None):
@@ -542,9 +533,24 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
             h, w = frame_size(video)
             height, width = height or h // 8 * 8, width or w // 8 * 8
         masks = self.check_inputs(
-            video, prompt, video_prompt, mask, outpaint, latents, generator, height, width, mixing_ratio,
-            num_inference_steps, num_inversion_steps, frame_batch_size, decode_chunk_size, output_type, paste_back,
-            paste_back_feather, callback_on_step_end_tensor_inputs,
+            video,
+            prompt,
+            video_prompt,
+            mask,
+            outpaint,
+            latents,
+            generator,
+            height,
+            width,
+            mixing_ratio,
+            num_inference_steps,
+            num_inversion_steps,
+            frame_batch_size,
+            decode_chunk_size,
+            output_type,
+            paste_back,
+            paste_back_feather,
+            callback_on_step_end_tensor_inputs,
         )
         self.begin_call()
         self._guidance_scale = guidance_scale
@@ -587,7 +593,11 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
 
         if paste_back:
             frames = self.paste_source_back(
-                video_latents, source, self.binary_masks(masks, height, width), paste_back_feather, output_type,
+                video_latents,
+                source,
+                self.binary_masks(masks, height, width),
+                paste_back_feather,
+                output_type,
                 decode_chunk_size,
             )
         else:

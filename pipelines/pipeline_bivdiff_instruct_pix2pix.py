@@ -67,8 +67,6 @@ EXAMPLE_DOC_STRING = """
         ```
 """
 
-OUTPUT_TYPES = ("np", "pt", "pil", "latent")
-
 
 class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, MixedInversionMixin):
     r"""
@@ -225,15 +223,6 @@ class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, MixedInversionMixin):
             )
         if isinstance(generator, list) and len(generator) != num_frames:
             raise ValueError(f"`generator` is a list of {len(generator)}; pass one per frame ({num_frames}).")
-        for name, value in (("frame_batch_size", frame_batch_size), ("decode_chunk_size", decode_chunk_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if callback_on_step_end_tensor_inputs is not None and any(
-            k not in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
-        ):
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}.")
         expected = 2 * self.vae.config.latent_channels
         if self.unet.config.in_channels != expected:
             raise ValueError(
@@ -251,6 +240,7 @@ class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, MixedInversionMixin):
                 "InstructPix2Pix `unet` cannot do it. Pass `inversion_unet` (an SD-1.5 UNet2DConditionModel, e.g. "
                 "from 'stable-diffusion-v1-5/stable-diffusion-v1-5', subfolder 'unet'), or set `mixing_ratio=0`."
             )
+        self.check_call_options(frame_batch_size, decode_chunk_size, output_type, callback_on_step_end_tensor_inputs)
         self.check_mixed_inversion_inputs(height, width, mixing_ratio, num_inference_steps, num_inversion_steps)
 
     # ------------------------------------------------------------------ call
@@ -329,8 +319,20 @@ class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, MixedInversionMixin):
             h, w = frame_size(video)
             height, width = height or h // 8 * 8, width or w // 8 * 8
         self.check_inputs(
-            video, prompt, video_prompt, latents, generator, height, width, mixing_ratio, num_inference_steps,
-            num_inversion_steps, frame_batch_size, decode_chunk_size, output_type, callback_on_step_end_tensor_inputs,
+            video,
+            prompt,
+            video_prompt,
+            latents,
+            generator,
+            height,
+            width,
+            mixing_ratio,
+            num_inference_steps,
+            num_inversion_steps,
+            frame_batch_size,
+            decode_chunk_size,
+            output_type,
+            callback_on_step_end_tensor_inputs,
         )
         self.begin_call()
         self._guidance_scale = guidance_scale

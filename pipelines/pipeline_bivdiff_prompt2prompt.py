@@ -264,6 +264,7 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         num_inversion_steps,
         frame_batch_size,
         decode_chunk_size,
+        output_type,
         callback_on_step_end_tensor_inputs,
     ):
         if video is None or count_frames(video) == 0:
@@ -291,13 +292,6 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
             self_replace_steps=self_replace_steps,
             local_blend_threshold=local_blend_threshold,
         )
-        for name, value in (("frame_batch_size", frame_batch_size), ("decode_chunk_size", decode_chunk_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if callback_on_step_end_tensor_inputs is not None and any(
-            k not in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
-        ):
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}.")
         if self.unet.config.cross_attention_dim != self.text_encoder.config.hidden_size:
             raise ValueError(
                 f"`unet` expects text embeddings of width {self.unet.config.cross_attention_dim} but `text_encoder` "
@@ -308,6 +302,7 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
                 f"Prompt2Prompt needs a plain {self.vae.config.latent_channels}-channel text-to-image `unet` "
                 f"(SD-1.5), got one with {self.unet.config.in_channels} input channels."
             )
+        self.check_call_options(frame_batch_size, decode_chunk_size, output_type, callback_on_step_end_tensor_inputs)
         self.check_mixed_inversion_inputs(height, width, mixing_ratio, num_inference_steps, num_inversion_steps)
         # The source is inverted by the image UNet whatever `mixing_ratio` is.
         self.check_image_inversion_components()
@@ -410,9 +405,25 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         if isinstance(source_prompt, str) and isinstance(prompt, str):
             edit_type = self.resolve_edit_type(source_prompt, prompt, edit_type)
         self.check_inputs(
-            video, source_prompt, prompt, video_prompt, negative_prompt, inversion_prompt, edit_type,
-            cross_replace_steps, self_replace_steps, local_blend_words, local_blend_threshold, height, width,
-            mixing_ratio, num_inference_steps, num_inversion_steps, frame_batch_size, decode_chunk_size,
+            video,
+            source_prompt,
+            prompt,
+            video_prompt,
+            negative_prompt,
+            inversion_prompt,
+            edit_type,
+            cross_replace_steps,
+            self_replace_steps,
+            local_blend_words,
+            local_blend_threshold,
+            height,
+            width,
+            mixing_ratio,
+            num_inference_steps,
+            num_inversion_steps,
+            frame_batch_size,
+            decode_chunk_size,
+            output_type,
             callback_on_step_end_tensor_inputs,
         )
         self.begin_call()

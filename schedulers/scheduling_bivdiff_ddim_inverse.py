@@ -40,7 +40,9 @@ def _betas(config) -> torch.Tensor:
         return torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
     if config.beta_schedule == "scaled_linear":
         return torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32) ** 2
-    raise NotImplementedError(f"beta_schedule {config.beta_schedule!r} is not supported by BIVDiffDDIMInverseScheduler")
+    raise NotImplementedError(
+        f"beta_schedule {config.beta_schedule!r} is not supported by BIVDiffDDIMInverseScheduler"
+    )
 
 
 class BIVDiffDDIMInverseScheduler(SchedulerMixin, ConfigMixin):

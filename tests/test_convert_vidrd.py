@@ -54,8 +54,6 @@ def _converter():
     return sys.modules[name]
 
 
-
-
 conv = _converter()
 
 

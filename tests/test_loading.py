@@ -14,9 +14,9 @@ def sd_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd15")
     image = tiny_image_components()
     image.pop("inverse_scheduler")
-    StableDiffusionPipeline(**image, safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(
-        folder
-    )
+    StableDiffusionPipeline(
+        **image, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    ).save_pretrained(folder)
     return folder
 
 

@@ -40,7 +40,10 @@ def test_batched_stage1_equals_stock_adapter_pipeline_per_frame(pipe):
     stock.set_progress_bar_config(disable=True)
     for i in range(NUM_FRAMES):
         expected = stock(
-            "a red car", image=frames[i], num_inference_steps=3, generator=torch.Generator().manual_seed(i),
+            "a red car",
+            image=frames[i],
+            num_inference_steps=3,
+            generator=torch.Generator().manual_seed(i),
             output_type="latent",
         ).images
         assert (ours[0, :, i] - expected[0]).abs().max().item() <= 1e-4
@@ -51,7 +54,9 @@ def test_condition_arrays_are_read_in_zero_one_like_images(pipe):
     frames = pil_frames()
     as_array = np.stack([np.asarray(f) for f in frames]).astype(np.float32) / 255.0
     neg, pos = pipe.encode_image_prompt("a red car", None, "cpu")
-    run = lambda video: pipe.generate_frames([video], pos, neg, HEIGHT, WIDTH, 2, 7.5, 1.0, 3, generators(), None, None)  # noqa: E731
+    run = lambda video: pipe.generate_frames(
+        [video], pos, neg, HEIGHT, WIDTH, 2, 7.5, 1.0, 3, generators(), None, None
+    )  # noqa: E731
     torch.testing.assert_close(run(frames), run(list(as_array)), atol=1e-5, rtol=0)
     # A [-1, 1] condition (the original's mistake) must give something else.
     assert not torch.allclose(run(frames), run(list(as_array * 2 - 1)), atol=1e-3)

@@ -137,7 +137,10 @@ def test_callback_zeroing_latents_on_last_step_gives_zero_output(pipe):
 def test_save_load_restores_every_component_and_output(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["inverse_scheduler"] == ["bivdiff.schedulers.scheduling_bivdiff_ddim_inverse", "BIVDiffDDIMInverseScheduler"]
+    assert index["inverse_scheduler"] == [
+        "bivdiff.schedulers.scheduling_bivdiff_ddim_inverse",
+        "BIVDiffDDIMInverseScheduler",
+    ]
     assert index["inversion_unet"] == [None, None] and index["adapter"] == [None, None]
     loaded = BIVDiffControllablePipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
@@ -161,7 +164,11 @@ def test_loads_as_custom_pipeline_from_its_file(pipe, tmp_path, modules_cache):
 def test_multi_controlnet_takes_one_video_per_net():
     pipe = make_pipe(controlnet=[tiny_controlnet(seed=1), tiny_controlnet(seed=2)])
     assert isinstance(pipe.controlnet, MultiControlNetModel)
-    out = pipe(**inputs(control_frames=[control_video(seed=1), control_video(seed=2)], controlnet_conditioning_scale=[1.0, 0.5]))
+    out = pipe(
+        **inputs(
+            control_frames=[control_video(seed=1), control_video(seed=2)], controlnet_conditioning_scale=[1.0, 0.5]
+        )
+    )
     assert out.frames.shape == (1, NUM_FRAMES, HEIGHT, WIDTH, 3)
 
 

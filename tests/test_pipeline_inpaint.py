@@ -26,8 +26,6 @@ from bivdiff.tiny_models import tiny_unet
 PIPELINE_FILE = pipeline_file("pipeline_bivdiff_inpaint.py")
 
 
-
-
 def make_pipe(**overrides):
     components = bivdiff_components(unet=tiny_unet(in_channels=9), inversion_unet=tiny_unet(in_channels=4, seed=1))
     components.update(overrides)
@@ -188,7 +186,16 @@ def test_outpainting_runs_the_stock_pipeline_on_the_band_mask(pipe):
     neg, pos = pipe.encode_image_prompt("", None, "cpu")
     band = [torch.from_numpy(outpaint_mask(HEIGHT, WIDTH, "vertical"))[None]] * NUM_FRAMES
     idm = pipe.generate_frames(
-        pipe.source_pixels(control_video(), HEIGHT, WIDTH), band, pos, neg, HEIGHT, WIDTH, 2, 7.5, 8, generators(),
+        pipe.source_pixels(control_video(), HEIGHT, WIDTH),
+        band,
+        pos,
+        neg,
+        HEIGHT,
+        WIDTH,
+        2,
+        7.5,
+        8,
+        generators(),
         None,
     )
     torch.testing.assert_close(out.idm_frames, idm, atol=1e-5, rtol=0)

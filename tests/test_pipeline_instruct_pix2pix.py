@@ -25,8 +25,6 @@ from bivdiff.tiny_models import tiny_unet, tiny_video_unet
 PIPELINE_FILE = pipeline_file("pipeline_bivdiff_instruct_pix2pix.py")
 
 
-
-
 def make_pipe(**overrides):
     components = bivdiff_components(unet=tiny_unet(in_channels=8), inversion_unet=tiny_unet(in_channels=4, seed=1))
     components.update(overrides)

@@ -41,8 +41,6 @@ def inputs(**overrides):
     return args
 
 
-
-
 @pytest.fixture(scope="module")
 def pipe():
     pipe = BIVDiffPrompt2PromptPipeline(**bivdiff_components())

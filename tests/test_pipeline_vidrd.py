@@ -14,14 +14,19 @@ from bivdiff.tiny_models import tiny_controlnet, tiny_vidrd_unet
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipe = BIVDiffControllablePipeline(**bivdiff_components(video_unet=tiny_vidrd_unet(), controlnet=tiny_controlnet()))
+    pipe = BIVDiffControllablePipeline(
+        **bivdiff_components(video_unet=tiny_vidrd_unet(), controlnet=tiny_controlnet())
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def inputs():
     return dict(
-        prompt="a red car", control_frames=control_video(), num_inference_steps=2, mixing_ratio=0.5,
+        prompt="a red car",
+        control_frames=control_video(),
+        num_inference_steps=2,
+        mixing_ratio=0.5,
         generator=generators(),
     )
 

@@ -18,8 +18,6 @@ MODULE_PATH = pathlib.Path(p2p.__file__)
 STEPS = 5
 
 
-
-
 @pytest.fixture(scope="module")
 def pipe():
     from diffusers import StableDiffusionPipeline
@@ -156,7 +154,13 @@ def test_identical_prompts_give_identical_branches(pipe, edit_type):
 def test_replace_uses_source_maps_during_cross_replace_steps_only(pipe):
     source, edit = "a cat on a mat", "a dog on a mat"  # same token count with the byte-level tokenizer
     controller = p2p.make_controller(
-        pipe.tokenizer, source, edit, "replace", STEPS, cross_replace_steps=0.4, self_replace_steps=0.0,
+        pipe.tokenizer,
+        source,
+        edit,
+        "replace",
+        STEPS,
+        cross_replace_steps=0.4,
+        self_replace_steps=0.0,
         store_maps=True,
     )
     assert controller.cross_replace_range == (0, 2)

@@ -26,8 +26,6 @@ def _converter():
     return sys.modules[name]
 
 
-
-
 @pytest.fixture(scope="module")
 def parity():
     meta = json.loads((FIXTURES / "vidrd_parity.json").read_text())
