@@ -253,8 +253,8 @@ class MixedInversionMixin:
                 raise ValueError(f"`{name}` must be a positive integer, got {steps!r}.")
         if self.inverse_scheduler is None:
             raise ValueError(
-                "This pipeline has no `inverse_scheduler`; pass "
-                "`inverse_scheduler=BIVDiffDDIMInverseScheduler.from_config(pipe.scheduler.config)`."
+                "This pipeline has no `inverse_scheduler`; pass one to `from_pretrained`, or add it with "
+                "`pipe.register_modules(inverse_scheduler=BIVDiffDDIMInverseScheduler.from_config(pipe.scheduler.config))`."
             )
         self.check_video_components()
         if mixing_ratio > 0:

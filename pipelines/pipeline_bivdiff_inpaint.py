@@ -47,11 +47,12 @@ EXAMPLE_DOC_STRING = """
         ...     video_unet=UNet3DConditionModel.from_pretrained(zeroscope, subfolder="unet", torch_dtype=torch.float16),
         ...     video_text_encoder=CLIPTextModel.from_pretrained(zeroscope, subfolder="text_encoder", torch_dtype=torch.float16),
         ...     video_tokenizer=CLIPTokenizer.from_pretrained(zeroscope, subfolder="tokenizer"),
-        ...     inverse_scheduler=None,
+        ...     inverse_scheduler=BIVDiffDDIMInverseScheduler.from_pretrained(
+        ...         "stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="scheduler"
+        ...     ),
         ...     safety_checker=None,
         ...     torch_dtype=torch.float16,
         ... )
-        >>> pipe.inverse_scheduler = BIVDiffDDIMInverseScheduler.from_config(pipe.scheduler.config)
         >>> pipe.to("cuda")
 
         >>> source = [f.resize((512, 512)) for f in load_video("hike.mp4")[::4][:8]]

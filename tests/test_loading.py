@@ -33,3 +33,14 @@ def test_from_an_sd15_folder_with_video_components(sd_folder):
     assert isinstance(inv, BIVDiffDDIMInverseScheduler) and inv.timesteps[0].item() == 1
     out = pipe(prompt="a cat", control_frames=control_video(), num_inference_steps=2, generator=generators())
     assert out.frames.shape == (1, 3, 32, 32, 3) and np.isfinite(out.frames).all()
+
+
+def test_inverse_scheduler_added_after_loading_is_saved(sd_folder, tmp_path):
+    """`pipe.inverse_scheduler = ...` on a pipeline loaded without one would leave `model_index.json` empty
+    (diffusers keeps a None entry), so `register_modules` is the way; saving then reloads it."""
+    pipe = BIVDiffControllablePipeline.from_pretrained(
+        sd_folder, controlnet=tiny_controlnet(), inverse_scheduler=None, **tiny_video_components()
+    )
+    pipe.register_modules(inverse_scheduler=BIVDiffDDIMInverseScheduler.from_config(pipe.scheduler.config))
+    pipe.save_pretrained(tmp_path)
+    assert isinstance(BIVDiffControllablePipeline.from_pretrained(tmp_path).inverse_scheduler, BIVDiffDDIMInverseScheduler)
