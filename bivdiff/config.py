@@ -182,6 +182,7 @@ class RunConfig:
     name: str
     data: dict
     tiny: bool = False
+    overrides: tuple[str, ...] = ()  # as given on the command line (already merged into `data`)
 
     @property
     def model(self) -> dict:
@@ -216,6 +217,14 @@ class RunConfig:
         for part in dotted.split("."):
             node = node[part]
         return node
+
+    def rerun_command(self, path: str = "config.yaml") -> str:
+        """The command that reruns this config from its resolved YAML: the `--tiny` defaults would otherwise be
+        laid over the file again, so the command-line overrides are repeated."""
+        import shlex
+
+        words = ["bivdiff", "run", *(["--tiny"] if self.tiny else []), "--config", path, *self.overrides]
+        return " ".join(shlex.quote(w) for w in words)
 
     def to_yaml(self) -> str:
         """The resolved config as YAML; `bivdiff run --config` takes it back."""
@@ -257,7 +266,7 @@ def load_config(
     idm, vdm = _chosen_models(merged, path)
     data = deep_merge(_defaults(idm, vdm), merged)
     _normalise_values(data)
-    config = RunConfig(name=name or path.stem, data=data, tiny=tiny)
+    config = RunConfig(name=name or path.stem, data=data, tiny=tiny, overrides=tuple(overrides))
     validate(config)
     return config
 
