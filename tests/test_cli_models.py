@@ -1,0 +1,165 @@
+"""Model resolution for real (non-tiny) runs, offline: the one message listing every missing model, and loading
+from the original checkpoints/ layout and from the Hugging Face cache (both filled with tiny models)."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from cli_helpers import FAST, only_run_folder, run_cli, stats
+
+from bivdiff import configs as shipped
+from bivdiff.config import load_config
+from bivdiff.models_resolution import MissingModelsError, Resolver
+from bivdiff.runner import RunRequest, execute
+from bivdiff.tasks import task_for
+
+CONTROLNET_ZEROSCOPE = "controllable_video_generation_with_controlnet_and_zeroscope"
+SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch, tmp_path):
+    """An empty Hugging Face cache, and a Hub probe that fails the test if it is ever reached."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_hf_cache"))
+
+    def refuse(self, repo_id, part):
+        raise AssertionError(f"the Hub was probed for {repo_id} in an offline test")
+
+    monkeypatch.setattr(Resolver, "_hub_has", refuse)
+
+
+def test_missing_models_are_all_listed_once_and_nothing_runs(tmp_path, capsys):
+    code, _, err = run_cli(
+        capsys, "run", "--config-name", CONTROLNET_ZEROSCOPE, "--checkpoints", tmp_path / "checkpoints",
+        "--offline", "--output-dir", tmp_path / "outputs",
+    )
+    assert code == 1
+    assert err.count("error:") == 1 and "3 model(s) missing" in err and "nothing was run" in err
+    for text in (
+        "Stable Diffusion 1.5 [vae, text_encoder, tokenizer, unet, scheduler]",
+        "ControlNet v1.1 canny",
+        "ZeroScope v2 576w [unet, text_encoder, tokenizer]",
+        f"not in {tmp_path / 'checkpoints' / 'stable-diffusion-v1-5'}",
+        "stable-diffusion-v1-5/stable-diffusion-v1-5, runwayml/stable-diffusion-v1-5",
+        "lllyasviel/control_v11p_sd15_canny",
+        "cerspense/zeroscope_v2_576w",
+        f"hf download cerspense/zeroscope_v2_576w --include \"unet/*\"",
+        f"--local-dir {tmp_path / 'checkpoints' / 'ZeroScope' / 'zeroscope_v2_576w'}",
+        "without --offline",
+        "--tiny",
+    ):
+        assert text in err, text
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_only_the_models_still_missing_are_listed(tmp_path, capsys):
+    checkpoints = tmp_path / "checkpoints"
+    save_tiny_checkpoints(checkpoints)
+    shutil.rmtree(checkpoints / "ControlNet")
+    code, _, err = run_cli(capsys, "run", CONTROLNET_ZEROSCOPE, "--checkpoints", checkpoints, "--offline")
+    assert code == 1 and "1 model(s) missing" in err and "ControlNet v1.1 canny" in err
+    assert "Stable Diffusion 1.5" not in err and "ZeroScope" not in err
+
+
+def test_vidrd_is_explained_as_a_conversion(tmp_path):
+    config = load_config(shipped.config_path("controllable_video_generation_with_t2iadapter_and_vidrd"), ["IDM.T2IAdapter.condition=canny"])
+    specs = task_for(config).model_specs(config, tmp_path / "checkpoints")
+    with pytest.raises(MissingModelsError) as err:
+        Resolver(offline=True).resolve(specs)
+    message = str(err.value)
+    assert "VidRD (converted to diffusers)" in message and "T2I-Adapter canny" in message
+    assert "download ModelT2V.pth" in message and "anonymous0x233/ReuseAndDiffuse" in message
+    assert "conversion_scripts/convert_vidrd_to_diffusers.py --checkpoint" in message
+    assert f"--output {tmp_path / 'checkpoints' / 'VidRD' / 'diffusers'}" in message
+    assert "stabilityai/stable-diffusion-2-1-base" in message
+
+
+def test_annotator_weights_are_listed_when_an_annotator_is_used(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "controlnet_aux", types.ModuleType("controlnet_aux"))
+    config = load_config(shipped.config_path(CONTROLNET_ZEROSCOPE), ["IDM.ControlNet.condition=openpose"])
+    with pytest.raises(MissingModelsError) as err:
+        Resolver(offline=True).resolve(task_for(config).model_specs(config, tmp_path))
+    assert "controlnet_aux annotator weights [body_pose_model.pth" in str(err.value)
+    assert "lllyasviel/Annotators" in str(err.value)
+
+
+def test_depth_without_controlnet_aux_names_the_extra(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "controlnet_aux", None)
+    code, _, err = run_cli(
+        capsys, "run", CONTROLNET_ZEROSCOPE, "IDM.ControlNet.condition=depth_midas", "--checkpoints", tmp_path, "--offline"
+    )
+    assert code == 1 and 'pip install "bivdiff[annotators]"' in err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading real (here: tiny) weights through the non-tiny path
+
+
+def save_tiny_checkpoints(root: Path) -> Path:
+    """The original checkpoints/ layout for ControlNet (canny) + ZeroScope, filled with tiny models."""
+    from bivdiff.tiny_models import tiny_controlnet, tiny_image_components, tiny_video_components
+
+    sd15 = root / "stable-diffusion-v1-5"
+    for name, component in tiny_image_components().items():
+        if name != "inverse_scheduler":
+            component.save_pretrained(sd15 / name)
+    tiny_controlnet().save_pretrained(root / "ControlNet" / "control_v11p_sd15_canny")
+    zeroscope = root / "ZeroScope" / "zeroscope_v2_576w"
+    video = tiny_video_components()
+    for folder, name in (("unet", "video_unet"), ("text_encoder", "video_text_encoder"), ("tokenizer", "video_tokenizer")):
+        video[name].save_pretrained(zeroscope / folder)
+    return root
+
+
+def fill_hf_cache(cache: Path, folder: Path, repo_id: str) -> None:
+    """Lay a local model folder out as huggingface_hub's cache holds a downloaded snapshot."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / SNAPSHOT)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(SNAPSHOT)
+
+
+def test_real_run_loads_the_checkpoints_layout(tmp_path, capsys):
+    checkpoints = save_tiny_checkpoints(tmp_path / "checkpoints")
+    code, out, err = run_cli(
+        capsys, "run", CONTROLNET_ZEROSCOPE, "--checkpoints", checkpoints, "--offline", "--output-dir",
+        tmp_path / "outputs", *FAST,
+    )
+    assert code == 0, err
+    assert f"model:  Stable Diffusion 1.5: {checkpoints / 'stable-diffusion-v1-5'}" in out and "TINY" not in out
+    data = stats(only_run_folder(tmp_path / "outputs"))
+    assert data["tiny"] is False and data["note"] is None
+    assert data["models"]["controlnet-canny"] == str(checkpoints / "ControlNet" / "control_v11p_sd15_canny")
+    assert data["unet_calls"]["frame-wise generation"] == {"unet": 2, "controlnet": 2}
+
+
+def test_real_run_reads_the_hugging_face_cache(tmp_path):
+    checkpoints = save_tiny_checkpoints(tmp_path / "tree")
+    cache = tmp_path / "hf_cache"
+    # The second known id of a model is used when the first is not cached.
+    fill_hf_cache(cache, checkpoints / "stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5")
+    fill_hf_cache(cache, checkpoints / "ControlNet" / "control_v11p_sd15_canny", "lllyasviel/control_v11p_sd15_canny")
+    fill_hf_cache(cache, checkpoints / "ZeroScope" / "zeroscope_v2_576w", "cerspense/zeroscope_v2_576w")
+    request = RunRequest(
+        config_name=CONTROLNET_ZEROSCOPE,
+        overrides=[*FAST, f"Model.output_path={tmp_path / 'outputs'}", "Model.video_length=2"],
+        checkpoints=str(tmp_path / "empty_checkpoints"),
+        offline=True,
+        cache_dir=str(cache),
+    )
+    folder = execute(request, log=lambda text: None)
+    data = stats(folder)
+    assert data["models"] == {
+        "sd15": "runwayml/stable-diffusion-v1-5",
+        "zeroscope": "cerspense/zeroscope_v2_576w",
+        "controlnet-canny": "lllyasviel/control_v11p_sd15_canny",
+    }
+    assert data["video"]["frames"] == 2
