@@ -166,6 +166,8 @@ class Resolver:
     offline: bool
     cache_dir: str | None = None
     hub_errors: list[str] = field(default_factory=list)
+    # Set when the Hub cannot be reached: no further probes (each would wait through huggingface_hub's retries).
+    hub_unreachable: str | None = None
 
     def resolve(self, specs: list[ModelSpec]) -> dict[str, ResolvedModel]:
         """Every spec's source, or one MissingModelsError listing all that have none."""
@@ -177,7 +179,7 @@ class Resolver:
             else:
                 found[spec.key] = resolved
         if missing:
-            raise MissingModelsError(missing, self.offline, self.hub_errors)
+            raise MissingModelsError(missing, self.offline, self.hub_errors, self.hub_unreachable)
         return found
 
     def resolve_one(self, spec: ModelSpec) -> ResolvedModel | None:
@@ -186,12 +188,26 @@ class Resolver:
         for repo_id in spec.hub_ids:
             if all(cache_has(repo_id, part, self.cache_dir) for part in spec.parts):
                 return ResolvedModel(spec, repo_id, False)
-        if self.offline:
+        if self.offline or not spec.hub_ids or not self._hub_reachable():
             return None
         for repo_id in spec.hub_ids:
             if all(self._hub_has(repo_id, part) for part in spec.parts):
                 return ResolvedModel(spec, repo_id, False)
+            if self.hub_unreachable:
+                break
         return None
+
+    def _hub_reachable(self) -> bool:
+        """One quick connection to the Hub's host before any probe, so a machine without network learns it in
+        seconds rather than after huggingface_hub's retries. Skipped behind a proxy, which may be the only way out."""
+        if self.hub_unreachable is not None:
+            return False
+        if not hasattr(self, "_checked_connection"):
+            self._checked_connection = True
+            problem = hub_connection_problem()
+            if problem:
+                self.hub_unreachable = problem
+        return self.hub_unreachable is None
 
     def _hub_has(self, repo_id: str, part: Part) -> bool:
         """Fetches the part's small config file (which also caches it); weights come later, when loading."""
@@ -202,9 +218,36 @@ class Resolver:
         try:
             hf_hub_download(repo_id, filename, cache_dir=self.cache_dir)
             return True
-        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
-            self.hub_errors.append(f"{repo_id}/{filename}: {type(err).__name__}: {str(err).splitlines()[0]}")
+        except LocalEntryNotFoundError as err:
+            # Raised when the Hub cannot be reached (and the file is not cached).
+            self.hub_unreachable = _first_line(err)
             return False
+        except (HfHubHTTPError, OSError) as err:
+            self.hub_errors.append(f"{repo_id}/{filename}: {type(err).__name__}: {_first_line(err)}")
+            return False
+
+
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def hub_connection_problem(timeout: float = 5.0) -> str | None:
+    """None if a TCP connection to the Hub's host opens (or a proxy is configured), else why not."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as err:
+        return f"cannot connect to {host}:{port} ({err})"
 
 
 def _merge_specs(specs: list[ModelSpec]) -> list[ModelSpec]:
@@ -311,27 +354,37 @@ def vidrd_instructions(checkpoint: Path, sd21: Path, output: Path, sd21_present:
 
 
 class MissingModelsError(UserError):
-    def __init__(self, missing: list[ModelSpec], offline: bool, hub_errors: list[str] | None = None):
+    def __init__(
+        self, missing: list[ModelSpec], offline: bool, hub_errors: list[str] | None = None,
+        hub_unreachable: str | None = None,
+    ):
         self.missing = missing
-        super().__init__(missing_models_message(missing, offline, hub_errors or []))
+        super().__init__(missing_models_message(missing, offline, hub_errors or [], hub_unreachable))
 
 
-def missing_models_message(missing: list[ModelSpec], offline: bool, hub_errors: list[str]) -> str:
-    where = (
-        "offline, so only local folders and the Hugging Face cache were searched"
-        if offline
-        else "searched local folders, the Hugging Face cache and the Hub"
-    )
+def missing_models_message(
+    missing: list[ModelSpec], offline: bool, hub_errors: list[str], hub_unreachable: str | None = None
+) -> str:
+    if offline:
+        where = "offline, so only local folders and the Hugging Face cache were searched"
+    elif hub_unreachable:
+        where = f"the Hub could not be reached: {hub_unreachable}; local folders and the cache were searched"
+    else:
+        where = "searched local folders, the Hugging Face cache and the Hub"
+    searched_hub = not offline and not hub_unreachable
     lines = [f"{len(missing)} model(s) missing ({where}); nothing was run:"]
     for spec in missing:
-        parts = ", ".join(p.name or "(repo root)" for p in spec.parts)
-        lines.append(f"  - {spec.title} [{parts}]")
+        parts = ", ".join(p.name for p in spec.parts if p.name)
+        lines.append(f"  - {spec.title}" + (f" [{parts}]" if parts else ""))
         lines.append(f"      not in {spec.local}")
         if spec.hub_ids:
-            lines.append(f"      not {'cached' if offline else 'found'} on the Hub as: {', '.join(spec.hub_ids)}")
+            where_not = "on the Hub as" if searched_hub else "in the Hugging Face cache as"
+            lines.append(f"      not {where_not}: {', '.join(spec.hub_ids)}")
         lines.append(f"      get it: {spec.how_to_get or download_command(spec)}")
     if hub_errors:
         lines.append("Hub errors: " + "; ".join(hub_errors[:4]) + (" ..." if len(hub_errors) > 4 else ""))
+    if hub_unreachable and any(spec.hub_ids for spec in missing):
+        lines.append("Or run again once the Hub can be reached: bivdiff then downloads them into the cache.")
     if offline and any(spec.hub_ids for spec in missing):
         lines.append(
             "Or run once without --offline (and with HF_HUB_OFFLINE unset): bivdiff then downloads exactly the "

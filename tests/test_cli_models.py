@@ -15,6 +15,7 @@ from bivdiff.tasks import task_for
 
 CONTROLNET_ZEROSCOPE = "controllable_video_generation_with_controlnet_and_zeroscope"
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+HUB_PROBE = Resolver._hub_has
 
 
 @pytest.fixture(autouse=True)
@@ -163,3 +164,74 @@ def test_real_run_reads_the_hugging_face_cache(tmp_path):
         "controlnet-canny": "lllyasviel/control_v11p_sd15_canny",
     }
     assert data["video"]["frames"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Online resolution, with huggingface_hub's download replaced (no network)
+
+
+def sd15_spec(tmp_path):
+    from bivdiff.models_resolution import spec
+    from bivdiff.tasks import SD15_PARTS
+
+    return spec("sd15", SD15_PARTS, tmp_path / "none")
+
+
+def fake_hub(monkeypatch, answer):
+    import huggingface_hub
+
+    import bivdiff.models_resolution as resolution
+
+    asked = []
+
+    def download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        return answer(repo_id, filename)
+
+    monkeypatch.setattr(Resolver, "_hub_has", HUB_PROBE)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(resolution, "hub_connection_problem", lambda: None)
+    return asked
+
+
+def not_found(repo_id, filename):
+    """Just what huggingface_hub's HTTP errors read from a response."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(status_code=404, headers={}, request=None, url=f"{repo_id}/{filename}")
+
+
+def test_online_each_hub_id_is_tried_in_order(tmp_path, monkeypatch):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def answer(repo_id, filename):
+        if repo_id.startswith("stable-diffusion-v1-5/"):
+            raise RepositoryNotFoundError("404 gone", response=not_found(repo_id, filename))
+        return str(tmp_path / filename)
+
+    asked = fake_hub(monkeypatch, answer)
+    resolved = Resolver(offline=False).resolve([sd15_spec(tmp_path)])["sd15"]
+    assert resolved.location == "runwayml/stable-diffusion-v1-5" and not resolved.is_local
+    assert asked[0] == ("stable-diffusion-v1-5/stable-diffusion-v1-5", "vae/config.json")
+    assert ("runwayml/stable-diffusion-v1-5", "scheduler/scheduler_config.json") in asked
+
+
+def test_an_unreachable_hub_is_probed_once_and_reported(tmp_path, monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def answer(repo_id, filename):
+        raise LocalEntryNotFoundError("cannot reach the Hub")
+
+    asked = fake_hub(monkeypatch, answer)
+    with pytest.raises(MissingModelsError) as err:
+        Resolver(offline=False).resolve([sd15_spec(tmp_path), *zeroscope_specs(tmp_path)])
+    assert len(asked) == 1
+    assert "the Hub could not be reached: cannot reach the Hub" in str(err.value)
+    assert "2 model(s) missing" in str(err.value)
+
+
+def zeroscope_specs(tmp_path):
+    from bivdiff.models_resolution import spec
+    from bivdiff.tasks import ZEROSCOPE_PARTS
+
+    return [spec("zeroscope", ZEROSCOPE_PARTS, tmp_path / "none")]
