@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from bivdiff.errors import UserError
@@ -181,18 +182,12 @@ def list_command(argv: list[str]) -> int:
     for name in shipped.config_names():
         config = load_config(shipped.config_path(name), name=name)
         print(f"  {name}\n      {shipped.config_description(name)}")
-        for tiny in (False, True):
-            reason = task_for(_with_tiny(config, tiny)).unavailable_reason(_with_tiny(config, tiny))
-            if reason:
-                print(f"      [{'not available' if tiny else 'real models not available; --tiny works'}: {reason}]")
-                break
+        missing = task_for(config).missing_class(config)
+        if missing:
+            tiny_missing = task_for(config).missing_class(replace(config, tiny=True))
+            runs = "not runnable yet" if tiny_missing else "only --tiny runs yet"
+            print(f"      [{runs}: this install lacks {missing}]")
     return 0
-
-
-def _with_tiny(config, tiny: bool):
-    from dataclasses import replace
-
-    return replace(config, tiny=tiny)
 
 
 def eval_command(argv: list[str]) -> int:

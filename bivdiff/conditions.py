@@ -74,11 +74,13 @@ def annotate_frames(
 
     `annotator_path` is a local folder or the Hub id holding the annotator weights.
     """
+    from tqdm.auto import tqdm
+
     detector = _detector(condition, annotator_path)
     width, height = frames[0].size
     resolution = min(width, height)
     out = []
-    for frame in frames:
+    for frame in tqdm(frames, desc=f"Conditions ({condition})"):
         kwargs = dict(detect_resolution=resolution, image_resolution=resolution, output_type="pil")
         if condition == "openpose":
             kwargs.update(include_body=True, include_hand=False, include_face=False)

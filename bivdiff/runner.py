@@ -16,6 +16,7 @@ from bivdiff.inputs import SourceVideo, read_source
 from bivdiff.models_resolution import ResolvedModel, Resolver, is_offline
 from bivdiff.tasks import Context, Inputs, Outputs, Task, require_available, task_for
 
+FIRST_TRY = "controllable_video_generation_with_controlnet_and_zeroscope"
 TINY_NOTE = (
     "TINY MODE: tiny models with random weights, built offline. The pictures are noise: this run only shows "
     "that the command line, the pipeline and the outputs work. Drop --tiny for real results."
@@ -48,8 +49,7 @@ def locate_config(request: RunRequest) -> tuple[Path, str]:
         raise ConfigError(
             "Which task? Give --config-name NAME (or --config PATH.yaml). Shipped configs:\n  "
             + "\n  ".join(shipped.config_names())
-            + "\nTry one without any model download: bivdiff run --tiny --config-name "
-            + shipped.config_names()[1]
+            + f"\nTry one without any model download: bivdiff run --tiny --config-name {FIRST_TRY}"
         )
     try:
         path = shipped.config_path(request.config_name)
@@ -165,6 +165,7 @@ def run_in_folder(plan: Plan, folder: Path, log) -> dict:
     inputs = task.prepare_inputs(config, plan.source.frames, plan.models)
     seconds["conditions"] = time.perf_counter() - clock
 
+    log("Building tiny models ..." if config.tiny else "Loading models ...")
     clock = time.perf_counter()
     device, dtype = pick_device(config.model["device"]), pick_dtype(config, config.model["device"])
     pipe = build_pipeline(plan, device, dtype)

@@ -146,19 +146,24 @@ class Task:
     def pipeline_class(self):
         return lookup("bivdiff", self.pipeline_class_name)
 
+    def missing_class(self, config: RunConfig) -> str | None:
+        """The dotted name of a class this config needs that this install lacks, or None."""
+        if self.pipeline_class() is None:
+            return f"bivdiff.{self.pipeline_class_name}"
+        if config.vdm == "VidRD" and not config.tiny and lookup(*VIDRD_CLASS) is None:
+            return ".".join(VIDRD_CLASS)
+        return None
+
     def unavailable_reason(self, config: RunConfig) -> str | None:
         """Why this config cannot run in this install, or None."""
-        if self.pipeline_class() is None:
-            return (
-                f"{config.name} needs bivdiff.{self.pipeline_class_name}, which this bivdiff does not have yet. "
-                "Update bivdiff, or pick another config (bivdiff list)."
-            )
-        if config.vdm == "VidRD" and not config.tiny and lookup(*VIDRD_CLASS) is None:
-            return (
-                "VidRD configs need bivdiff.models.VidRDUNet3DConditionModel, which this bivdiff does not have yet. "
-                "Update bivdiff, run the ZeroScope variant, or try --tiny."
-            )
-        return None
+        missing = self.missing_class(config)
+        if missing is None:
+            return None
+        hint = "try --tiny, or " if missing == ".".join(VIDRD_CLASS) else ""
+        return (
+            f"{config.name} needs {missing}, which this bivdiff does not have yet: {hint}update bivdiff, or pick "
+            "another config (bivdiff list)."
+        )
 
     def check_environment(self, config: RunConfig) -> None:
         """Raise a UserError for anything missing from the environment (e.g. an optional extra)."""
