@@ -141,6 +141,8 @@ class Task:
     pipeline_class_name: str
     # The IDM's own UNet: a 4-channel SD-1.5 UNet unless the task replaces it (then SD-1.5's inverts).
     unet_in_channels = 4
+    # The model whose scheduler config drives stage 1 when it is not SD-1.5's.
+    scheduler_model: str | None = None
 
     # -------------------------------------------------------------- availability
     def pipeline_class(self):
@@ -196,7 +198,13 @@ class Task:
         return components
 
     def idm_scheduler_config(self, models: dict[str, ResolvedModel], ctx: Context) -> dict:
-        return _scheduler_config(models["sd15"], ctx)
+        """Stage 1's scheduler config. Smoothing derives its DDIM schedule from it, so SD-1.5's DDIM settings
+        (no sample clipping, alphas_cumprod[0] as the final alpha) lie under the IDM's own keys: a sampler config
+        without them (InstructPix2Pix's Euler) would otherwise give a DDIM with diffusers' defaults."""
+        sd15 = _scheduler_config(models["sd15"], ctx)
+        if self.scheduler_model is None:
+            return sd15
+        return {**sd15, **_scheduler_config(models[self.scheduler_model], ctx)}
 
     def load_idm_components(self, config, models, ctx, components) -> dict:
         return {}
@@ -356,15 +364,13 @@ class InstructPix2PixTask(Task):
     title = "video editing by instruction (InstructPix2Pix)"
     pipeline_class_name = "BIVDiffInstructPix2PixPipeline"
     unet_in_channels = 8
+    scheduler_model = "instruct-pix2pix"
 
     def idm_specs(self, config, root) -> list[ModelSpec]:
         local = checkpoint_path(
             config.idm_options["pretrained_model_path"], root, "InstructPix2Pix/instruct-pix2pix"
         )
         return [spec("instruct-pix2pix", (Part("unet", "model"), Part("scheduler", "scheduler")), local)]
-
-    def idm_scheduler_config(self, models, ctx) -> dict:
-        return _scheduler_config(models["instruct-pix2pix"], ctx)
 
     def load_idm_components(self, config, models, ctx, components) -> dict:
         # InstructPix2Pix trained only its UNet (text encoder and VAE are SD-1.5's), so the rest comes from SD-1.5,
@@ -410,6 +416,7 @@ class InpaintTask(Task):
 
     pipeline_class_name = "BIVDiffInpaintPipeline"
     unet_in_channels = 9
+    scheduler_model = "sd-inpainting"
 
     def __init__(self, idm: str, title: str):
         self.idm, self.title = idm, title
@@ -425,9 +432,6 @@ class InpaintTask(Task):
             "StableDiffusionInpainting/stable-diffusion-inpainting",
         )
         return [spec("sd-inpainting", (Part("unet", "model"), Part("scheduler", "scheduler")), local)]
-
-    def idm_scheduler_config(self, models, ctx) -> dict:
-        return _scheduler_config(models["sd-inpainting"], ctx)
 
     def load_idm_components(self, config, models, ctx, components) -> dict:
         # The inpainting model shares SD-1.5's text encoder and VAE; SD-1.5's UNet inverts frame by frame.

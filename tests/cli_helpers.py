@@ -25,3 +25,19 @@ def only_run_folder(output_root: Path) -> Path:
 
 def stats(folder: Path) -> dict:
     return json.loads((folder / "stats.json").read_text())
+
+
+def save_tiny_checkpoints(root: Path) -> Path:
+    """The original checkpoints/ layout for ControlNet (canny) + ZeroScope, filled with tiny models."""
+    from bivdiff.tiny_models import tiny_controlnet, tiny_image_components, tiny_video_components
+
+    sd15 = root / "stable-diffusion-v1-5"
+    for name, component in tiny_image_components().items():
+        if name != "inverse_scheduler":
+            component.save_pretrained(sd15 / name)
+    tiny_controlnet().save_pretrained(root / "ControlNet" / "control_v11p_sd15_canny")
+    zeroscope = root / "ZeroScope" / "zeroscope_v2_576w"
+    video = tiny_video_components()
+    for folder, name in (("unet", "video_unet"), ("text_encoder", "video_text_encoder"), ("tokenizer", "video_tokenizer")):
+        video[name].save_pretrained(zeroscope / folder)
+    return root

@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_helpers import FAST, only_run_folder, run_cli, stats
+from cli_helpers import FAST, only_run_folder, run_cli, save_tiny_checkpoints, stats
 
 from bivdiff import configs as shipped
 from bivdiff.config import load_config
@@ -102,22 +102,6 @@ def test_depth_without_controlnet_aux_names_the_extra(tmp_path, capsys, monkeypa
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading real (here: tiny) weights through the non-tiny path
-
-
-def save_tiny_checkpoints(root: Path) -> Path:
-    """The original checkpoints/ layout for ControlNet (canny) + ZeroScope, filled with tiny models."""
-    from bivdiff.tiny_models import tiny_controlnet, tiny_image_components, tiny_video_components
-
-    sd15 = root / "stable-diffusion-v1-5"
-    for name, component in tiny_image_components().items():
-        if name != "inverse_scheduler":
-            component.save_pretrained(sd15 / name)
-    tiny_controlnet().save_pretrained(root / "ControlNet" / "control_v11p_sd15_canny")
-    zeroscope = root / "ZeroScope" / "zeroscope_v2_576w"
-    video = tiny_video_components()
-    for folder, name in (("unet", "video_unet"), ("text_encoder", "video_text_encoder"), ("tokenizer", "video_tokenizer")):
-        video[name].save_pretrained(zeroscope / folder)
-    return root
 
 
 def fill_hf_cache(cache: Path, folder: Path, repo_id: str) -> None:

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from cli_helpers import FAST, only_run_folder, run_cli
+from cli_helpers import FAST, only_run_folder, run_cli, save_tiny_checkpoints
 from PIL import Image
 
 import bivdiff
@@ -167,3 +167,29 @@ def test_prompt2prompt_without_blend_words_passes_none(recorded, tmp_path, capsy
     run_tiny(capsys, tmp_path, "video_editing_with_prompt2prompt_and_vidrd")
     (call,) = recorded.calls
     assert call["local_blend_words"] is None and call["edit_type"] == "refine"
+
+
+def test_instruct_pix2pix_loads_its_unet_and_sampler_from_its_own_folder(recorded, tmp_path, capsys, monkeypatch):
+    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
+
+    from bivdiff.tiny_models import tiny_unet
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoints = save_tiny_checkpoints(tmp_path / "checkpoints")
+    ip2p = checkpoints / "InstructPix2Pix" / "instruct-pix2pix"
+    tiny_unet(in_channels=8, seed=3).save_pretrained(ip2p / "unet")
+    # Like timbrooks/instruct-pix2pix: an Euler sampler whose config has no DDIM-only keys.
+    EulerAncestralDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    ).save_pretrained(ip2p / "scheduler")
+    code, _, err = run_cli(
+        capsys, "run", "video_editing_with_instruct_pix2pix_and_zeroscope", "--checkpoints", checkpoints,
+        "--offline", "--output-dir", tmp_path / "outputs", *FAST,
+    )
+    assert code == 0, err
+    (pipe,) = recorded.pipes
+    assert pipe.unet.config.in_channels == 8 and pipe.inversion_unet.config.in_channels == 4
+    assert isinstance(pipe.scheduler, EulerAncestralDiscreteScheduler)
+    # Smoothing derives DDIM from this config: it must keep SD-1.5's settings, not DDIM's defaults.
+    smoothing = DDIMScheduler.from_config(pipe.scheduler.config)
+    assert smoothing.config.clip_sample is False and smoothing.config.set_alpha_to_one is False
