@@ -137,7 +137,8 @@ def run_command(argv: list[str]) -> int:
     if args.list:
         return list_command([])
     config_name, config_path, overrides = split_items(args)
-    for key, value in (("Model.output_path", args.output_dir), ("Model.device", args.device), ("Model.dtype", args.dtype)):
+    flags = (("Model.output_path", args.output_dir), ("Model.device", args.device), ("Model.dtype", args.dtype))
+    for key, value in flags:
         if value is not None:
             overrides.append(f"{key}={value}")
     request = RunRequest(

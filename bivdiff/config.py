@@ -307,7 +307,9 @@ def parse_overrides(overrides) -> dict:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"Override {item!r} sets a key inside {part}, which another override set to a value.")
+                raise ConfigError(
+                    f"Override {item!r} sets a key inside {part}, which another override set to a value."
+                )
         node[parts[-1]] = value
     return layer
 

@@ -49,7 +49,9 @@ class SourceVideo:
     shipped: bool  # the demo clip shipped with bivdiff
 
 
-def read_frames(path: Path, selection: FrameSelection, dotted_key: str, as_mask: bool = False) -> tuple[list, float | None]:
+def read_frames(
+    path: Path, selection: FrameSelection, dotted_key: str, as_mask: bool = False
+) -> tuple[list[Image.Image], float | None]:
     """Frames and source fps of `path`; a video too short for the selection fails naming the keys to change."""
     try:
         clip = read_video_clip(

@@ -193,7 +193,8 @@ class Task:
             inverse_scheduler=inverse_scheduler(sd15_scheduler),
             **load_video_components(config, models, ctx),
         )
-        components["scheduler"] = make_scheduler(config.idm_options["scheduler"], self.idm_scheduler_config(models, ctx))
+        scheduler_config = self.idm_scheduler_config(models, ctx)
+        components["scheduler"] = make_scheduler(config.idm_options["scheduler"], scheduler_config)
         components.update(self.load_idm_components(config, models, ctx, components))
         return components
 
@@ -450,15 +451,16 @@ class InpaintTask(Task):
 
     def prepare_inputs(self, config, source, models) -> Inputs:
         if self.outpainting:
-            model = config.model
-            mask = conditions.outpainting_masks(len(source), model["height"], model["width"], config.idm_options["mask_type"])
-            return Inputs(source=source, mask=mask, condition_label=f"mask ({config.idm_options['mask_type']})")
+            model, mask_type = config.model, config.idm_options["mask_type"]
+            mask = conditions.outpainting_masks(len(source), model["height"], model["width"], mask_type)
+            return Inputs(source=source, mask=mask, condition_label=f"mask ({mask_type})")
         from bivdiff.inputs import read_mask
 
         return Inputs(source=source, mask=conditions.binarise_masks(read_mask(config)), condition_label="mask")
 
     def call_arguments(self, config, inputs) -> dict:
-        args = dict(video=inputs.source, prompt=self.idm_prompt(config), paste_back=bool(config.idm_options["paste_back"]))
+        paste_back = bool(config.idm_options["paste_back"])
+        args = dict(video=inputs.source, prompt=self.idm_prompt(config), paste_back=paste_back)
         if self.outpainting:
             args["outpaint"] = config.idm_options["mask_type"]
         else:

@@ -149,9 +149,10 @@ def _input_lines(config: RunConfig) -> list[str]:
             "for f in frames]",
         ]
     if config.idm == "StableDiffusionInpainting":
+        selection = f"[{model['start_frame']}::{model['frame_rate']}][:{model['video_length']}]"
         return [
             "# white = regenerate",
-            f"masks = load_video(\"mask.mp4\")[{model['start_frame']}::{model['frame_rate']}][:{model['video_length']}]",
+            f"masks = load_video(\"mask.mp4\"){selection}",
             f"masks = [m.convert(\"L\").resize(({model['width']}, {model['height']})) for m in masks]",
         ]
     return []

@@ -38,6 +38,7 @@ def save_tiny_checkpoints(root: Path) -> Path:
     tiny_controlnet().save_pretrained(root / "ControlNet" / "control_v11p_sd15_canny")
     zeroscope = root / "ZeroScope" / "zeroscope_v2_576w"
     video = tiny_video_components()
-    for folder, name in (("unet", "video_unet"), ("text_encoder", "video_text_encoder"), ("tokenizer", "video_tokenizer")):
+    parts = (("unet", "video_unet"), ("text_encoder", "video_text_encoder"), ("tokenizer", "video_tokenizer"))
+    for folder, name in parts:
         video[name].save_pretrained(zeroscope / folder)
     return root

@@ -96,7 +96,9 @@ def test_model_table_lists_resolved_models_with_licences(assemble, tmp_path):
     from bivdiff.tasks import SD15_PARTS
 
     models = {
-        "sd15": ResolvedModel(spec("sd15", SD15_PARTS, tmp_path), "stable-diffusion-v1-5/stable-diffusion-v1-5", False),
+        "sd15": ResolvedModel(
+            spec("sd15", SD15_PARTS, tmp_path), "stable-diffusion-v1-5/stable-diffusion-v1-5", False
+        ),
         "t2iadapter-canny": ResolvedModel(spec("t2iadapter-canny", (), tmp_path / "t2i"), str(tmp_path / "t2i"), True),
     }
     table = assemble.models_table(tiny_config(), models)

@@ -66,7 +66,8 @@ def test_only_the_models_still_missing_are_listed(tmp_path, capsys):
 
 
 def test_vidrd_is_explained_as_a_conversion(tmp_path):
-    config = load_config(shipped.config_path("controllable_video_generation_with_t2iadapter_and_vidrd"), ["IDM.T2IAdapter.condition=canny"])
+    name = "controllable_video_generation_with_t2iadapter_and_vidrd"
+    config = load_config(shipped.config_path(name), ["IDM.T2IAdapter.condition=canny"])
     specs = task_for(config).model_specs(config, tmp_path / "checkpoints")
     with pytest.raises(MissingModelsError) as err:
         Resolver(offline=True).resolve(specs)
@@ -95,7 +96,8 @@ def test_depth_without_controlnet_aux_names_the_extra(tmp_path, capsys, monkeypa
 
     monkeypatch.setitem(sys.modules, "controlnet_aux", None)
     code, _, err = run_cli(
-        capsys, "run", CONTROLNET_ZEROSCOPE, "IDM.ControlNet.condition=depth_midas", "--checkpoints", tmp_path, "--offline"
+        capsys, "run", CONTROLNET_ZEROSCOPE, "IDM.ControlNet.condition=depth_midas", "--checkpoints", tmp_path,
+        "--offline",
     )
     assert code == 1 and 'pip install "bivdiff[annotators]"' in err
 

@@ -191,7 +191,8 @@ def test_run_help_explains_configs_overrides_and_models(capsys):
         run_cli(capsys, "run", "--help")
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
-    for text in ("--config-name", "--tiny", "--checkpoints", "--offline", "Model.num_inference_steps=20", "stats.json"):
+    expected = ("--config-name", "--tiny", "--checkpoints", "--offline", "Model.num_inference_steps=20", "stats.json")
+    for text in expected:
         assert text in out
 
 

@@ -17,7 +17,8 @@ ORIGINAL = {
         "A person on a motorcycle does a burnout on a frozen lake",
     ),
     CONTROLNET_ZEROSCOPE: (
-        "ControlNet", "ZeroScope", 1.0, "A bear walking through a snow mountain", "A bear walking through a snow mountain"
+        "ControlNet", "ZeroScope", 1.0, "A bear walking through a snow mountain",
+        "A bear walking through a snow mountain",
     ),
     "controllable_video_generation_with_t2iadapter_and_vidrd": (
         "T2IAdapter", "VidRD", 1.0, "A red car moves in front of buildings", "A red car moves in front of buildings"
@@ -32,7 +33,9 @@ ORIGINAL = {
         "Prompt2Prompt", "VidRD", 0.25, "A car is moving on the road", "A car is moving on the road in the forest"
     ),
     "video_inpainting_with_stable_diffusion_inpainting_and_vidrd": ("StableDiffusionInpainting", "VidRD", 0.1, "", ""),
-    "video_outpainting_with_stable_diffusion_inpainting_and_vidrd": ("StableDiffusionOutpainting", "VidRD", 0.1, "", ""),
+    "video_outpainting_with_stable_diffusion_inpainting_and_vidrd": (
+        "StableDiffusionOutpainting", "VidRD", 0.1, "", ""
+    ),
 }
 
 
@@ -70,7 +73,8 @@ def test_idm_specific_original_values():
     p2p = load("video_editing_with_prompt2prompt_and_vidrd").idm_options
     assert p2p["controller_type"] == "AttentionRefine" and p2p["local_blend_words"] == []
     assert p2p["prompts"] == ["A car is moving on the road", "A car is moving on the road in the forest"]
-    assert load("video_outpainting_with_stable_diffusion_inpainting_and_vidrd").idm_options["mask_type"] == "horizontal"
+    outpainting = load("video_outpainting_with_stable_diffusion_inpainting_and_vidrd")
+    assert outpainting.idm_options["mask_type"] == "horizontal"
     vidrd = load("video_editing_with_prompt2prompt_and_vidrd").vdm_options
     assert vidrd["ckpt_path"] == "./checkpoints/VidRD/ModelT2V.pth" and vidrd["resolution"] == 256
 
