@@ -137,6 +137,7 @@ def execute(request: RunRequest, log=print) -> Path | None:
         stats = run_in_folder(plan, folder, log)
     except BaseException as err:
         folder_io.write_text(folder / "error.txt", "".join(traceback.format_exception(err)))
+        log(f"The run failed; details in {folder / 'error.txt'}")
         raise
     stats["seconds"]["total"] = time.perf_counter() - started
     folder_io.write_json(folder / "stats.json", stats)
@@ -175,7 +176,11 @@ def run_in_folder(plan: Plan, folder: Path, log) -> dict:
     generator = torch.Generator("cpu").manual_seed(config.model["seed"])
     arguments = task.arguments(pipe, config, inputs, generator)
     with NetworkCallCounter(pipe) as counter:
-        result = pipe(**arguments)
+        try:
+            result = pipe(**arguments)
+        except ValueError as err:
+            # The pipelines check their inputs before any model runs and say what is wrong in a ValueError.
+            raise UserError(f"{type(pipe).__name__} refused the inputs: {err}") from err
     outputs = task.outputs(result)
     seconds["pipeline"] = time.perf_counter() - clock
 

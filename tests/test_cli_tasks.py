@@ -193,3 +193,18 @@ def test_instruct_pix2pix_loads_its_unet_and_sampler_from_its_own_folder(recorde
     # Smoothing derives DDIM from this config: it must keep SD-1.5's settings, not DDIM's defaults.
     smoothing = DDIMScheduler.from_config(pipe.scheduler.config)
     assert smoothing.config.clip_sample is False and smoothing.config.set_alpha_to_one is False
+
+
+def test_inputs_the_pipeline_refuses_are_reported_without_a_traceback(recorded, tmp_path, capsys, monkeypatch):
+    def refuse(self, **kwargs):
+        raise ValueError("`source_prompt` and `prompt` need the same number of tokens for 'replace'.")
+
+    monkeypatch.setattr(Prompt2PromptStandIn, "__call__", refuse)
+    code, out, err = run_cli(
+        capsys, "run", "--tiny", "video_editing_with_prompt2prompt_and_vidrd", "--output-dir", tmp_path, *FAST
+    )
+    assert code == 1 and err.startswith("error: ") and "refused the inputs" in err and "same number of tokens" in err
+    assert "Traceback" not in err
+    folder = only_run_folder(tmp_path)
+    assert "Traceback" in (folder / "error.txt").read_text() and "error.txt" in out
+    assert not (folder / "stats.json").exists()
