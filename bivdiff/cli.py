@@ -1,0 +1,249 @@
+"""The `bivdiff` command line: `run` a task config, `list` the configs, `eval` a video."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from bivdiff.errors import UserError
+
+DESCRIPTION = """\
+BIVDiff (CVPR 2024): training-free video synthesis. An image diffusion model does the task on every frame
+(ControlNet, T2I-Adapter, InstructPix2Pix, Prompt2Prompt, SD Inpainting), Mixed Inversion and a text-to-video
+model (VidRD, ZeroScope) make the result temporally coherent.
+
+commands:
+  run    run a task config on a video (the shipped demo clip by default); see: bivdiff run --help
+  list   list the task configs, one line each
+  eval   temporal-consistency (and with a CLIP model, CLIP) scores of a video, as JSON
+
+first try (no download, no video of your own, about a minute on a CPU; tiny random models, the pictures are noise):
+  bivdiff run --tiny --config-name controllable_video_generation_with_controlnet_and_zeroscope
+"""
+
+RUN_DESCRIPTION = """\
+Run one task config, like the original `python inference.py --config-name=NAME`. Each run writes a new folder
+<Model.output_path>/<config>-<timestamp>/ with the source, the condition or mask, the image model's frames and
+the final video (MP4 and GIF each), a labelled side-by-side comparison, the resolved config.yaml and stats.json
+(time, UNet calls and peak memory per stage).
+
+Models are read from the original checkpoints/ layout (--checkpoints), else from the Hugging Face cache, and
+downloaded into it on first use unless --offline. If any model is missing, one message lists them all and how
+to get each, and nothing runs."""
+
+RUN_EPILOG = """\
+overrides (Hydra style, any key of the config by its dotted name):
+  Model.num_inference_steps=20  Model.video_length=16  Model.video_path=my_clip.mp4  Model.seed=0
+  IDM.ControlNet.condition=depth_midas  IDM.ControlNet.condition_video=edges.mp4  Model.frame_stride=2
+  "Model.idm_prompt=A fox running through the snow"
+
+examples:
+  bivdiff list
+  bivdiff run --tiny --config-name controllable_video_generation_with_t2iadapter_and_vidrd
+  bivdiff run --config-name controllable_video_generation_with_controlnet_and_zeroscope Model.video_path=bear.mp4
+  bivdiff run --config my_task.yaml --checkpoints /data/checkpoints --offline
+  bivdiff run --dry-run --config-name video_editing_with_instruct_pix2pix_and_zeroscope
+"""
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bivdiff run",
+        description=RUN_DESCRIPTION,
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="[CONFIG] KEY=VALUE",
+        help="optionally a config name or YAML path first, then any number of dotted overrides",
+    )
+    which = parser.add_argument_group("which config")
+    which.add_argument("--config-name", metavar="NAME", help="a shipped config (bivdiff list shows them)")
+    which.add_argument("--config", metavar="PATH", help="a YAML file in the same layout (an original one works)")
+    which.add_argument("--list", action="store_true", help="list the shipped configs and exit")
+    how = parser.add_argument_group("how to run")
+    how.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny random-weight models of the same families, offline, small defaults (64x64, 4 frames, 4 steps, "
+        "overridable): checks the whole path in about a minute on a CPU; the pictures are noise",
+    )
+    how.add_argument(
+        "--checkpoints",
+        metavar="DIR",
+        default="checkpoints",
+        help="root of the original checkpoints/ layout; config paths under ./checkpoints/ follow it "
+        "(default: ./checkpoints)",
+    )
+    how.add_argument(
+        "--offline",
+        action="store_true",
+        help="use only local folders and the Hugging Face cache, never the network (also: HF_HUB_OFFLINE=1)",
+    )
+    how.add_argument("--output-dir", metavar="DIR", help="where run folders go (sets Model.output_path)")
+    how.add_argument("--device", help="cpu, cuda, cuda:N or mps (sets Model.device; default: cuda when available)")
+    how.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), help="sets Model.dtype")
+    how.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, the input videos and the models, print the plan, and stop",
+    )
+    return parser
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bivdiff eval",
+        description="Scores of one video as JSON: frame_difference and warp_error (optical-flow warping error, "
+        "[0, 1] intensity units; lower is more temporally consistent), and with --clip the CLIP frame consistency "
+        "and, with --prompt, CLIP text alignment.",
+    )
+    parser.add_argument("video", help="an MP4, a GIF or a folder of images (e.g. a run's video_by_bivdiff.mp4)")
+    parser.add_argument(
+        "--source", help="the source video: the warp then follows the source's motion instead of the video's own"
+    )
+    parser.add_argument("--prompt", help="text for CLIP text alignment (needs --clip)")
+    parser.add_argument("--clip", metavar="DIR", help="a local CLIP model folder (transformers format)")
+    parser.add_argument("--output", metavar="FILE", help="also write the JSON here")
+    return parser
+
+
+def build_list_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog="bivdiff list", description="List the shipped task configs.")
+
+
+def build_main_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bivdiff", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("command", nargs="?", choices=COMMANDS, help="run, list or eval")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def run_command(argv: list[str]) -> int:
+    from bivdiff.runner import RunRequest, execute
+
+    args = build_run_parser().parse_intermixed_args(argv)
+    if args.list:
+        return list_command([])
+    config_name, config_path, overrides = split_items(args)
+    flags = (("Model.output_path", args.output_dir), ("Model.device", args.device), ("Model.dtype", args.dtype))
+    for key, value in flags:
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    request = RunRequest(
+        config_name=config_name,
+        config_path=config_path,
+        overrides=overrides,
+        tiny=args.tiny,
+        checkpoints=args.checkpoints,
+        offline=args.offline,
+        dry_run=args.dry_run,
+    )
+    execute(request, log=lambda text: print(text, flush=True))
+    return 0
+
+
+def split_items(args) -> tuple[str | None, str | None, list[str]]:
+    """Positional items: KEY=VALUE overrides, and at most one config name or YAML path."""
+    overrides = [item for item in args.items if "=" in item]
+    others = [item for item in args.items if "=" not in item]
+    if len(others) > 1 or (others and (args.config_name or args.config)):
+        raise UserError(
+            f"Unexpected argument(s) {', '.join(others)}: give one config (a name or a .yaml path) and KEY=VALUE "
+            "overrides, e.g. bivdiff run --config-name NAME Model.num_inference_steps=20"
+        )
+    config_name, config_path = args.config_name, args.config
+    if others:
+        item = others[0]
+        if item.endswith((".yaml", ".yml")) and Path(item).expanduser().is_file():
+            config_path = item
+        else:
+            config_name = item
+    return config_name, config_path, overrides
+
+
+def list_command(argv: list[str]) -> int:
+    from bivdiff import configs as shipped
+    from bivdiff.config import load_config
+    from bivdiff.tasks import task_for
+
+    build_list_parser().parse_args(argv)
+    print("Task configs (bivdiff run --config-name NAME; add --tiny to try one offline with random weights):\n")
+    for name in shipped.config_names():
+        config = load_config(shipped.config_path(name), name=name)
+        print(f"  {name}\n      {shipped.config_description(name)}")
+        missing = task_for(config).missing_class(config)
+        if missing:
+            tiny_missing = task_for(config).missing_class(replace(config, tiny=True))
+            runs = "not runnable yet" if tiny_missing else "only --tiny runs yet"
+            print(f"      [{runs}: this install lacks {missing}]")
+    return 0
+
+
+def eval_command(argv: list[str]) -> int:
+    from bivdiff.evaluation import evaluate_video
+
+    args = build_eval_parser().parse_args(argv)
+    for label, value in (("video", args.video), ("--source", args.source), ("--clip", args.clip)):
+        if value is not None and not Path(value).expanduser().exists():
+            raise UserError(f"{label}: nothing at {value}: give an existing path.")
+    if args.prompt and not args.clip:
+        print("note: --prompt is only used with --clip (CLIP text alignment); ignoring it.", file=sys.stderr)
+    try:
+        scores = evaluate_video(args.video, source=args.source, prompt=args.prompt, clip_path=args.clip)
+    except (ValueError, OSError) as err:
+        raise UserError(f"Cannot evaluate {args.video}: {err}") from err
+    scores = {"video": str(args.video), "source": args.source, **scores}
+    text = json.dumps(scores, indent=2)
+    if args.output:
+        from bivdiff.run_folder import write_text
+
+        output = Path(args.output).expanduser()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_text(output, text + "\n")
+    print(text)
+    return 0
+
+
+COMMANDS = {"run": run_command, "list": list_command, "eval": eval_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bivdiff.runner import main_error
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        build_main_parser().print_help()
+        return 0
+    if argv[0] == "--version":
+        from bivdiff import __version__
+
+        print(f"bivdiff {__version__}")
+        return 0
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        build_main_parser().print_usage(sys.stderr)
+        print(f"bivdiff: error: unknown command {argv[0]!r}: use run, list or eval (bivdiff --help).", file=sys.stderr)
+        return 2
+    try:
+        return command(argv[1:])
+    except UserError as err:
+        return main_error(err)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Per-frame inputs of the image models: condition videos (canny, depth, pose) and masks (inpainting, outpainting).
+
+Canny runs on OpenCV alone. Depth (MiDaS) and pose (OpenPose, body only) need `controlnet_aux`, an optional extra
+(`pip install "bivdiff[annotators]"`), and its weights (lllyasviel/Annotators). A ready condition video can be
+given instead of any annotator.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from bivdiff.errors import UserError
+
+ANNOTATORS_HUB_ID = "lllyasviel/Annotators"
+# Files each controlnet_aux detector reads from lllyasviel/Annotators.
+ANNOTATOR_FILES = {
+    "depth_midas": ("dpt_hybrid-midas-501f0c75.pt",),
+    "openpose": ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"),
+}
+INSTALL_ANNOTATORS = 'pip install "bivdiff[annotators]"'
+
+
+def needs_annotator(condition: str) -> bool:
+    return condition in ANNOTATOR_FILES
+
+
+def condition_channels(idm: str, condition: str) -> int:
+    """T2I-Adapter's canny model takes a 1-channel edge map (as the original fed it); every other condition is RGB."""
+    return 1 if idm == "T2IAdapter" and condition == "canny" else 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Canny
+
+
+def canny_frames(
+    frames: list[Image.Image], low: float = 100, high: float = 200, channels: int = 3
+) -> list[Image.Image]:
+    """Canny edges of each frame (OpenCV, thresholds `low`/`high` as in ControlNet's annotator): white on black."""
+    import cv2
+
+    edges = [cv2.Canny(np.asarray(frame.convert("RGB")), low, high) for frame in frames]
+    return [_with_channels(Image.fromarray(e), channels) for e in edges]
+
+
+def _with_channels(image: Image.Image, channels: int) -> Image.Image:
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# controlnet_aux annotators
+
+
+def check_annotators_installed(condition: str, dotted_key: str) -> None:
+    """Raise a UserError saying how to get the annotator of `condition`, unless controlnet_aux imports."""
+    if not needs_annotator(condition):
+        return
+    try:
+        import controlnet_aux  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - a broken torchvision raises RuntimeError, not ImportError
+        raise UserError(
+            f"{dotted_key}={condition} needs the controlnet_aux annotators, which cannot be imported here "
+            f"({type(err).__name__}: {err}). Install them with: {INSTALL_ANNOTATORS}\n"
+            f"Or use {dotted_key}=canny (OpenCV only), or give a ready condition video with "
+            f"{dotted_key.rsplit('.', 1)[0]}.condition_video=PATH."
+        ) from err
+
+
+def annotate_frames(
+    frames: list[Image.Image], condition: str, annotator_path: str, channels: int = 3
+) -> list[Image.Image]:
+    """Depth (`depth_midas`) or pose (`openpose`, body only) of each frame at the frame's size.
+
+    `annotator_path` is a local folder or the Hub id holding the annotator weights.
+    """
+    from tqdm.auto import tqdm
+
+    detector = _detector(condition, annotator_path)
+    width, height = frames[0].size
+    resolution = min(width, height)
+    out = []
+    for frame in tqdm(frames, desc=f"Conditions ({condition})"):
+        kwargs = dict(detect_resolution=resolution, image_resolution=resolution, output_type="pil")
+        if condition == "openpose":
+            kwargs.update(include_body=True, include_hand=False, include_face=False)
+        result = detector(frame.convert("RGB"), **kwargs)
+        out.append(_with_channels(result.resize((width, height), Image.Resampling.BILINEAR), channels))
+    return out
+
+
+def _detector(condition: str, annotator_path: str):
+    import controlnet_aux
+
+    if condition == "depth_midas":
+        return controlnet_aux.MidasDetector.from_pretrained(annotator_path)
+    if condition == "openpose":
+        return controlnet_aux.OpenposeDetector.from_pretrained(annotator_path)
+    raise ValueError(f"No annotator for condition {condition!r}.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masks (white = regenerate)
+
+
+def binarise_masks(frames: list[Image.Image]) -> list[Image.Image]:
+    """Grey mask frames -> pure black and white at mid-grey, so video compression noise cannot leak in."""
+    return [Image.fromarray(np.where(np.asarray(f.convert("L")) >= 128, 255, 0).astype(np.uint8)) for f in frames]
+
+
+def outpainting_masks(num_frames: int, height: int, width: int, mask_type: str) -> list[Image.Image]:
+    """The original's band masks: `horizontal` regenerates the top and bottom quarters, `vertical` the left and
+    right quarters (rows/columns [0, n//4) and [n//4*3, n))."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    if mask_type == "horizontal":
+        mask[: height // 4] = 255
+        mask[height // 4 * 3 :] = 255
+    elif mask_type == "vertical":
+        mask[:, : width // 4] = 255
+        mask[:, width // 4 * 3 :] = 255
+    else:
+        raise ValueError(f"mask_type={mask_type!r} must be 'horizontal' or 'vertical'.")
+    return [Image.fromarray(mask) for _ in range(num_frames)]

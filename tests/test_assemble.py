@@ -1,0 +1,115 @@
+"""conversion_scripts/assemble_pipeline.py: a model folder assembled from tiny components loads both ways
+(as a custom pipeline from its own file, and through the class) and gives the same video."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import DiffusionPipeline
+
+from bivdiff import BIVDiffControllablePipeline
+from bivdiff import configs as shipped
+from bivdiff.config import load_config
+from bivdiff.tasks import task_for
+
+SCRIPT = Path(__file__).resolve().parents[1] / "conversion_scripts" / "assemble_pipeline.py"
+CONFIG = "controllable_video_generation_with_t2iadapter_and_vidrd"
+OVERRIDES = ["IDM.T2IAdapter.condition=canny", "Model.width=32", "Model.height=32", "Model.video_length=2"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("assemble_pipeline", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def assemble():
+    return load_script()
+
+
+def tiny_config():
+    return load_config(shipped.config_path(CONFIG), OVERRIDES, tiny=True, name=CONFIG)
+
+
+def call(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    edges = np.zeros((2, 32, 32), dtype=np.uint8)
+    edges[:, 8:24, 16] = 255
+    return pipe(
+        prompt="a red car", control_frames=[e for e in edges], num_inference_steps=2, mixing_ratio=0.5,
+        generator=torch.Generator().manual_seed(0), output_type="np",
+    ).frames
+
+
+def test_assembled_folder_loads_both_ways_with_equal_outputs(assemble, tmp_path, modules_cache):
+    config = tiny_config()
+    pipe = task_for(config).pipeline_class()(**task_for(config).tiny_components(config))
+    expected = call(pipe)
+    folder = assemble.write_model_folder(pipe, tmp_path / "model", config)
+
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "BIVDiffControllablePipeline"
+    assert index["inverse_scheduler"] == ["scheduling_bivdiff_ddim_inverse", "BIVDiffDDIMInverseScheduler"]
+    assert (folder / "inverse_scheduler" / "scheduling_bivdiff_ddim_inverse.py").is_file()
+    assert (folder / "pipeline_bivdiff_controllable.py").is_file() and (folder / "mixed_inversion.py").is_file()
+    assert index["adapter"] == ["diffusers", "T2IAdapter"] and index["controlnet"] == [None, None]
+
+    as_custom = DiffusionPipeline.from_pretrained(
+        folder, custom_pipeline=str(folder / "pipeline_bivdiff_controllable.py"), trust_remote_code=True
+    )
+    assert type(as_custom).__module__.startswith("diffusers_modules")
+    as_class = BIVDiffControllablePipeline.from_pretrained(folder, trust_remote_code=True)
+    assert type(as_class) is BIVDiffControllablePipeline
+    np.testing.assert_allclose(call(as_custom), expected, atol=1e-5)
+    np.testing.assert_allclose(call(as_class), expected, atol=1e-5)
+
+
+def test_model_card_names_task_models_licences_and_usage(assemble, tmp_path):
+    config = tiny_config()
+    pipe = task_for(config).pipeline_class()(**task_for(config).tiny_components(config))
+    folder = assemble.write_model_folder(pipe, tmp_path / "model", config)
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlicense: other\nlibrary_name: diffusers\n")
+    assert "$" not in card.split("```python")[0]  # every placeholder filled
+    assert "controllable video generation (T2I-Adapter) with VidRD" in card
+    assert "Tiny random weights" in card and "noise" in card
+    assert 'custom_pipeline="pipeline_bivdiff_controllable", trust_remote_code=True' in card
+    assert "control_frames=conditions" in card and "adapter_conditioning_scale=1.0" in card
+    assert 'convert("L")' in card  # the canny adapter takes one channel
+    assert yaml.safe_load((folder / "bivdiff_config.yaml").read_text()) == config.data
+
+
+def test_usage_snippet_runs_as_python(assemble):
+    config = tiny_config()
+    pipe = task_for(config).pipeline_class()(**task_for(config).tiny_components(config))
+    compile(assemble.usage_snippet(pipe, config, "pipeline_bivdiff_controllable"), "usage", "exec")
+
+
+def test_model_table_lists_resolved_models_with_licences(assemble, tmp_path):
+    from bivdiff.models_resolution import ResolvedModel, spec
+    from bivdiff.tasks import SD15_PARTS
+
+    models = {
+        "sd15": ResolvedModel(
+            spec("sd15", SD15_PARTS, tmp_path), "stable-diffusion-v1-5/stable-diffusion-v1-5", False
+        ),
+        "t2iadapter-canny": ResolvedModel(spec("t2iadapter-canny", (), tmp_path / "t2i"), str(tmp_path / "t2i"), True),
+    }
+    table = assemble.models_table(tiny_config(), models)
+    assert "[stable-diffusion-v1-5/stable-diffusion-v1-5](https://huggingface.co/stable-diffusion-v1-5/" in table
+    assert "CreativeML OpenRAIL-M" in table and "Apache-2.0" in table
+    assert "TencentARC/t2iadapter_canny_sd15v2" in table  # a local copy is credited to its Hub origin
+
+
+def test_script_refuses_to_overwrite(assemble, tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "keep.txt").write_text("mine")
+    code = assemble.main(["--config-name", CONFIG, "--tiny", "--output", str(tmp_path / "model"), *OVERRIDES])
+    assert code == 1 and "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "model" / "keep.txt").read_text() == "mine"

@@ -1,0 +1,90 @@
+"""`bivdiff eval`: the command-line wiring of evaluate_video and its JSON (the metrics are tested in
+test_evaluation.py)."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from cli_helpers import run_cli
+
+from bivdiff.video_io import write_video
+
+NUM_FRAMES, HEIGHT, WIDTH, STEP = 6, 64, 96, 2
+
+
+def texture(seed=0):
+    """Smooth random colour texture: detail for optical flow, no aliasing when shifted."""
+    noise = np.random.default_rng(seed).random((HEIGHT + 40, WIDTH + NUM_FRAMES * STEP + 40, 3)).astype(np.float32)
+    return np.clip(cv2.GaussianBlur(noise, (0, 0), 3) * 4 - 1.5, 0, 1)
+
+
+def static_video():
+    return np.stack([texture()[:HEIGHT, :WIDTH]] * NUM_FRAMES)
+
+
+def translating_video():
+    image = texture()
+    return np.stack([image[10 : 10 + HEIGHT, 20 + STEP * t : 20 + STEP * t + WIDTH] for t in range(NUM_FRAMES)])
+
+
+def flicker(video, seed=1):
+    gains = np.random.default_rng(seed).uniform(0.7, 1.3, len(video)).astype(np.float32)
+    return np.clip(video * gains[:, None, None, None], 0, 1)
+
+
+def save(frames, path):
+    """PNG folders are lossless, so the scores see exactly these frames."""
+    return write_video(frames, path, fps=8)
+
+
+def evaluate(capsys, *args):
+    code, out, err = run_cli(capsys, "eval", *args)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_static_video_has_no_warp_error(tmp_path, capsys):
+    scores = evaluate(capsys, save(static_video(), tmp_path / "static"))
+    assert scores["warp_error"] < 1e-3 and scores["frame_difference"] < 1e-6
+    assert (scores["num_frames"], scores["height"], scores["width"]) == (NUM_FRAMES, HEIGHT, WIDTH)
+    assert scores["warp_flow"] == "output" and scores["source"] is None
+
+
+def test_known_translation_is_small_and_flicker_is_larger(tmp_path, capsys):
+    source = save(translating_video(), tmp_path / "source")
+    edited = save(translating_video() * 0.8, tmp_path / "edited")  # follows the source's motion
+    flickering = save(flicker(translating_video()), tmp_path / "flicker")
+    consistent = evaluate(capsys, edited, "--source", source)["warp_error"]
+    flickery = evaluate(capsys, flickering, "--source", source)["warp_error"]
+    assert consistent < 5e-3
+    assert flickery > 0.03 and flickery > 10 * consistent
+
+
+def test_json_goes_to_stdout_and_to_the_output_file(tmp_path, capsys):
+    video = save(translating_video(), tmp_path / "video")
+    output = tmp_path / "scores" / "video.json"
+    printed = evaluate(capsys, video, "--output", output)
+    assert json.loads(output.read_text()) == printed
+    assert printed["video"] == str(video) and printed["warp_flow"] == "output"
+    assert set(printed) >= {"num_frames", "height", "width", "frame_difference", "warp_error"}
+
+
+def test_eval_reads_a_run_video(tmp_path, capsys):
+    video = write_video(translating_video(), tmp_path / "video_by_bivdiff.mp4", fps=6.25)
+    assert evaluate(capsys, video)["num_frames"] == NUM_FRAMES
+
+
+def test_prompt_without_clip_is_noted_not_used(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "eval", save(static_video(), tmp_path / "v"), "--prompt", "a cat")
+    assert code == 0 and "--prompt is only used with --clip" in err
+    assert "clip_text_alignment" not in json.loads(out)
+
+
+@pytest.mark.parametrize("flag", ["video", "--source", "--clip"])
+def test_missing_paths_are_named(tmp_path, capsys, flag):
+    video = save(static_video(), tmp_path / "v")
+    args = {"video": [tmp_path / "none.mp4"], "--source": [video, "--source", tmp_path / "none"],
+            "--clip": [video, "--clip", tmp_path / "no_clip"]}[flag]
+    code, _, err = run_cli(capsys, "eval", *args)
+    assert code == 1 and flag in err and ("none" in err or "no_clip" in err)

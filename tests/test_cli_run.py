@@ -1,0 +1,219 @@
+"""`bivdiff run --tiny` end to end for every task whose pipeline exists, plus the command line's help, listing,
+errors and run folders. Everything is offline."""
+
+import os
+import subprocess
+import sys
+import threading
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from cli_helpers import FAST, only_run_folder, run_cli, stats
+
+from bivdiff import configs as shipped
+from bivdiff.config import load_config
+from bivdiff.run_folder import new_run_folder
+from bivdiff.tasks import TASKS, task_for
+from bivdiff.video_io import read_video, read_video_clip
+
+CONTROLNET_ZEROSCOPE = "controllable_video_generation_with_controlnet_and_zeroscope"
+NUM_FRAMES = 3
+SHIPPED_FPS = 25 / 4  # the shipped clip's 25 fps at the configs' frame stride 4
+
+
+def tiny_unavailable(name: str) -> str | None:
+    config = load_config(shipped.config_path(name), tiny=True, name=name)
+    return task_for(config).unavailable_reason(config)
+
+
+# Network calls per stage for 2 steps and 3 frames (one frame chunk): stage 1 runs the UNet (and ControlNet) once
+# per step; an adapter once per chunk; mixing ratio 1 skips the video inversion.
+EXPECTED_CALLS = {
+    CONTROLNET_ZEROSCOPE: {
+        "frame-wise generation": {"unet": 2, "controlnet": 2},
+        "image inversion": {"unet": 2},
+        "temporal smoothing": {"video_unet": 2},
+    },
+    "controllable_video_generation_with_t2iadapter_and_vidrd": {
+        "frame-wise generation": {"unet": 2, "adapter": 1},
+        "image inversion": {"unet": 2},
+        "temporal smoothing": {"video_unet": 2},
+    },
+}
+
+
+@pytest.mark.parametrize("name", shipped.config_names())
+def test_tiny_run_writes_a_complete_run_folder(name, tmp_path, capsys):
+    reason = tiny_unavailable(name)
+    if reason:
+        pytest.skip(reason)
+    code, out, err = run_cli(capsys, "run", "--tiny", "--config-name", name, "--output-dir", tmp_path, *FAST)
+    assert code == 0, err
+    assert "TINY MODE" in out and "noise" in out
+    folder = only_run_folder(tmp_path)
+    assert folder.name.startswith(name + "-")
+
+    data = stats(folder)
+    assert data["tiny"] is True and "noise" in data["note"]
+    assert (data["config"], data["idm"], data["vdm"]) == (name, *name_models(name))
+    assert data["video"]["frames"] == NUM_FRAMES and data["video"]["fps"] == pytest.approx(SHIPPED_FPS)
+    assert set(data["seconds"]) >= {"conditions", "load_models", "pipeline", "write_outputs", "total"}
+    assert data["peak_memory"]["kind"] == "process_peak_rss" and data["peak_memory"]["bytes"] > 0
+    stage_names = [s["stage"] for s in data["stages"]]
+    assert {"frame-wise generation", "temporal smoothing"} <= set(stage_names)
+    assert all("network_calls" in s and "seconds" in s for s in data["stages"])
+    assert data["unet_calls_total"] == sum(sum(c.values()) for c in data["unet_calls"].values()) > 0
+    if name in EXPECTED_CALLS:
+        assert data["unet_calls"] == EXPECTED_CALLS[name]
+
+    videos = [stem for stem in data["files"] if stem not in ("config", "stats")]
+    assert {"source_video", "video_by_idm", "video_by_bivdiff", "comparison"} <= set(videos)
+    for stem in videos:
+        for suffix in (".mp4", ".gif"):
+            clip = read_video_clip(folder / f"{stem}{suffix}")
+            assert len(clip.frames) == NUM_FRAMES, (stem, suffix)
+            assert clip.fps == pytest.approx(SHIPPED_FPS, rel=0.02), (stem, suffix)
+    assert read_video(folder / "video_by_bivdiff.mp4")[0].size == (32, 32)
+    comparison = read_video(folder / "comparison.mp4")[0]
+    assert comparison.width > 3 * 32  # source | condition or mask | image model | bivdiff, enlarged with labels
+    assert (folder / "TINY_MODE_NOISE.txt").is_file()
+    header = (folder / "config.yaml").read_text().splitlines()[1]
+    assert "bivdiff run --tiny --config config.yaml Model.width=32" in header
+    rerun = load_config(folder / "config.yaml", data["overrides"], tiny=True, name=name)
+    assert rerun.data == load_config(shipped.config_path(name), data["overrides"], tiny=True, name=name).data
+
+
+def name_models(name: str) -> tuple[str, str]:
+    config = load_config(shipped.config_path(name), name=name)
+    return config.idm, config.vdm
+
+
+def test_at_least_three_tasks_run_tiny_today():
+    assert sum(tiny_unavailable(name) is None for name in shipped.config_names()) >= 3
+
+
+def test_tiny_depth_config_stands_canny_in_for_the_annotator(tmp_path, capsys):
+    name = "controllable_video_generation_with_controlnet_and_vidrd"
+    code, _, err = run_cli(capsys, "run", "--tiny", "--config-name", name, "--output-dir", tmp_path, *FAST)
+    assert code == 0, err
+    folder = only_run_folder(tmp_path)
+    assert (folder / "canny_condition.mp4").is_file() and not (folder / "depth_midas_condition.mp4").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run folders
+
+
+def test_two_runs_in_the_same_second_get_two_folders(tmp_path):
+    now = datetime(2024, 6, 1, 12, 0, 0)
+    first = new_run_folder(tmp_path, "task", now)
+    second = new_run_folder(tmp_path, "task", now)
+    assert first != second and first.name == "task-20240601-120000" and second.name == "task-20240601-120000-1"
+
+
+def test_concurrent_runs_never_share_a_folder(tmp_path):
+    now, folders = datetime(2024, 6, 1, 12, 0, 0), []
+    threads = [threading.Thread(target=lambda: folders.append(new_run_folder(tmp_path, "t", now))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(folders)) == 8 and all(f.is_dir() for f in folders)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors before anything runs
+
+
+def test_unknown_override_key_is_named_and_nothing_is_written(tmp_path, capsys):
+    code, _, err = run_cli(
+        capsys, "run", "--tiny", "--config-name", CONTROLNET_ZEROSCOPE, "--output-dir", tmp_path,
+        "Model.num_inference_step=3",
+    )
+    assert code == 2
+    assert "'Model.num_inference_step'" in err and "Model.num_inference_steps" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_too_few_source_frames_gives_the_numbers_and_the_fix(tmp_path, capsys):
+    code, _, err = run_cli(
+        capsys, "run", "--tiny", "--config-name", CONTROLNET_ZEROSCOPE, "--output-dir", tmp_path,
+        "Model.video_length=100",
+    )
+    assert code == 2
+    assert "Model.video_path" in err and "has 132 frames" in err and "Model.video_length=100" in err
+    assert "Model.frame_rate=1" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_input_video_is_named(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "run", "--tiny", CONTROLNET_ZEROSCOPE, f"Model.video_path={tmp_path}/none.mp4")
+    assert code == 2 and "Model.video_path: no file or folder at" in err
+
+
+def test_unknown_config_name_suggests_the_shipped_one(capsys):
+    code, _, err = run_cli(capsys, "run", "--tiny", "--config-name", "controlnet_and_zeroscope")
+    assert code == 2 and CONTROLNET_ZEROSCOPE in err
+
+
+def test_no_config_lists_the_shipped_ones(capsys):
+    code, _, err = run_cli(capsys, "run", "--tiny")
+    assert code == 2 and all(name in err for name in shipped.config_names())
+
+
+def test_task_without_its_pipeline_class_says_which_class(monkeypatch, capsys):
+    monkeypatch.setattr(TASKS["ControlNet"], "pipeline_class_name", "BIVDiffNotYetPipeline")
+    code, _, err = run_cli(capsys, "run", "--tiny", "--config-name", CONTROLNET_ZEROSCOPE)
+    assert code == 1 and "bivdiff.BIVDiffNotYetPipeline" in err
+
+
+def test_dry_run_checks_and_writes_nothing(tmp_path, capsys):
+    code, out, _ = run_cli(
+        capsys, "run", "--tiny", "--dry-run", CONTROLNET_ZEROSCOPE, "--output-dir", tmp_path, "Model.frame_stride=2"
+    )
+    assert code == 0 and "Dry run" in out and "every 2 from frame 0" in out
+    assert not any(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Help and listing
+
+
+def test_main_help_names_the_commands_and_a_first_command(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0
+    assert all(word in out for word in ("run", "list", "eval", "--tiny", "noise"))
+
+
+def test_run_help_explains_configs_overrides_and_models(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(capsys, "run", "--help")
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    expected = ("--config-name", "--tiny", "--checkpoints", "--offline", "Model.num_inference_steps=20", "stats.json")
+    for text in expected:
+        assert text in out
+
+
+def test_list_shows_every_config_with_its_description(capsys):
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0
+    for name in shipped.config_names():
+        assert name in out and shipped.config_description(name) in out
+
+
+def test_unknown_command_is_refused(capsys):
+    code, _, err = run_cli(capsys, "render")
+    assert code == 2 and "run, list or eval" in err
+
+
+def test_console_script_runs(tmp_path):
+    script = Path(sys.executable).with_name("bivdiff")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    result = subprocess.run(
+        [str(script), "run", "--tiny", "--dry-run", "--config-name", CONTROLNET_ZEROSCOPE],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "TINY MODE" in result.stdout and "Dry run" in result.stdout
