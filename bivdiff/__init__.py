@@ -1,29 +1,53 @@
-"""BIVDiff: training-free video synthesis by bridging image and video diffusion models."""
+"""BIVDiff: training-free video synthesis by bridging image and video diffusion models.
 
-from bivdiff.pipelines import (
-    BIVDiffControllablePipeline,
-    BIVDiffInpaintPipeline,
-    BIVDiffInstructPix2PixPipeline,
-    BIVDiffPipeline,
-    BIVDiffPipelineOutput,
-    BIVDiffPrompt2PromptPipeline,
-    BIVDiffPrompt2PromptPipelineOutput,
-    MixedInversionMixin,
-)
-from bivdiff.models import VidRDUNet3DConditionModel
-from bivdiff.schedulers import BIVDiffDDIMInverseScheduler
+The pipelines, scheduler and models are imported on first use, so `import bivdiff` (and the command line's
+`list`, `--help` and config checks) does not pay for importing diffusers and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BIVDiffControllablePipeline",
-    "BIVDiffDDIMInverseScheduler",
-    "BIVDiffInpaintPipeline",
-    "BIVDiffInstructPix2PixPipeline",
-    "BIVDiffPipeline",
-    "BIVDiffPipelineOutput",
-    "BIVDiffPrompt2PromptPipeline",
-    "BIVDiffPrompt2PromptPipelineOutput",
-    "MixedInversionMixin",
-    "VidRDUNet3DConditionModel",
-]
+_EXPORTS = {
+    "BIVDiffControllablePipeline": "bivdiff.pipelines",
+    "BIVDiffInpaintPipeline": "bivdiff.pipelines",
+    "BIVDiffInstructPix2PixPipeline": "bivdiff.pipelines",
+    "BIVDiffPipeline": "bivdiff.pipelines",
+    "BIVDiffPipelineOutput": "bivdiff.pipelines",
+    "BIVDiffPrompt2PromptPipeline": "bivdiff.pipelines",
+    "BIVDiffPrompt2PromptPipelineOutput": "bivdiff.pipelines",
+    "MixedInversionMixin": "bivdiff.pipelines",
+    "BIVDiffDDIMInverseScheduler": "bivdiff.schedulers",
+    "VidRDUNet3DConditionModel": "bivdiff.models",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from bivdiff.models import VidRDUNet3DConditionModel
+    from bivdiff.pipelines import (
+        BIVDiffControllablePipeline,
+        BIVDiffInpaintPipeline,
+        BIVDiffInstructPix2PixPipeline,
+        BIVDiffPipeline,
+        BIVDiffPipelineOutput,
+        BIVDiffPrompt2PromptPipeline,
+        BIVDiffPrompt2PromptPipelineOutput,
+        MixedInversionMixin,
+    )
+    from bivdiff.schedulers import BIVDiffDDIMInverseScheduler
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bivdiff' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -219,9 +220,28 @@ def eval_command(argv: list[str]) -> int:
 COMMANDS = {"run": run_command, "list": list_command, "eval": eval_command}
 
 
+class _TorchvisionNoticeFilter(logging.Filter):
+    """transformers announces at import that its image processors fall back to PIL without torchvision; the
+    pipelines never use those processors, so the notice is noise on every command."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+def quiet_torchvision_notice():
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    transformers_logging.get_logger("transformers")  # makes sure transformers' handler exists
+    for handler in logging.getLogger("transformers").handlers:
+        handler.addFilter(_TorchvisionNoticeFilter())
+
+
 def main(argv: list[str] | None = None) -> int:
     from bivdiff.runner import main_error
 
+    quiet_torchvision_notice()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         build_main_parser().print_help()

@@ -109,15 +109,9 @@ def binarise_masks(frames: list[Image.Image]) -> list[Image.Image]:
 
 
 def outpainting_masks(num_frames: int, height: int, width: int, mask_type: str) -> list[Image.Image]:
-    """The original's band masks: `horizontal` regenerates the top and bottom quarters, `vertical` the left and
-    right quarters (rows/columns [0, n//4) and [n//4*3, n))."""
-    mask = np.zeros((height, width), dtype=np.uint8)
-    if mask_type == "horizontal":
-        mask[: height // 4] = 255
-        mask[height // 4 * 3 :] = 255
-    elif mask_type == "vertical":
-        mask[:, : width // 4] = 255
-        mask[:, width // 4 * 3 :] = 255
-    else:
-        raise ValueError(f"mask_type={mask_type!r} must be 'horizontal' or 'vertical'.")
+    """The band masks the inpainting pipeline uses for `outpaint=mask_type` (white = regenerate), to save and show
+    beside the result."""
+    from bivdiff.pipelines.pipeline_bivdiff_inpaint import outpaint_mask
+
+    mask = (outpaint_mask(height, width, mask_type) * 255).astype(np.uint8)
     return [Image.fromarray(mask) for _ in range(num_frames)]

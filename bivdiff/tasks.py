@@ -92,13 +92,16 @@ def lookup(module: str, name: str):
 
 
 def tiny_video_model(vdm: str) -> dict:
-    """The tiny video-model side for `vdm`. Both VDMs use the ModelScope-shaped tiny UNet: random weights make the
-    families behave alike, and this is the one place to give VidRD its own tiny model."""
-    from bivdiff.tiny_models import tiny_video_components
+    """The tiny video-model side for `vdm`: VidRD gets a tiny VidRD UNet (in-block temporal attention, temporal
+    convs), ZeroScope a ModelScope-shaped UNet3D; both with the tiny video text encoder."""
+    from bivdiff.tiny_models import tiny_video_components, tiny_vidrd_unet
 
     if vdm not in ("VidRD", "ZeroScope"):
         raise ValueError(f"No tiny video model for {vdm!r}.")
-    return tiny_video_components(seed=0)
+    components = tiny_video_components(seed=0)
+    if vdm == "VidRD":
+        components["video_unet"] = tiny_vidrd_unet(seed=0)
+    return components
 
 
 def tiny_image_side(unet_in_channels: int = 4) -> dict:
