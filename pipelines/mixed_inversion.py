@@ -17,6 +17,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import DDIMScheduler
 from diffusers.utils import BaseOutput
 
@@ -336,6 +337,13 @@ class MixedInversionMixin:
         return embeds[:1], embeds[1:]
 
     # ------------------------------------------------------------------ VAE
+    def source_pixels(self, video: FrameInput, height: int, width: int) -> torch.Tensor:
+        """Source frames as a (F, 3, H, W) tensor in [0, 1] at the output size: resized like the VAE's input but
+        not normalised, because the stock image pipelines normalise what they are given and paste-back needs the
+        exact source pixels."""
+        processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_convert_rgb=True)
+        return processor.preprocess(video, height=height, width=width)
+
     def encode_frames(
         self,
         frames: FrameInput,

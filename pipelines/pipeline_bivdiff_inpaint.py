@@ -242,11 +242,6 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
             inversion_unet=inversion_unet,
         )
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor)
-        # Source frames resized but kept in [0, 1]: the stock pipeline normalises them itself, and paste-back
-        # needs the exact source pixels.
-        self.frame_processor = VaeImageProcessor(
-            vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_convert_rgb=True
-        )
         # The stock inpainting pipeline's mask reading (grayscale, binarised at 0.5), for paste-back.
         self.mask_processor = VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
@@ -269,10 +264,6 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
         config.setdefault("desc", "Frame-wise inpainting (SD Inpainting)")
         pipe.set_progress_bar_config(**config)
         return pipe
-
-    def source_pixels(self, video: FrameInput, height: int, width: int) -> torch.Tensor:
-        """Source frames as a (F, 3, H, W) tensor in [0, 1] at the output size."""
-        return self.frame_processor.preprocess(video, height=height, width=width)
 
     def prepare_masks(self, mask, outpaint, num_frames: int, height: int, width: int) -> list:
         """One mask item per frame for the stock pipeline: the user's masks, or the outpainting mask at output size."""

@@ -13,7 +13,6 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -119,11 +118,6 @@ class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, MixedInversionMixin):
             inversion_unet=inversion_unet,
         )
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor)
-        # Resizes source frames but keeps them in [0, 1]: the stock pipeline normalises what it is given, and
-        # InstructPix2Pix takes no height/width of its own.
-        self.frame_processor = VaeImageProcessor(
-            vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_convert_rgb=True
-        )
 
     # ------------------------------------------------------------------ stage 1
     def image_pipeline(self) -> StableDiffusionInstructPix2PixPipeline:
@@ -142,10 +136,6 @@ class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, MixedInversionMixin):
         config.setdefault("desc", "Frame-wise editing (InstructPix2Pix)")
         pipe.set_progress_bar_config(**config)
         return pipe
-
-    def source_pixels(self, video: FrameInput, height: int, width: int) -> torch.Tensor:
-        """Source frames as a (F, 3, H, W) tensor in [0, 1] at the output size."""
-        return self.frame_processor.preprocess(video, height=height, width=width)
 
     def generate_frames(
         self,
