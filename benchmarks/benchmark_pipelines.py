@@ -11,7 +11,6 @@ text encoder) with random weights, so it needs no download; the numbers measure 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
 import numpy as np
@@ -19,8 +18,7 @@ import torch
 
 from bivdiff import BIVDiffControllablePipeline
 from bivdiff import tiny_models as tiny
-
-MODELS = ("unet", "controlnet", "video_unet", "vae")
+from bivdiff.profiling import NetworkCallCounter, stage_summary
 
 
 def full_size_components() -> dict:
@@ -68,40 +66,19 @@ def tiny_components() -> dict:
     return {**tiny.tiny_image_components(), **tiny.tiny_video_components(), "controlnet": tiny.tiny_controlnet()}
 
 
-@contextlib.contextmanager
-def unet_calls_per_stage(pipe):
-    """Counts forward calls of each model, keyed by (stage, model), using the pipeline's `current_stage`."""
-    counts: dict[tuple[str, str], int] = {}
-    handles = []
-    for name in MODELS:
-        module = getattr(pipe, name, None)
-        if module is None:
-            continue
-
-        def hook(_module, _args, _name=name):
-            key = (pipe.current_stage or "other", _name)
-            counts[key] = counts.get(key, 0) + 1
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        yield counts
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def timed(pipe, device, **kwargs) -> tuple[float, dict]:
-    with unet_calls_per_stage(pipe) as calls:
+def timed(pipe, device, **kwargs) -> tuple[float, dict[str, dict[str, int]]]:
+    """Wall time of one call and its network calls per stage."""
+    with NetworkCallCounter(pipe) as counter:
         synchronize(device)
         start = time.perf_counter()
         pipe(**kwargs)
         synchronize(device)
-    return time.perf_counter() - start, dict(calls)
+    return time.perf_counter() - start, counter.as_dict()
 
 
 def main(argv=None):
@@ -143,11 +120,11 @@ def main(argv=None):
     seconds, calls = timed(pipe, device, **{**call, "output_type": "np", "mixing_ratio": 0.5})
     print("\nper stage (mixing_ratio 0.5):")
     print(f"{'stage':<24}{'seconds':>10}{'peak MiB':>10}  model calls")
-    for entry in pipe.stage_log:
+    for entry in stage_summary(pipe.stage_log, calls):
         peak = entry["peak_memory_bytes"]
-        models = ", ".join(f"{m} {n}" for (s, m), n in sorted(calls.items()) if s == entry["stage"])
+        models = ", ".join(f"{m} {n}" for m, n in sorted(entry["network_calls"].items()))
         peak_text = f"{peak / 2**20:10.0f}" if peak is not None else f"{'-':>10}"
-        print(f"{entry['stage']:<24}{entry['seconds']:10.3f}{peak_text}  {models}")
+        print(f"{entry['stage']:<24}{entry['seconds'] or 0:10.3f}{peak_text}  {models}")
     print(f"{'total':<24}{seconds:10.3f}")
 
     # Ratios, each from runs made here, one after the other.
@@ -159,7 +136,7 @@ def main(argv=None):
 
     both, both_calls = timed(pipe, device, **{**call, "mixing_ratio": 1.0 - 1e-6})
     skipped, skipped_calls = timed(pipe, device, **{**call, "mixing_ratio": 1.0})
-    video_calls = lambda c: sum(n for (_, m), n in c.items() if m == "video_unet")  # noqa: E731
+    video_calls = lambda c: sum(stage.get("video_unet", 0) for stage in c.values())  # noqa: E731
     print(
         f"mixing_ratio 1 skips the video inversion: {video_calls(both_calls)} -> {video_calls(skipped_calls)} "
         f"video-UNet calls, time ratio {both / skipped:.2f} against running both branches as the original did"
