@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from bivdiff.errors import UserError
@@ -176,19 +175,11 @@ def split_items(args) -> tuple[str | None, str | None, list[str]]:
 
 def list_command(argv: list[str]) -> int:
     from bivdiff import configs as shipped
-    from bivdiff.config import load_config
-    from bivdiff.tasks import task_for
 
     build_list_parser().parse_args(argv)
     print("Task configs (bivdiff run --config-name NAME; add --tiny to try one offline with random weights):\n")
     for name in shipped.config_names():
-        config = load_config(shipped.config_path(name), name=name)
         print(f"  {name}\n      {shipped.config_description(name)}")
-        missing = task_for(config).missing_class(config)
-        if missing:
-            tiny_missing = task_for(config).missing_class(replace(config, tiny=True))
-            runs = "not runnable yet" if tiny_missing else "only --tiny runs yet"
-            print(f"      [{runs}: this install lacks {missing}]")
     return 0
 
 

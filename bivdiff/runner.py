@@ -14,7 +14,7 @@ from bivdiff.config import RunConfig, load_config
 from bivdiff.errors import ConfigError, UserError
 from bivdiff.inputs import SourceVideo, read_source
 from bivdiff.models_resolution import ResolvedModel, Resolver, is_offline
-from bivdiff.tasks import Context, Inputs, Outputs, Task, require_available, task_for
+from bivdiff.tasks import Context, Inputs, Outputs, Task, task_for
 
 FIRST_TRY = "controllable_video_generation_with_controlnet_and_zeroscope"
 TINY_NOTE = (
@@ -90,7 +90,6 @@ def plan_run(request: RunRequest) -> Plan:
     path, name = locate_config(request)
     config = load_config(path, request.overrides, tiny=request.tiny, name=name)
     task = task_for(config)
-    require_available(task, config)
     task.check_environment(config)
     source = read_source(config)
     task.read_inputs(config)

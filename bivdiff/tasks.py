@@ -16,7 +16,6 @@ from PIL import Image
 
 from bivdiff import conditions
 from bivdiff.config import RunConfig
-from bivdiff.errors import UserError
 from bivdiff.models_resolution import (
     CATALOGUE,
     ModelSpec,
@@ -36,7 +35,6 @@ SD15_PARTS = (
 )
 ZEROSCOPE_PARTS = (Part("unet", "model"), Part("text_encoder", "model"), Part("tokenizer", "tokenizer"))
 VIDRD_PARTS = (Part("video_unet", "model"), Part("video_text_encoder", "model"), Part("video_tokenizer", "tokenizer"))
-VIDRD_CLASS = ("bivdiff.models", "VidRDUNet3DConditionModel")
 
 SCHEDULER_CLASSES = {
     "DDIM": "DDIMScheduler",
@@ -77,14 +75,6 @@ class Context:
     offline: bool
     cache_dir: str | None = None
     torch_dtype: object = None
-
-
-def lookup(module: str, name: str):
-    """`module.name`, or None when it cannot be imported (the task is then not available yet)."""
-    try:
-        return getattr(importlib.import_module(module), name, None)
-    except ImportError:
-        return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,28 +137,9 @@ class Task:
     # The model whose scheduler config drives stage 1 when it is not SD-1.5's.
     scheduler_model: str | None = None
 
-    # -------------------------------------------------------------- availability
     def pipeline_class(self):
-        return lookup("bivdiff", self.pipeline_class_name)
-
-    def missing_class(self, config: RunConfig) -> str | None:
-        """The dotted name of a class this config needs that this install lacks, or None."""
-        if self.pipeline_class() is None:
-            return f"bivdiff.{self.pipeline_class_name}"
-        if config.vdm == "VidRD" and not config.tiny and lookup(*VIDRD_CLASS) is None:
-            return ".".join(VIDRD_CLASS)
-        return None
-
-    def unavailable_reason(self, config: RunConfig) -> str | None:
-        """Why this config cannot run in this install, or None."""
-        missing = self.missing_class(config)
-        if missing is None:
-            return None
-        hint = "try --tiny, or " if missing == ".".join(VIDRD_CLASS) else ""
-        return (
-            f"{config.name} needs {missing}, which this bivdiff does not have yet: {hint}update bivdiff, or pick "
-            "another config (bivdiff list)."
-        )
+        """Imported on use, so listing and checking configs never pays for importing diffusers."""
+        return getattr(importlib.import_module("bivdiff"), self.pipeline_class_name)
 
     def check_environment(self, config: RunConfig) -> None:
         """Raise a UserError for anything missing from the environment (e.g. an optional extra)."""
@@ -485,12 +456,6 @@ def task_for(config: RunConfig) -> Task:
     return TASKS[config.idm]
 
 
-def require_available(task: Task, config: RunConfig) -> None:
-    reason = task.unavailable_reason(config)
-    if reason:
-        raise UserError(reason)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Video models
 
@@ -522,7 +487,7 @@ def load_video_components(config: RunConfig, models: dict[str, ResolvedModel], c
         )
     vidrd = models["vidrd"]
     return dict(
-        video_unet=load(vidrd, "video_unet", lookup(*VIDRD_CLASS)),
+        video_unet=load(vidrd, "video_unet", importlib.import_module("bivdiff.models").VidRDUNet3DConditionModel),
         video_text_encoder=load(vidrd, "video_text_encoder", CLIPTextModel),
         video_tokenizer=load(vidrd, "video_tokenizer", CLIPTokenizer, dtype=False),
     )

@@ -34,7 +34,7 @@ from bivdiff import configs as shipped
 from bivdiff.config import RunConfig, load_config
 from bivdiff.errors import UserError
 from bivdiff.models_resolution import ResolvedModel, Resolver, is_offline
-from bivdiff.tasks import Context, Inputs, require_available, task_for
+from bivdiff.tasks import Context, Inputs, task_for
 
 MODEL_CARD = Path(__file__).resolve().parents[1] / "model_card.md"
 STANDARD_LIBRARIES = ("diffusers", "transformers")
@@ -254,7 +254,6 @@ def build_pipeline(config: RunConfig, checkpoints: str, offline: bool, dtype: st
     import torch
 
     task = task_for(config)
-    require_available(task, config)
     if config.tiny:
         return task.pipeline_class()(**task.tiny_components(config)), None
     root = Path(checkpoints).expanduser()

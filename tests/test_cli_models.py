@@ -47,7 +47,7 @@ def test_missing_models_are_all_listed_once_and_nothing_runs(tmp_path, capsys):
         "stable-diffusion-v1-5/stable-diffusion-v1-5, runwayml/stable-diffusion-v1-5",
         "lllyasviel/control_v11p_sd15_canny",
         "cerspense/zeroscope_v2_576w",
-        f"hf download cerspense/zeroscope_v2_576w --include \"unet/*\"",
+        "hf download cerspense/zeroscope_v2_576w --include \"unet/*\"",
         f"--local-dir {tmp_path / 'checkpoints' / 'ZeroScope' / 'zeroscope_v2_576w'}",
         "without --offline",
         "--tiny",
