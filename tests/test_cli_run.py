@@ -14,7 +14,6 @@ from cli_helpers import FAST, only_run_folder, run_cli, stats
 from bivdiff import configs as shipped
 from bivdiff.config import load_config
 from bivdiff.run_folder import new_run_folder
-from bivdiff.tasks import TASKS
 from bivdiff.video_io import read_video, read_video_clip
 
 CONTROLNET_ZEROSCOPE = "controllable_video_generation_with_controlnet_and_zeroscope"
