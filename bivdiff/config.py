@@ -75,6 +75,8 @@ MODEL_KEYS = {
     "device": Key("auto", "str"),
     "dtype": Key("auto", "str"),
     "cpu_offload": Key(False, "bool"),
+    "video_window": Key(None, "int"),
+    "video_window_overlap": Key(4, "int"),
 }
 
 
@@ -542,6 +544,13 @@ def _check_model(model: dict, problems: list[str]) -> None:
         problems.append(f"Model.device={device!r} must be auto, cpu, cuda, cuda:N or mps.")
     if not isinstance(model["cpu_offload"], bool):
         problems.append(f"Model.cpu_offload={model['cpu_offload']!r} must be true or false.")
+    if model["video_window"] is not None and _positive_int(model, "Model", "video_window", problems, minimum=2):
+        overlap = model["video_window_overlap"]
+        if not _is_int(overlap) or not 0 <= overlap < model["video_window"]:
+            problems.append(
+                f"Model.video_window_overlap={overlap!r} must be a whole number from 0 to "
+                f"Model.video_window - 1 ({model['video_window'] - 1})."
+            )
     for key in ("idm_prompt", "vdm_prompt"):
         _text(model, "Model", key, problems)
 

@@ -257,6 +257,8 @@ def build_pipeline(plan: Plan, device, dtype):
     # (a no-op cast still makes diffusers warn about modules to keep in fp32).
     if config.tiny and dtype != torch.float32:
         pipe.to(dtype=dtype)
+    if config.model["video_window"]:
+        pipe.enable_video_windows(size=config.model["video_window"], overlap=config.model["video_window_overlap"])
     if config.model["cpu_offload"]:
         pipe.enable_model_cpu_offload(device=device)
     else:

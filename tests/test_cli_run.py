@@ -115,7 +115,13 @@ def test_concurrent_runs_never_share_a_folder(tmp_path):
 
 def test_unknown_override_key_is_named_and_nothing_is_written(tmp_path, capsys):
     code, _, err = run_cli(
-        capsys, "run", "--tiny", "--config-name", CONTROLNET_ZEROSCOPE, "--output-dir", tmp_path,
+        capsys,
+        "run",
+        "--tiny",
+        "--config-name",
+        CONTROLNET_ZEROSCOPE,
+        "--output-dir",
+        tmp_path,
         "Model.num_inference_step=3",
     )
     assert code == 2
@@ -125,7 +131,13 @@ def test_unknown_override_key_is_named_and_nothing_is_written(tmp_path, capsys):
 
 def test_too_few_source_frames_gives_the_numbers_and_the_fix(tmp_path, capsys):
     code, _, err = run_cli(
-        capsys, "run", "--tiny", "--config-name", CONTROLNET_ZEROSCOPE, "--output-dir", tmp_path,
+        capsys,
+        "run",
+        "--tiny",
+        "--config-name",
+        CONTROLNET_ZEROSCOPE,
+        "--output-dir",
+        tmp_path,
         "Model.video_length=100",
     )
     assert code == 2
@@ -194,7 +206,30 @@ def test_console_script_runs(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     result = subprocess.run(
         [str(script), "run", "--tiny", "--dry-run", "--config-name", CONTROLNET_ZEROSCOPE],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "TINY MODE" in result.stdout and "Dry run" in result.stdout
+
+
+def test_video_window_runs_the_video_model_on_windows(tmp_path, capsys):
+    # 3 frames in windows of 2 overlapping by 1: two video-UNet calls per smoothing step.
+    code, _, err = run_cli(
+        capsys,
+        "run",
+        "--tiny",
+        "--config-name",
+        CONTROLNET_ZEROSCOPE,
+        "--output-dir",
+        tmp_path,
+        *FAST,
+        "Model.video_window=2",
+        "Model.video_window_overlap=1",
+    )
+    assert code == 0, err
+    calls = stats(only_run_folder(tmp_path))["unet_calls"]
+    assert calls["temporal smoothing"] == {"video_unet": 2 * 2}

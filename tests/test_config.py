@@ -13,28 +13,54 @@ CONTROLNET_ZEROSCOPE = "controllable_video_generation_with_controlnet_and_zerosc
 # Per config: (idm, vdm, mixing ratio, idm_prompt, vdm_prompt), as in the original configs.
 ORIGINAL = {
     "controllable_video_generation_with_controlnet_and_vidrd": (
-        "ControlNet", "VidRD", 1.0, "A person on a motorcycle does a burnout on a frozen lake",
+        "ControlNet",
+        "VidRD",
+        1.0,
+        "A person on a motorcycle does a burnout on a frozen lake",
         "A person on a motorcycle does a burnout on a frozen lake",
     ),
     CONTROLNET_ZEROSCOPE: (
-        "ControlNet", "ZeroScope", 1.0, "A bear walking through a snow mountain",
+        "ControlNet",
+        "ZeroScope",
+        1.0,
+        "A bear walking through a snow mountain",
         "A bear walking through a snow mountain",
     ),
     "controllable_video_generation_with_t2iadapter_and_vidrd": (
-        "T2IAdapter", "VidRD", 1.0, "A red car moves in front of buildings", "A red car moves in front of buildings"
+        "T2IAdapter",
+        "VidRD",
+        1.0,
+        "A red car moves in front of buildings",
+        "A red car moves in front of buildings",
     ),
     "video_editing_with_instruct_pix2pix_and_vidrd": (
-        "InstructPix2Pix", "VidRD", 1.0, "Make him on the road", "A man moonwalks on the road"
+        "InstructPix2Pix",
+        "VidRD",
+        1.0,
+        "Make him on the road",
+        "A man moonwalks on the road",
     ),
     "video_editing_with_instruct_pix2pix_and_zeroscope": (
-        "InstructPix2Pix", "ZeroScope", 1.0, "Make it minecraft style", "A train is running, minecraft style"
+        "InstructPix2Pix",
+        "ZeroScope",
+        1.0,
+        "Make it minecraft style",
+        "A train is running, minecraft style",
     ),
     "video_editing_with_prompt2prompt_and_vidrd": (
-        "Prompt2Prompt", "VidRD", 0.25, "A car is moving on the road", "A car is moving on the road in the forest"
+        "Prompt2Prompt",
+        "VidRD",
+        0.25,
+        "A car is moving on the road",
+        "A car is moving on the road in the forest",
     ),
     "video_inpainting_with_stable_diffusion_inpainting_and_vidrd": ("StableDiffusionInpainting", "VidRD", 0.1, "", ""),
     "video_outpainting_with_stable_diffusion_inpainting_and_vidrd": (
-        "StableDiffusionOutpainting", "VidRD", 0.1, "", ""
+        "StableDiffusionOutpainting",
+        "VidRD",
+        0.1,
+        "",
+        "",
     ),
 }
 
@@ -155,9 +181,19 @@ def test_an_original_config_file_loads_hydra_section_and_all(tmp_path):
         "IDM": {"ControlNet": {"condition": "canny", "mixing_ratio": 1.0}},
         "MixedInversion": {"idm": "SD-v15", "pretrained_model_path": "./checkpoints/stable-diffusion-v1-5"},
         "Model": {
-            "idm": "ControlNet", "vdm": "ZeroScope", "idm_prompt": "A bear", "vdm_prompt": "A bear",
-            "video_path": "./data/bear.mp4", "output_path": "./outputs/", "video_length": 8, "width": 512,
-            "height": 512, "frame_rate": 4, "seed": 42, "guidance_scale": 7.5, "num_inference_steps": 50,
+            "idm": "ControlNet",
+            "vdm": "ZeroScope",
+            "idm_prompt": "A bear",
+            "vdm_prompt": "A bear",
+            "video_path": "./data/bear.mp4",
+            "output_path": "./outputs/",
+            "video_length": 8,
+            "width": 512,
+            "height": 512,
+            "frame_rate": 4,
+            "seed": 42,
+            "guidance_scale": 7.5,
+            "num_inference_steps": 50,
         },
     }
     path = tmp_path / "original.yaml"
@@ -209,3 +245,11 @@ def test_resolved_config_round_trips(tmp_path):
     path.write_text(config.to_yaml())
     again = load_config(path, tiny=True)
     assert again.data == config.data
+
+
+def test_video_window_overlap_must_leave_a_stride():
+    name = "controllable_video_generation_with_controlnet_and_zeroscope"
+    with pytest.raises(ConfigError, match="video_window_overlap=4 must be a whole number from 0 to"):
+        load_config(shipped.config_path(name), ["Model.video_window=4"], name=name)
+    config = load_config(shipped.config_path(name), ["Model.video_window=8"], name=name)
+    assert (config.model["video_window"], config.model["video_window_overlap"]) == (8, 4)
