@@ -1,36 +1,27 @@
 """conversion_scripts/assemble_pipeline.py: a model folder assembled from tiny components loads both ways
 (as a custom pipeline from its own file, and through the class) and gives the same video."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
 from diffusers import DiffusionPipeline
+from script_helpers import load_script
 
 from bivdiff import BIVDiffControllablePipeline
 from bivdiff import configs as shipped
 from bivdiff.config import load_config
 from bivdiff.tasks import task_for
 
-SCRIPT = Path(__file__).resolve().parents[1] / "conversion_scripts" / "assemble_pipeline.py"
 CONFIG = "controllable_video_generation_with_t2iadapter_and_vidrd"
 OVERRIDES = ["IDM.T2IAdapter.condition=canny", "Model.width=32", "Model.height=32", "Model.video_length=2"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("assemble_pipeline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def assemble():
-    return load_script()
+    return load_script("assemble_pipeline")
 
 
 def tiny_config():
@@ -42,8 +33,12 @@ def call(pipe):
     edges = np.zeros((2, 32, 32), dtype=np.uint8)
     edges[:, 8:24, 16] = 255
     return pipe(
-        prompt="a red car", control_frames=[e for e in edges], num_inference_steps=2, mixing_ratio=0.5,
-        generator=torch.Generator().manual_seed(0), output_type="np",
+        prompt="a red car",
+        control_frames=[e for e in edges],
+        num_inference_steps=2,
+        mixing_ratio=0.5,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
     ).frames
 
 

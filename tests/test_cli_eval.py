@@ -3,34 +3,11 @@ test_evaluation.py)."""
 
 import json
 
-import cv2
-import numpy as np
 import pytest
 from cli_helpers import run_cli
+from synthetic_videos import HEIGHT, NUM_FRAMES, WIDTH, flicker, static_video, translating_video
 
 from bivdiff.video_io import write_video
-
-NUM_FRAMES, HEIGHT, WIDTH, STEP = 6, 64, 96, 2
-
-
-def texture(seed=0):
-    """Smooth random colour texture: detail for optical flow, no aliasing when shifted."""
-    noise = np.random.default_rng(seed).random((HEIGHT + 40, WIDTH + NUM_FRAMES * STEP + 40, 3)).astype(np.float32)
-    return np.clip(cv2.GaussianBlur(noise, (0, 0), 3) * 4 - 1.5, 0, 1)
-
-
-def static_video():
-    return np.stack([texture()[:HEIGHT, :WIDTH]] * NUM_FRAMES)
-
-
-def translating_video():
-    image = texture()
-    return np.stack([image[10 : 10 + HEIGHT, 20 + STEP * t : 20 + STEP * t + WIDTH] for t in range(NUM_FRAMES)])
-
-
-def flicker(video, seed=1):
-    gains = np.random.default_rng(seed).uniform(0.7, 1.3, len(video)).astype(np.float32)
-    return np.clip(video * gains[:, None, None, None], 0, 1)
 
 
 def save(frames, path):
@@ -84,7 +61,10 @@ def test_prompt_without_clip_is_noted_not_used(tmp_path, capsys):
 @pytest.mark.parametrize("flag", ["video", "--source", "--clip"])
 def test_missing_paths_are_named(tmp_path, capsys, flag):
     video = save(static_video(), tmp_path / "v")
-    args = {"video": [tmp_path / "none.mp4"], "--source": [video, "--source", tmp_path / "none"],
-            "--clip": [video, "--clip", tmp_path / "no_clip"]}[flag]
+    args = {
+        "video": [tmp_path / "none.mp4"],
+        "--source": [video, "--source", tmp_path / "none"],
+        "--clip": [video, "--clip", tmp_path / "no_clip"],
+    }[flag]
     code, _, err = run_cli(capsys, "eval", *args)
     assert code == 1 and flag in err and ("none" in err or "no_clip" in err)

@@ -34,8 +34,15 @@ def no_network(monkeypatch, tmp_path):
 
 def test_missing_models_are_all_listed_once_and_nothing_runs(tmp_path, capsys):
     code, _, err = run_cli(
-        capsys, "run", "--config-name", CONTROLNET_ZEROSCOPE, "--checkpoints", tmp_path / "checkpoints",
-        "--offline", "--output-dir", tmp_path / "outputs",
+        capsys,
+        "run",
+        "--config-name",
+        CONTROLNET_ZEROSCOPE,
+        "--checkpoints",
+        tmp_path / "checkpoints",
+        "--offline",
+        "--output-dir",
+        tmp_path / "outputs",
     )
     assert code == 1
     assert err.count("error:") == 1 and "3 model(s) missing" in err and "nothing was run" in err
@@ -47,7 +54,7 @@ def test_missing_models_are_all_listed_once_and_nothing_runs(tmp_path, capsys):
         "stable-diffusion-v1-5/stable-diffusion-v1-5, runwayml/stable-diffusion-v1-5",
         "lllyasviel/control_v11p_sd15_canny",
         "cerspense/zeroscope_v2_576w",
-        "hf download cerspense/zeroscope_v2_576w --include \"unet/*\"",
+        'hf download cerspense/zeroscope_v2_576w --include "unet/*"',
         f"--local-dir {tmp_path / 'checkpoints' / 'ZeroScope' / 'zeroscope_v2_576w'}",
         "without --offline",
         "--tiny",
@@ -96,7 +103,12 @@ def test_depth_without_controlnet_aux_names_the_extra(tmp_path, capsys, monkeypa
 
     monkeypatch.setitem(sys.modules, "controlnet_aux", None)
     code, _, err = run_cli(
-        capsys, "run", CONTROLNET_ZEROSCOPE, "IDM.ControlNet.condition=depth_midas", "--checkpoints", tmp_path,
+        capsys,
+        "run",
+        CONTROLNET_ZEROSCOPE,
+        "IDM.ControlNet.condition=depth_midas",
+        "--checkpoints",
+        tmp_path,
         "--offline",
     )
     assert code == 1 and 'pip install "bivdiff[annotators]"' in err
@@ -117,8 +129,15 @@ def fill_hf_cache(cache: Path, folder: Path, repo_id: str) -> None:
 def test_real_run_loads_the_checkpoints_layout(tmp_path, capsys):
     checkpoints = save_tiny_checkpoints(tmp_path / "checkpoints")
     code, out, err = run_cli(
-        capsys, "run", CONTROLNET_ZEROSCOPE, "--checkpoints", checkpoints, "--offline", "--output-dir",
-        tmp_path / "outputs", *FAST,
+        capsys,
+        "run",
+        CONTROLNET_ZEROSCOPE,
+        "--checkpoints",
+        checkpoints,
+        "--offline",
+        "--output-dir",
+        tmp_path / "outputs",
+        *FAST,
     )
     assert code == 0, err
     assert f"model:  Stable Diffusion 1.5: {checkpoints / 'stable-diffusion-v1-5'}" in out and "TINY" not in out

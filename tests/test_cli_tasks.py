@@ -39,8 +39,18 @@ class Recorder:
 
 class InstructPix2PixStandIn(Recorder):
     def __call__(
-        self, video, prompt, video_prompt=None, negative_prompt=None, image_guidance_scale=1.5, guidance_scale=7.5,
-        mixing_ratio=1.0, num_inference_steps=50, frame_batch_size=8, generator=None, output_type="np",
+        self,
+        video,
+        prompt,
+        video_prompt=None,
+        negative_prompt=None,
+        image_guidance_scale=1.5,
+        guidance_scale=7.5,
+        mixing_ratio=1.0,
+        num_inference_steps=50,
+        frame_batch_size=8,
+        generator=None,
+        output_type="np",
     ):
         Recorder.calls.append(dict(locals(), self=None))
         return self.result(video, output_type)
@@ -48,9 +58,22 @@ class InstructPix2PixStandIn(Recorder):
 
 class InpaintStandIn(Recorder):
     def __call__(
-        self, video, prompt="", video_prompt=None, mask=None, outpaint=None, paste_back=False, mixing_ratio=0.1,
-        negative_prompt=None, guidance_scale=7.5, num_inference_steps=50, frame_batch_size=8, generator=None,
-        output_type="np", height=None, width=None,
+        self,
+        video,
+        prompt="",
+        video_prompt=None,
+        mask=None,
+        outpaint=None,
+        paste_back=False,
+        mixing_ratio=0.1,
+        negative_prompt=None,
+        guidance_scale=7.5,
+        num_inference_steps=50,
+        frame_batch_size=8,
+        generator=None,
+        output_type="np",
+        height=None,
+        width=None,
     ):
         Recorder.calls.append(dict(locals(), self=None))
         return self.result(video, output_type)
@@ -60,9 +83,22 @@ class Prompt2PromptStandIn(Recorder):
     with_source_frames = True
 
     def __call__(
-        self, video, source_prompt, prompt, video_prompt=None, edit_type="refine", cross_replace_steps=0.4,
-        self_replace_steps=0.4, local_blend_words=None, local_blend_threshold=0.3, mixing_ratio=0.25,
-        negative_prompt=None, guidance_scale=7.5, num_inference_steps=50, frame_batch_size=8, generator=None,
+        self,
+        video,
+        source_prompt,
+        prompt,
+        video_prompt=None,
+        edit_type="refine",
+        cross_replace_steps=0.4,
+        self_replace_steps=0.4,
+        local_blend_words=None,
+        local_blend_threshold=0.3,
+        mixing_ratio=0.25,
+        negative_prompt=None,
+        guidance_scale=7.5,
+        num_inference_steps=50,
+        frame_batch_size=8,
+        generator=None,
         output_type="np",
     ):
         Recorder.calls.append(dict(locals(), self=None))
@@ -123,8 +159,15 @@ def test_inpainting_gets_a_binary_mask_video_and_a_9_channel_unet(recorded, tmp_
 
 def test_inpainting_mask_shorter_than_the_selection_fails_before_models(recorded, tmp_path, capsys):
     code, _, err = run_cli(
-        capsys, "run", "--tiny", "--config-name", "video_inpainting_with_stable_diffusion_inpainting_and_vidrd",
-        "--output-dir", tmp_path, *FAST, f"IDM.StableDiffusionInpainting.video_mask_path={short_mask(tmp_path)}",
+        capsys,
+        "run",
+        "--tiny",
+        "--config-name",
+        "video_inpainting_with_stable_diffusion_inpainting_and_vidrd",
+        "--output-dir",
+        tmp_path,
+        *FAST,
+        f"IDM.StableDiffusionInpainting.video_mask_path={short_mask(tmp_path)}",
     )
     assert code == 2 and "IDM.StableDiffusionInpainting.video_mask_path" in err and "has 2 frames" in err
     assert recorded.pipes == [] and not [p for p in tmp_path.iterdir() if p.is_dir()]
@@ -138,8 +181,11 @@ def short_mask(tmp_path):
 
 def test_outpainting_passes_the_band_type_and_saves_the_band_mask(recorded, tmp_path, capsys):
     folder = run_tiny(
-        capsys, tmp_path, "video_outpainting_with_stable_diffusion_inpainting_and_vidrd",
-        "IDM.StableDiffusionOutpainting.mask_type=vertical", "IDM.StableDiffusionOutpainting.paste_back=true",
+        capsys,
+        tmp_path,
+        "video_outpainting_with_stable_diffusion_inpainting_and_vidrd",
+        "IDM.StableDiffusionOutpainting.mask_type=vertical",
+        "IDM.StableDiffusionOutpainting.paste_back=true",
     )
     (call,) = recorded.calls
     assert call["outpaint"] == "vertical" and call["mask"] is None and call["paste_back"] is True
@@ -149,7 +195,9 @@ def test_outpainting_passes_the_band_type_and_saves_the_band_mask(recorded, tmp_
 
 def test_prompt2prompt_maps_the_original_keys(recorded, tmp_path, capsys):
     folder = run_tiny(
-        capsys, tmp_path, "video_editing_with_prompt2prompt_and_vidrd",
+        capsys,
+        tmp_path,
+        "video_editing_with_prompt2prompt_and_vidrd",
         "IDM.Prompt2Prompt.controller_type=AttentionReplace",
         "IDM.Prompt2Prompt.prompts=[A car is moving on the road, A bus is moving on the road]",
         "IDM.Prompt2Prompt.local_blend_words=[car, bus]",
@@ -183,8 +231,15 @@ def test_instruct_pix2pix_loads_its_unet_and_sampler_from_its_own_folder(recorde
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
     ).save_pretrained(ip2p / "scheduler")
     code, _, err = run_cli(
-        capsys, "run", "video_editing_with_instruct_pix2pix_and_zeroscope", "--checkpoints", checkpoints,
-        "--offline", "--output-dir", tmp_path / "outputs", *FAST,
+        capsys,
+        "run",
+        "video_editing_with_instruct_pix2pix_and_zeroscope",
+        "--checkpoints",
+        checkpoints,
+        "--offline",
+        "--output-dir",
+        tmp_path / "outputs",
+        *FAST,
     )
     assert code == 0, err
     (pipe,) = recorded.pipes

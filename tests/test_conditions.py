@@ -42,8 +42,11 @@ def test_canny_thresholds_matter():
 @pytest.mark.parametrize(
     "mask_type, white, black",
     [
-        ("horizontal", [(0, slice(None)), (15, slice(None)), (48, slice(None)), (63, slice(None))],
-         [(16, 0), (47, 5)]),
+        (
+            "horizontal",
+            [(0, slice(None)), (15, slice(None)), (48, slice(None)), (63, slice(None))],
+            [(16, 0), (47, 5)],
+        ),
         ("vertical", [(slice(None), 0), (slice(None), 7), (slice(None), 24), (slice(None), 31)], [(0, 8), (63, 23)]),
     ],
 )

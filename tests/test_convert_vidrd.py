@@ -1,14 +1,13 @@
 """The ModelT2V.pth -> diffusers converter, on tiny Lightning-style checkpoints and a tiny SD-2.1 folder."""
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from script_helpers import load_script
 
 from bivdiff.models import VidRDUNet3DConditionModel
 from bivdiff.tiny_models import VIDEO_TEXT_DIM, tiny_text_encoder, tiny_tokenizer, tiny_vae
@@ -44,17 +43,7 @@ SD21_BASE_UNET_CONFIG = {
 }
 
 
-def _converter():
-    name = "convert_vidrd_to_diffusers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "conversion_scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-conv = _converter()
+conv = load_script("convert_vidrd_to_diffusers")
 
 
 @pytest.fixture(scope="module")

@@ -43,4 +43,6 @@ def test_inverse_scheduler_added_after_loading_is_saved(sd_folder, tmp_path):
     )
     pipe.register_modules(inverse_scheduler=BIVDiffDDIMInverseScheduler.from_config(pipe.scheduler.config))
     pipe.save_pretrained(tmp_path)
-    assert isinstance(BIVDiffControllablePipeline.from_pretrained(tmp_path).inverse_scheduler, BIVDiffDDIMInverseScheduler)
+    assert isinstance(
+        BIVDiffControllablePipeline.from_pretrained(tmp_path).inverse_scheduler, BIVDiffDDIMInverseScheduler
+    )

@@ -1,29 +1,18 @@
 """VidRDUNet3DConditionModel: parameter layout, numerical parity with VidRD's own UNet, and behaviour."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from script_helpers import load_script
 
 from bivdiff.models import VidRDUNet3DConditionModel
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 KEY_MANIFEST = ROOT / "tests" / "fixtures" / "vidrd_unet_keys_sd21.json"
-
-
-def _converter():
-    name = "convert_vidrd_to_diffusers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "conversion_scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +30,7 @@ def parity():
 @pytest.fixture(scope="module")
 def parity_unet(parity):
     meta, _, state_dict = parity
-    return _converter().build_unet(meta["config"], state_dict)
+    return load_script("convert_vidrd_to_diffusers").build_unet(meta["config"], state_dict)
 
 
 def _timestep(value):
