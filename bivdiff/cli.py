@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from bivdiff.errors import UserError
+from bivdiff.errors import ConfigError, UserError
 
 DESCRIPTION = """\
 BIVDiff (CVPR 2024): training-free video synthesis. An image diffusion model does the task on every frame
@@ -131,46 +131,31 @@ def build_main_parser() -> argparse.ArgumentParser:
 
 
 def run_command(argv: list[str]) -> int:
-    from bivdiff.runner import RunRequest, execute
+    from bivdiff.runner import run_config
 
     args = build_run_parser().parse_intermixed_args(argv)
     if args.list:
         return list_command([])
-    config_name, config_path, overrides = split_items(args)
-    flags = (("Model.output_path", args.output_dir), ("Model.device", args.device), ("Model.dtype", args.dtype))
-    for key, value in flags:
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    request = RunRequest(
-        config_name=config_name,
-        config_path=config_path,
-        overrides=overrides,
-        tiny=args.tiny,
-        checkpoints=args.checkpoints,
-        offline=args.offline,
-        dry_run=args.dry_run,
-    )
-    execute(request, log=lambda text: print(text, flush=True))
-    return 0
-
-
-def split_items(args) -> tuple[str | None, str | None, list[str]]:
-    """Positional items: KEY=VALUE overrides, and at most one config name or YAML path."""
     overrides = [item for item in args.items if "=" in item]
     others = [item for item in args.items if "=" not in item]
-    if len(others) > 1 or (others and (args.config_name or args.config)):
-        raise UserError(
-            f"Unexpected argument(s) {', '.join(others)}: give one config (a name or a .yaml path) and KEY=VALUE "
-            "overrides, e.g. bivdiff run --config-name NAME Model.num_inference_steps=20"
+    if len(others) > 1 or (others and (args.config_name or args.config)) or (args.config_name and args.config):
+        raise ConfigError(
+            f"Unexpected argument(s) {', '.join(others) or '--config with --config-name'}: give one config (a name "
+            "or a .yaml path) and KEY=VALUE overrides, e.g. bivdiff run --config-name NAME Model.num_inference_steps=20"
         )
-    config_name, config_path = args.config_name, args.config
-    if others:
-        item = others[0]
-        if item.endswith((".yaml", ".yml")) and Path(item).expanduser().is_file():
-            config_path = item
-        else:
-            config_name = item
-    return config_name, config_path, overrides
+    flags = (("Model.device", args.device), ("Model.dtype", args.dtype))
+    overrides += [f"{key}={value}" for key, value in flags if value is not None]
+    run_config(
+        Path(args.config) if args.config else args.config_name or (others[0] if others else None),
+        overrides,
+        tiny=args.tiny,
+        checkpoints=args.checkpoints,
+        output_dir=args.output_dir,
+        offline=args.offline,
+        dry_run=args.dry_run,
+        log=lambda text: print(text, flush=True),
+    )
+    return 0
 
 
 def list_command(argv: list[str]) -> int:
@@ -230,8 +215,6 @@ def quiet_torchvision_notice():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bivdiff.runner import main_error
-
     quiet_torchvision_notice()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -250,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(argv[1:])
     except UserError as err:
-        return main_error(err)
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -7,14 +7,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import secrets
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from bivdiff.video_io import to_numpy_frames, write_video
+from bivdiff.video_io import atomic_path, to_numpy_frames, write_video
 
 # GIF frame delays are whole 1/100 s and browsers slow down anything faster than 50 fps.
 GIF_MAX_FPS = 50.0
@@ -42,26 +41,38 @@ def new_run_folder(output_root: str | os.PathLike, config_name: str, now: dateti
     raise AssertionError("unreachable")
 
 
-def write_clip(folder: Path, stem: str, frames, fps: float) -> list[str]:
-    """`stem.mp4` and `stem.gif` (GIF fps capped at 50); returns the file names."""
-    write_video(frames, folder / f"{stem}.mp4", fps=fps)
-    write_video(frames, folder / f"{stem}.gif", fps=min(fps, GIF_MAX_FPS))
-    return [f"{stem}.mp4", f"{stem}.gif"]
-
-
 def write_text(path: Path, text: str) -> None:
     """Write through a temporary name and rename, so a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_outputs(folder: Path, plan, result) -> dict:
+    """Every video as MP4 and GIF (GIF fps capped at 50), and the labelled comparison; returns {what: [files]}."""
+    config, inputs, fps = plan.config, plan.inputs, plan.fps
+    noise = " (tiny: noise)" if config.tiny else ""
+    idm_frames, source_frames = getattr(result, "idm_frames", None), getattr(result, "source_frames", None)
+    videos = [("source_video", "source", inputs.source)]
+    if inputs.condition is not None:
+        videos.append((f"{inputs.condition_name}_condition", inputs.condition_label or "condition", inputs.condition))
+    if inputs.mask is not None:
+        videos.append(("source_mask", inputs.condition_label or "mask", inputs.mask))
+    if source_frames is not None:
+        videos.append(("video_inverted_and_reconstructed", None, list(source_frames[0])))
+    if idm_frames is not None:
+        videos.append(("video_by_idm", f"image model: {config.idm}{noise}", list(idm_frames[0])))
+    videos.append(("video_by_bivdiff", f"BIVDiff: {config.vdm}{noise}", list(result.frames[0])))
+    videos.append(("comparison", None, comparison_frames([(label, v) for _, label, v in videos if label])))
+    files = {}
+    for stem, _, frames in videos:
+        write_video(frames, folder / f"{stem}.mp4", fps=fps)
+        write_video(frames, folder / f"{stem}.gif", fps=min(fps, GIF_MAX_FPS))
+        files[stem] = [f"{stem}.mp4", f"{stem}.gif"]
+    return {**files, "config": ["config.yaml"], "stats": ["stats.json"]}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,20 +1,25 @@
-"""`bivdiff run`, step by step: check the config and inputs, find the models, then load, run and write a new run
-folder. Everything that can fail on bad input fails before the first model is loaded."""
+"""A run in one pass: config -> plan (task, inputs, resolved models) -> pipeline -> outputs -> run folder.
+
+Everything that can fail on bad input fails while planning, before the first model is loaded. Building the pipeline
+(`build_pipeline`) is separate from calling it (`run_job`), so a caller running many jobs can load a model set once
+(`Plan.model_set` says which plans share one) and reuse it. `run_config` is the whole pass as one call.
+"""
 
 from __future__ import annotations
 
-import sys
+import os
 import time
 import traceback
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from bivdiff import configs as shipped
 from bivdiff.config import RunConfig, load_config
 from bivdiff.errors import ConfigError, UserError
-from bivdiff.inputs import SourceVideo, read_source
-from bivdiff.models_resolution import ResolvedModel, Resolver, is_offline
-from bivdiff.tasks import Context, Inputs, Outputs, Task, task_for
+from bivdiff.models_resolution import ResolvedModel, is_offline, resolve
+from bivdiff.tasks import Inputs, Task, task_for
+from bivdiff.video_io import VideoClip, default_clip_path, default_mask_path, read_video_clip
 
 FIRST_TRY = "controllable_video_generation_with_controlnet_and_zeroscope"
 TINY_NOTE = (
@@ -22,201 +27,117 @@ TINY_NOTE = (
     "that the command line, the pipeline and the outputs work. Drop --tiny for real results."
 )
 DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+# GIFs and image folders carry no frame rate of their own (a folder none at all): the original wrote 8 fps.
+FALLBACK_FPS = 8.0
+# Stage-1 sampler names of the configs whose diffusers class is not the name + "Scheduler".
+SCHEDULER_CLASSES = {"EulerAncestral": "EulerAncestralDiscrete", "Euler": "EulerDiscrete", "LMS": "LMSDiscrete"}
 
 
 @dataclass
-class RunRequest:
-    """What the command line asked for."""
+class Plan:
+    """A checked run: config, task, inputs and model sources; nothing loaded yet."""
 
-    config_name: str | None = None
-    config_path: str | None = None
-    overrides: list[str] = field(default_factory=list)
-    tiny: bool = False
-    checkpoints: str = "checkpoints"
-    offline: bool = False
-    dry_run: bool = False
+    config: RunConfig
+    task: Task
+    inputs: Inputs
+    source: VideoClip
+    source_path: Path
+    models: dict[str, ResolvedModel]
     cache_dir: str | None = None
 
+    @property
+    def fps(self) -> float:
+        """Of the result: the source's frame rate divided by the stride."""
+        stride = self.config.model["frame_rate"]
+        return (self.source.fps or FALLBACK_FPS * stride) / stride
 
-def locate_config(request: RunRequest) -> tuple[Path, str]:
-    """The YAML file and the name of the run's config."""
-    if request.config_path and request.config_name:
-        raise ConfigError("Give either --config-name NAME or --config PATH, not both.")
-    if request.config_path:
-        path = Path(request.config_path).expanduser()
-        return path, path.stem
-    if not request.config_name:
+    @property
+    def model_set(self) -> tuple:
+        """Plans with equal model sets can share one loaded pipeline (only the call arguments differ)."""
+        model, options = self.config.model, self.config.idm_options
+        models = tuple(sorted((key, resolved.location) for key, resolved in self.models.items()))
+        return (self.config.idm, self.config.vdm, self.config.tiny, options.get("condition"), options["scheduler"],
+                models, model["device"], model["dtype"], model["cpu_offload"], model["video_window"],
+                model["video_window_overlap"])
+
+
+def config_file(config: str | os.PathLike | None) -> tuple[Path, str]:
+    """The YAML file and the run's name of a shipped config name or a YAML path."""
+    if config is None:
         raise ConfigError(
             "Which task? Give --config-name NAME (or --config PATH.yaml). Shipped configs:\n  "
             + "\n  ".join(shipped.config_names())
             + f"\nTry one without any model download: bivdiff run --tiny --config-name {FIRST_TRY}"
         )
+    text = str(config)
+    if isinstance(config, os.PathLike) or text.endswith((".yaml", ".yml")) and (Path(text).is_file() or os.sep in text):
+        return Path(text).expanduser(), Path(text).stem
     try:
-        path = shipped.config_path(request.config_name)
+        return shipped.config_path(text), text.removesuffix(".yaml")
     except KeyError:
-        raise ConfigError(unknown_config_message(request.config_name)) from None
-    return path, path.stem
+        import difflib
+
+        names, stem = shipped.config_names(), text.removesuffix(".yaml")
+        near = [n for n in names if stem and stem.lower() in n] or difflib.get_close_matches(stem, names, 3, 0.4)
+        message = f"No shipped config named {text!r}."
+        message += f" Did you mean: {', '.join(near)}?" if near else f" Shipped configs: {', '.join(names)}."
+        raise ConfigError(message + " For your own YAML file use --config PATH (bivdiff list shows them).") from None
 
 
-def unknown_config_message(name: str) -> str:
-    import difflib
-
-    names = shipped.config_names()
-    stem = name.removesuffix(".yaml")
-    near = [n for n in names if stem and stem.lower() in n] or difflib.get_close_matches(stem, names, n=3, cutoff=0.4)
-    message = f"No shipped config named {name!r}."
-    if near:
-        message += " Did you mean: " + ", ".join(near) + "?"
-    else:
-        message += " Shipped configs: " + ", ".join(names) + "."
-    return message + " For your own YAML file use --config PATH (bivdiff list shows the shipped ones)."
-
-
-@dataclass
-class Plan:
-    """A checked run: config, task, source frames and model sources."""
-
-    config: RunConfig
-    task: Task
-    source: SourceVideo
-    models: dict[str, ResolvedModel]
-    offline: bool
-    checkpoints: Path
-    cache_dir: str | None
+def read_input(config: RunConfig, dotted: str, as_mask: bool = False) -> tuple[VideoClip, Path]:
+    """The video a config key names (the shipped clip or mask when null), with the run's frame selection, so
+    frame i of every input is the same moment; a bad or short video fails in config terms."""
+    model = config.model
+    section, key = dotted.rsplit(".", 1)
+    value = (model if section == "Model" else config.idm_options)[key]
+    path = (default_mask_path() if as_mask else default_clip_path()) if value is None else Path(value).expanduser()
+    length, stride, start = model["video_length"], model["frame_rate"], model["start_frame"]
+    try:
+        clip = read_video_clip(
+            path, length, stride, start, model["height"], model["width"], model["resize_mode"], as_mask=as_mask
+        )
+    except FileNotFoundError as err:
+        raise ConfigError(f"{dotted}: {err}") from err
+    except ValueError as err:
+        raise ConfigError(
+            f"{dotted}: {err}\nIn config terms: Model.video_length={length} frames at Model.frame_rate={stride} "
+            f"(the frame stride) from Model.start_frame={start} need {start + (length - 1) * stride + 1} source "
+            "frames. Lower one of them on the command line, e.g. Model.frame_rate=1, or give a longer video."
+        ) from err
+    return clip, path
 
 
-def plan_run(request: RunRequest) -> Plan:
+def plan_run(
+    config, overrides=(), tiny=False, checkpoints="checkpoints", offline=False, cache_dir=None, download=True
+) -> Plan:
     """Check everything that can be checked without loading a model."""
-    path, name = locate_config(request)
-    config = load_config(path, request.overrides, tiny=request.tiny, name=name)
-    task = task_for(config)
-    task.check_environment(config)
-    source = read_source(config)
-    task.read_inputs(config)
-    offline = True if request.tiny else is_offline(request.offline)
-    checkpoints = Path(request.checkpoints).expanduser()
+    path, name = config_file(config)
+    run_config = load_config(path, list(overrides), tiny=tiny, name=name)
+    task = task_for(run_config)
+    task.check_environment(run_config)
+    source, source_path = read_input(run_config, "Model.video_path")
+    inputs = task.inputs(run_config, source.frames, lambda key, as_mask: read_input(run_config, key, as_mask)[0].frames)
     models = {}
-    if not request.tiny:
-        models = Resolver(offline=offline, cache_dir=request.cache_dir).resolve(task.model_specs(config, checkpoints))
-    return Plan(config, task, source, models, offline, checkpoints, request.cache_dir)
+    if not tiny:
+        specs = task.model_specs(run_config, Path(checkpoints).expanduser())
+        models = resolve(specs, is_offline(offline), cache_dir, download=download)
+    return Plan(run_config, task, inputs, source, source_path, models, cache_dir)
 
 
 def describe_plan(plan: Plan) -> str:
-    config, model, source = plan.config, plan.config.model, plan.source
-    clip = "the Big Buck Bunny clip shipped with bivdiff" if source.shipped else str(source.path)
+    config, model = plan.config, plan.config.model
+    clip = "the Big Buck Bunny clip shipped with bivdiff" if model["video_path"] is None else str(plan.source_path)
     lines = [
         f"config: {config.name} ({plan.task.title} + {config.vdm})",
         f"input:  {clip}: {model['video_length']} frames, every {model['frame_rate']} from frame "
-        f"{model['start_frame']}, at {model['width']}x{model['height']} ({source.fps:g} fps)",
+        f"{model['start_frame']}, at {model['width']}x{model['height']} ({plan.fps:g} fps)",
     ]
-    if config.tiny:
-        lines.append(TINY_NOTE)
-    else:
-        lines += [f"model:  {resolved.describe()}" for resolved in plan.models.values()]
+    lines += [TINY_NOTE] if config.tiny else [f"model:  {resolved.describe()}" for resolved in plan.models.values()]
     return "\n".join(lines)
 
 
-def execute(request: RunRequest, log=print) -> Path | None:
-    """Run a request; returns the run folder (None for a dry run)."""
-    import bivdiff.run_folder as folder_io
-
-    started = time.perf_counter()
-    plan = plan_run(request)
-    log(describe_plan(plan))
-    if request.dry_run:
-        log("Dry run: the config, the inputs and the models are all in place; nothing was run.")
-        return None
-    config = plan.config
-    folder = folder_io.new_run_folder(config.model["output_path"], config.name)
-    log(f"output: {folder}")
-    folder_io.write_text(folder / "config.yaml", config_header(config) + config.to_yaml())
-    if config.tiny:
-        folder_io.write_text(folder / "TINY_MODE_NOISE.txt", TINY_NOTE + "\n")
-    try:
-        stats = run_in_folder(plan, folder, log)
-    except BaseException as err:
-        folder_io.write_text(folder / "error.txt", "".join(traceback.format_exception(err)))
-        log(f"The run failed; details in {folder / 'error.txt'}")
-        raise
-    stats["seconds"]["total"] = time.perf_counter() - started
-    folder_io.write_json(folder / "stats.json", stats)
-    log(f"Done in {stats['seconds']['total']:.1f} s: {folder / 'video_by_bivdiff.mp4'}")
-    log(f"Compare: {folder / 'comparison.mp4'}   Stats: {folder / 'stats.json'}")
-    if config.tiny:
-        log(TINY_NOTE)
-    return folder
-
-
-def config_header(config: RunConfig) -> str:
-    lines = [f"# Resolved config of this run of {config.name}. Rerun it with:", f"#   {config.rerun_command()}"]
-    if config.tiny:
-        lines.append("# A --tiny run: random weights, the pictures are noise.")
-    return "\n".join(lines) + "\n"
-
-
-def run_in_folder(plan: Plan, folder: Path, log) -> dict:
-    import torch
-
-    from bivdiff.profiling import NetworkCallCounter, peak_memory, stage_summary
-
-    config, task = plan.config, plan.task
-    seconds = {}
-    clock = time.perf_counter()
-    inputs = task.prepare_inputs(config, plan.source.frames, plan.models)
-    seconds["conditions"] = time.perf_counter() - clock
-
-    log("Building tiny models ..." if config.tiny else "Loading models ...")
-    clock = time.perf_counter()
-    device, dtype = pick_device(config.model["device"]), pick_dtype(config, config.model["device"])
-    pipe = build_pipeline(plan, device, dtype)
-    seconds["load_models"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    generator = torch.Generator("cpu").manual_seed(config.model["seed"])
-    arguments = task.arguments(pipe, config, inputs, generator)
-    with NetworkCallCounter(pipe) as counter:
-        try:
-            result = pipe(**arguments)
-        except ValueError as err:
-            # The pipelines check their inputs before any model runs and say what is wrong in a ValueError.
-            raise UserError(f"{type(pipe).__name__} refused the inputs: {err}") from err
-    outputs = task.outputs(result)
-    seconds["pipeline"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    log("Writing videos ...")
-    files = write_videos(folder, config, plan.source, inputs, outputs)
-    seconds["write_outputs"] = time.perf_counter() - clock
-
-    stage_log = list(getattr(pipe, "stage_log", []) or [])
-    calls = counter.as_dict()
-    return {
-        "config": config.name,
-        "task": task.title,
-        "idm": config.idm,
-        "vdm": config.vdm,
-        "tiny": config.tiny,
-        "note": TINY_NOTE if config.tiny else None,
-        "overrides": list(config.overrides),
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "video": {
-            "frames": len(outputs.frames),
-            "width": config.model["width"],
-            "height": config.model["height"],
-            "fps": plan.source.fps,
-            "frame_stride": config.model["frame_rate"],
-            "source": str(plan.source.path),
-            "source_fps": plan.source.source_fps,
-        },
-        "models": {key: resolved.location for key, resolved in plan.models.items()} or "tiny random weights",
-        "seconds": seconds,
-        "stages": stage_summary(stage_log, calls),
-        "unet_calls": calls,
-        "unet_calls_total": sum(sum(c.values()) for c in calls.values()),
-        "peak_memory": peak_memory(stage_log, device.type),
-        "files": files,
-    }
+# ----------------------------------------------------------------------------------------------------------
+# Building and calling the pipeline
 
 
 def pick_device(value: str):
@@ -232,31 +153,50 @@ def pick_device(value: str):
     return device
 
 
-def pick_dtype(config: RunConfig, device_value: str):
+def pick_dtype(config: RunConfig):
     """fp16 on a GPU and fp32 on a CPU by default; tiny random models always default to fp32."""
     import torch
 
     name = config.model["dtype"]
     if name == "auto":
-        on_gpu = pick_device(device_value).type == "cuda"
-        name = "fp16" if on_gpu and not config.tiny else "fp32"
+        name = "fp16" if pick_device(config.model["device"]).type == "cuda" and not config.tiny else "fp32"
     return getattr(torch, DTYPE_NAMES[name])
 
 
-def build_pipeline(plan: Plan, device, dtype):
+def make_scheduler(name: str, config: dict):
+    """The stage-1 sampler: `default` rebuilds the class the config names, any other name that class from it."""
+    import diffusers
+
+    class_name = SCHEDULER_CLASSES.get(name, name) + "Scheduler"
+    class_name = config.get("_class_name", "DDIMScheduler") if name == "default" else class_name
+    return getattr(diffusers, class_name).from_config(config)
+
+
+def build_pipeline(plan: Plan, device=None, dtype=None):
+    """The task's pipeline on `device`: tiny random components, or the resolved models through the pipeline's
+    own `from_pretrained(SD-1.5, component=...)`, the video model and the task's models passed as components."""
     import torch
 
     config, task = plan.config, plan.task
+    device = device or pick_device(config.model["device"])
+    dtype = dtype or pick_dtype(config)
     if config.tiny:
-        components = task.tiny_components(config)
+        from bivdiff import tiny_models as tiny
+
+        components = {**tiny.tiny_image_components(0, task.unet_in_channels), **tiny.tiny_video_components(0)}
+        if task.unet_in_channels != 4:
+            components["inversion_unet"] = tiny.tiny_unet(4, seed=1)
+        if config.vdm == "VidRD":
+            components["video_unet"] = tiny.tiny_vidrd_unet(seed=0)
+        components.update(task.tiny_components(config))
+        components["scheduler"] = make_scheduler(config.idm_options["scheduler"], tiny.sd15_scheduler_config())
+        pipe = task.pipeline_class()(**components)
+        # Tiny models are built in fp32 and cast only when asked for another dtype (a no-op cast still makes
+        # diffusers warn about modules to keep in fp32).
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
     else:
-        ctx = Context(checkpoints=plan.checkpoints, offline=plan.offline, cache_dir=plan.cache_dir, torch_dtype=dtype)
-        components = task.load_components(config, plan.models, ctx)
-    pipe = task.pipeline_class()(**components)
-    # Real models are loaded in `dtype`; tiny ones are built in fp32 and cast only when asked for another dtype
-    # (a no-op cast still makes diffusers warn about modules to keep in fp32).
-    if config.tiny and dtype != torch.float32:
-        pipe.to(dtype=dtype)
+        pipe = _load_pipeline(plan, dtype)
     if config.model["video_window"]:
         pipe.enable_video_windows(size=config.model["video_window"], overlap=config.model["video_window_overlap"])
     if config.model["cpu_offload"]:
@@ -266,37 +206,188 @@ def build_pipeline(plan: Plan, device, dtype):
     return pipe
 
 
-def write_videos(folder: Path, config: RunConfig, source: SourceVideo, inputs: Inputs, outputs: Outputs) -> dict:
-    """Every video as MP4 and GIF, and the labelled comparison; returns {what: [files]}."""
-    from bivdiff.run_folder import comparison_frames, write_clip
+def _load_pipeline(plan: Plan, dtype):
+    from diffusers import DDIMScheduler, UNet3DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
-    fps = source.fps
-    noise = " (tiny: noise)" if config.tiny else ""
-    files = {"source_video": write_clip(folder, "source_video", source.frames, fps)}
-    columns = [("source", source.frames)]
-    if inputs.condition is not None:
-        stem = f"{inputs.condition_name}_condition"
-        files[stem] = write_clip(folder, stem, inputs.condition, fps)
-        columns.append((inputs.condition_label or "condition", inputs.condition))
-    if inputs.mask is not None:
-        files["source_mask"] = write_clip(folder, "source_mask", inputs.mask, fps)
-        columns.append((inputs.condition_label or "mask", inputs.mask))
-    if outputs.source_frames is not None:
-        files["video_inverted_and_reconstructed"] = write_clip(
-            folder, "video_inverted_and_reconstructed", outputs.source_frames, fps
-        )
-    if outputs.idm_frames is not None:
-        files["video_by_idm"] = write_clip(folder, "video_by_idm", outputs.idm_frames, fps)
-        columns.append((f"image model: {config.idm}{noise}", outputs.idm_frames))
-    files["video_by_bivdiff"] = write_clip(folder, "video_by_bivdiff", outputs.frames, fps)
-    columns.append((f"BIVDiff: {config.vdm}{noise}", outputs.frames))
-    files["comparison"] = write_clip(folder, "comparison", comparison_frames(columns), fps)
-    files["config"] = ["config.yaml"]
-    files["stats"] = ["stats.json"]
-    return files
+    from bivdiff.models import VidRDUNet3DConditionModel
+    from bivdiff.schedulers import BIVDiffDDIMInverseScheduler
+
+    config, task = plan.config, plan.task
+    # Everything was fetched into the cache (or found locally) while planning.
+    where = dict(local_files_only=True, cache_dir=plan.cache_dir)
+
+    def load(key: str, subfolder: str, cls):
+        args = {} if cls is CLIPTokenizer else {"dtype" if cls is CLIPTextModel else "torch_dtype": dtype}
+        return cls.from_pretrained(plan.models[key].location, **({"subfolder": subfolder} if subfolder else {}),
+                                   **where, **args)
+
+    def scheduler_config(key: str) -> dict:
+        return dict(DDIMScheduler.load_config(plan.models[key].location, subfolder="scheduler", **where))
+
+    key, unet, text_encoder, tokenizer, unet_class = {
+        "ZeroScope": ("zeroscope", "unet", "text_encoder", "tokenizer", UNet3DConditionModel),
+        "VidRD": ("vidrd", "video_unet", "video_text_encoder", "video_tokenizer", VidRDUNet3DConditionModel),
+    }[config.vdm]
+    sd15_scheduler = scheduler_config("sd15")
+    # Smoothing derives its DDIM schedule from stage 1's scheduler config, so SD-1.5's DDIM settings (no sample
+    # clipping, alphas_cumprod[0] as the final alpha) lie under the IDM's own sampler keys.
+    idm_scheduler = {**sd15_scheduler, **(scheduler_config(task.idm_model) if task.idm_model else {})}
+    return task.pipeline_class().from_pretrained(
+        plan.models["sd15"].location,
+        scheduler=make_scheduler(config.idm_options["scheduler"], idm_scheduler),
+        inverse_scheduler=BIVDiffDDIMInverseScheduler.from_config(sd15_scheduler),
+        video_unet=load(key, unet, unet_class),
+        video_text_encoder=load(key, text_encoder, CLIPTextModel),
+        video_tokenizer=load(key, tokenizer, CLIPTokenizer),
+        **task.components(config, load),
+        torch_dtype=dtype,
+        **where,
+    )
 
 
-def main_error(err: BaseException) -> int:
-    """Print a user error without a traceback; 2 for config errors, 1 for the rest."""
-    print(f"error: {err}", file=sys.stderr)
-    return 2 if isinstance(err, ConfigError) else 1
+def call_arguments(plan: Plan, generator) -> dict:
+    """Every keyword argument of the pipeline call: the shared ones, then the task's own."""
+    model, options = plan.config.model, plan.config.idm_options
+    shared = dict(
+        video_prompt=model["vdm_prompt"] + options["prompt_suffix"],
+        negative_prompt=options["negative_prompt"],
+        mixing_ratio=options["mixing_ratio"],
+        num_inference_steps=model["num_inference_steps"],
+        guidance_scale=model["guidance_scale"],
+        frame_batch_size=model["frame_batch_size"],
+        decode_chunk_size=model["decode_chunk_size"],
+        height=model["height"],
+        width=model["width"],
+        generator=generator,
+        output_type="pil",
+    )
+    return {**shared, **plan.task.call_arguments(plan.config, plan.inputs)}
+
+
+def run_job(pipe, plan: Plan, progress: Callable[[int, int], None] | None = None):
+    """Call a built pipeline on a plan; returns the pipeline's output and its network calls per stage."""
+    import torch
+
+    from bivdiff.profiling import NetworkCallCounter
+
+    plan.inputs = plan.task.annotate(plan.config, plan.inputs, plan.models)
+    arguments = call_arguments(plan, torch.Generator("cpu").manual_seed(plan.config.model["seed"]))
+    if progress is not None:
+        steps = plan.config.model["num_inference_steps"]
+
+        def report(_pipe, step, _timestep, _tensors):
+            progress(step + 1, steps)
+            return {}
+
+        arguments["callback_on_step_end"] = report
+    with NetworkCallCounter(pipe) as counter:
+        try:
+            result = pipe(**arguments)
+        except ValueError as err:
+            # The pipelines check their inputs before any model runs and say what is wrong in a ValueError.
+            raise UserError(f"{type(pipe).__name__} refused the inputs: {err}") from err
+    return result, counter.as_dict()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole pass
+
+
+def run_config(
+    config: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    *,
+    tiny: bool = False,
+    checkpoints: str | os.PathLike = "checkpoints",
+    output_dir: str | os.PathLike | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    offline: bool = False,
+    dry_run: bool = False,
+    cache_dir: str | None = None,
+    log: Callable[[str], None] = lambda text: None,
+) -> Path | None:
+    """Run a config (a shipped name or a YAML path) with `key=value` overrides and write a new run folder under
+    `output_dir` (default: the config's Model.output_path); returns the folder (None for a dry run).
+
+    `progress(step, total)` is called after each denoising step of temporal smoothing. Bad input raises the
+    UserError subclasses whose messages `bivdiff run` prints, before any model loads.
+    """
+    from bivdiff.run_folder import new_run_folder, write_json, write_outputs, write_text
+
+    started = time.perf_counter()
+    overrides = [*overrides, *([f"Model.output_path={output_dir}"] if output_dir is not None else [])]
+    plan = plan_run(config, overrides, tiny, checkpoints, offline, cache_dir, download=not dry_run)
+    log(describe_plan(plan))
+    if dry_run:
+        log("Dry run: the config, the inputs and the models are all in place; nothing was run.")
+        return None
+    config = plan.config
+    folder = new_run_folder(config.model["output_path"], config.name)
+    log(f"output: {folder}")
+    header = [f"# Resolved config of this run of {config.name}. Rerun it with:", f"#   {config.rerun_command()}"]
+    header += ["# A --tiny run: random weights, the pictures are noise."] if config.tiny else []
+    write_text(folder / "config.yaml", "\n".join(header) + "\n" + config.to_yaml())
+    if config.tiny:
+        write_text(folder / "TINY_MODE_NOISE.txt", TINY_NOTE + "\n")
+    try:
+        clock = time.perf_counter()
+        plan.inputs = plan.task.annotate(config, plan.inputs, plan.models)
+        seconds = {"conditions": time.perf_counter() - clock}
+        log("Building tiny models ..." if config.tiny else "Loading models ...")
+        clock = time.perf_counter()
+        device, dtype = pick_device(config.model["device"]), pick_dtype(config)
+        pipe = build_pipeline(plan, device, dtype)
+        seconds["load_models"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        result, calls = run_job(pipe, plan, progress)
+        seconds["pipeline"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        log("Writing videos ...")
+        files = write_outputs(folder, plan, result)
+        seconds["write_outputs"] = time.perf_counter() - clock
+    except BaseException as err:
+        write_text(folder / "error.txt", "".join(traceback.format_exception(err)))
+        log(f"The run failed; details in {folder / 'error.txt'}")
+        raise
+    seconds["total"] = time.perf_counter() - started
+    write_json(folder / "stats.json", run_stats(plan, pipe, result, calls, seconds, files, device, dtype))
+    log(f"Done in {seconds['total']:.1f} s: {folder / 'video_by_bivdiff.mp4'}")
+    log(f"Compare: {folder / 'comparison.mp4'}   Stats: {folder / 'stats.json'}")
+    if config.tiny:
+        log(TINY_NOTE)
+    return folder
+
+
+def run_stats(plan: Plan, pipe, result, calls, seconds, files, device, dtype) -> dict:
+    from bivdiff.profiling import peak_memory, stage_summary
+
+    config, model = plan.config, plan.config.model
+    stage_log = list(getattr(pipe, "stage_log", []) or [])
+    return {
+        "config": config.name,
+        "task": plan.task.title,
+        "idm": config.idm,
+        "vdm": config.vdm,
+        "tiny": config.tiny,
+        "note": TINY_NOTE if config.tiny else None,
+        "overrides": list(config.overrides),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "video": {
+            "frames": len(result.frames[0]),
+            "width": model["width"],
+            "height": model["height"],
+            "fps": plan.fps,
+            "frame_stride": model["frame_rate"],
+            "source": str(plan.source_path),
+            "source_fps": plan.source.fps,
+        },
+        "models": {key: resolved.location for key, resolved in plan.models.items()} or "tiny random weights",
+        "seconds": seconds,
+        "stages": stage_summary(stage_log, calls),
+        "unet_calls": calls,
+        "unet_calls_total": sum(sum(c.values()) for c in calls.values()),
+        "peak_memory": peak_memory(stage_log, device.type),
+        "files": files,
+    }

@@ -29,12 +29,13 @@ import string
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
-from bivdiff import configs as shipped
-from bivdiff.config import RunConfig, load_config
+from bivdiff.config import RunConfig
 from bivdiff.errors import UserError
-from bivdiff.models_resolution import ResolvedModel, Resolver, is_offline
-from bivdiff.tasks import Context, Inputs, task_for
+from bivdiff.models_resolution import ResolvedModel
+from bivdiff.runner import build_pipeline, call_arguments, plan_run
+from bivdiff.tasks import Inputs, task_for
 
 MODEL_CARD = Path(__file__).resolve().parents[1] / "model_card.md"
 STANDARD_LIBRARIES = ("diffusers", "transformers")
@@ -102,10 +103,10 @@ class _Code(str):
 
 def usage_snippet(pipe, config: RunConfig, pipeline_stem: str) -> str:
     """A runnable example calling the pipeline with exactly the arguments `bivdiff run` passes for this config."""
-    task = task_for(config)
     model = config.model
     inputs = Inputs(source=_Code("frames"), condition=_Code("conditions"), mask=_Code("masks"))
-    arguments = task.arguments(pipe, config, inputs, _Code("torch.Generator().manual_seed(%d)" % model["seed"]))
+    plan = SimpleNamespace(config=config, task=task_for(config), inputs=inputs)
+    arguments = call_arguments(plan, _Code("torch.Generator().manual_seed(%d)" % model["seed"]))
     arguments.pop("output_type", None)
     call = ",\n    ".join(f"{key}={value!r}" for key, value in arguments.items())
     lines = [
@@ -249,25 +250,16 @@ def _replace(new: Path, target: Path) -> None:
         new.rename(target)
 
 
-def build_pipeline(config: RunConfig, checkpoints: str, offline: bool, dtype: str):
-    """The task's pipeline from a checkpoints tree / the Hub cache (or tiny components), and its model sources."""
+def assemble(
+    config: str | os.PathLike, output: str | os.PathLike, overrides=(), checkpoints: str = "checkpoints",
+    offline: bool = False, dtype: str = "fp32", overwrite: bool = False, tiny: bool = False,
+) -> Path:
+    """Plan the config as `bivdiff run` does, build its pipeline on the CPU and write the model folder."""
     import torch
 
-    task = task_for(config)
-    if config.tiny:
-        return task.pipeline_class()(**task.tiny_components(config)), None
-    root = Path(checkpoints).expanduser()
-    models = Resolver(offline=offline).resolve(task.model_specs(config, root))
-    ctx = Context(checkpoints=root, offline=offline, torch_dtype=getattr(torch, DTYPES[dtype]))
-    return task.pipeline_class()(**task.load_components(config, models, ctx)), models
-
-
-def assemble(
-    config: RunConfig, output: str | os.PathLike, checkpoints: str = "checkpoints", offline: bool = False,
-    dtype: str = "fp32", overwrite: bool = False,
-) -> Path:
-    pipe, models = build_pipeline(config, checkpoints, offline, dtype)
-    return write_model_folder(pipe, output, config, models, overwrite=overwrite)
+    plan = plan_run(config, overrides, tiny=tiny, checkpoints=checkpoints, offline=offline)
+    pipe = build_pipeline(plan, torch.device("cpu"), getattr(torch, DTYPES[dtype]))
+    return write_model_folder(pipe, output, plan.config, plan.models or None, overwrite=overwrite)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -288,16 +280,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.config:
-            path, name = Path(args.config), Path(args.config).stem
-        else:
-            try:
-                path, name = shipped.config_path(args.config_name), args.config_name
-            except KeyError:
-                raise UserError(f"No shipped config named {args.config_name!r}: see bivdiff list.") from None
-        config = load_config(path, args.overrides, tiny=args.tiny, name=name)
+        config = Path(args.config) if args.config else args.config_name
         folder = assemble(
-            config, args.output, args.checkpoints, is_offline(args.offline) or args.tiny, args.dtype, args.overwrite
+            config, args.output, args.overrides, args.checkpoints, args.offline, args.dtype, args.overwrite, args.tiny
         )
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -29,12 +29,16 @@ def stats(folder: Path) -> dict:
 
 def save_tiny_checkpoints(root: Path) -> Path:
     """The original checkpoints/ layout for ControlNet (canny) + ZeroScope, filled with tiny models."""
+    from diffusers import StableDiffusionPipeline
+
     from bivdiff.tiny_models import tiny_controlnet, tiny_image_components, tiny_video_components
 
-    sd15 = root / "stable-diffusion-v1-5"
-    for name, component in tiny_image_components().items():
-        if name != "inverse_scheduler":
-            component.save_pretrained(sd15 / name)
+    # Saved as the SD-1.5 repo is laid out: its model_index.json lists the components.
+    components = tiny_image_components()
+    del components["inverse_scheduler"]
+    StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    ).save_pretrained(root / "stable-diffusion-v1-5")
     tiny_controlnet().save_pretrained(root / "ControlNet" / "control_v11p_sd15_canny")
     zeroscope = root / "ZeroScope" / "zeroscope_v2_576w"
     video = tiny_video_components()

@@ -11,9 +11,7 @@ from diffusers import DiffusionPipeline
 from script_helpers import load_script
 
 from bivdiff import BIVDiffControllablePipeline
-from bivdiff import configs as shipped
-from bivdiff.config import load_config
-from bivdiff.tasks import task_for
+from bivdiff.runner import build_pipeline, plan_run
 
 CONFIG = "controllable_video_generation_with_t2iadapter_and_vidrd"
 OVERRIDES = ["IDM.T2IAdapter.condition=canny", "Model.width=32", "Model.height=32", "Model.video_length=2"]
@@ -25,7 +23,11 @@ def assemble():
 
 
 def tiny_config():
-    return load_config(shipped.config_path(CONFIG), OVERRIDES, tiny=True, name=CONFIG)
+    return plan_run(CONFIG, OVERRIDES, tiny=True).config
+
+
+def tiny_pipeline():
+    return build_pipeline(plan_run(CONFIG, OVERRIDES, tiny=True))
 
 
 def call(pipe):
@@ -44,7 +46,7 @@ def call(pipe):
 
 def test_assembled_folder_loads_both_ways_with_equal_outputs(assemble, tmp_path, modules_cache):
     config = tiny_config()
-    pipe = task_for(config).pipeline_class()(**task_for(config).tiny_components(config))
+    pipe = tiny_pipeline()
     expected = call(pipe)
     folder = assemble.write_model_folder(pipe, tmp_path / "model", config)
 
@@ -67,7 +69,7 @@ def test_assembled_folder_loads_both_ways_with_equal_outputs(assemble, tmp_path,
 
 def test_model_card_names_task_models_licences_and_usage(assemble, tmp_path):
     config = tiny_config()
-    pipe = task_for(config).pipeline_class()(**task_for(config).tiny_components(config))
+    pipe = tiny_pipeline()
     folder = assemble.write_model_folder(pipe, tmp_path / "model", config)
     card = (folder / "README.md").read_text()
     assert card.startswith("---\nlicense: other\nlibrary_name: diffusers\n")
@@ -82,7 +84,7 @@ def test_model_card_names_task_models_licences_and_usage(assemble, tmp_path):
 
 def test_usage_snippet_runs_as_python(assemble):
     config = tiny_config()
-    pipe = task_for(config).pipeline_class()(**task_for(config).tiny_components(config))
+    pipe = tiny_pipeline()
     compile(assemble.usage_snippet(pipe, config, "pipeline_bivdiff_controllable"), "usage", "exec")
 
 

@@ -9,27 +9,29 @@ from cli_helpers import FAST, only_run_folder, run_cli, save_tiny_checkpoints, s
 
 from bivdiff import configs as shipped
 from bivdiff.config import load_config
-from bivdiff.models_resolution import MissingModelsError, Resolver
-from bivdiff.runner import RunRequest, execute
+from bivdiff.models_resolution import MissingModelsError, resolve
+from bivdiff.runner import run_config
 from bivdiff.tasks import task_for
 
 CONTROLNET_ZEROSCOPE = "controllable_video_generation_with_controlnet_and_zeroscope"
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
-HUB_PROBE = Resolver._hub_has
 
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch, tmp_path):
-    """An empty Hugging Face cache, and a Hub probe that fails the test if it is ever reached."""
+    """An empty Hugging Face cache, and a snapshot_download that fails the test if it ever goes online."""
+    import huggingface_hub
     import huggingface_hub.constants as constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_hf_cache"))
+    cached_only = huggingface_hub.snapshot_download
 
-    def refuse(self, repo_id, part):
-        raise AssertionError(f"the Hub was probed for {repo_id} in an offline test")
+    def refuse(repo_id, local_files_only=False, **kwargs):
+        assert local_files_only, f"the Hub was asked for {repo_id} in an offline test"
+        return cached_only(repo_id, local_files_only=True, **kwargs)
 
-    monkeypatch.setattr(Resolver, "_hub_has", refuse)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
 
 
 def test_missing_models_are_all_listed_once_and_nothing_runs(tmp_path, capsys):
@@ -47,7 +49,7 @@ def test_missing_models_are_all_listed_once_and_nothing_runs(tmp_path, capsys):
     assert code == 1
     assert err.count("error:") == 1 and "3 model(s) missing" in err and "nothing was run" in err
     for text in (
-        "Stable Diffusion 1.5 [vae, text_encoder, tokenizer, unet, scheduler]",
+        "Stable Diffusion 1.5 [vae, text_encoder, tokenizer, unet, scheduler, model_index.json]",
         "ControlNet v1.1 canny",
         "ZeroScope v2 576w [unet, text_encoder, tokenizer]",
         f"not in {tmp_path / 'checkpoints' / 'stable-diffusion-v1-5'}",
@@ -77,7 +79,7 @@ def test_vidrd_is_explained_as_a_conversion(tmp_path):
     config = load_config(shipped.config_path(name), ["IDM.T2IAdapter.condition=canny"])
     specs = task_for(config).model_specs(config, tmp_path / "checkpoints")
     with pytest.raises(MissingModelsError) as err:
-        Resolver(offline=True).resolve(specs)
+        resolve(specs, offline=True)
     message = str(err.value)
     assert "VidRD (converted to diffusers)" in message and "T2I-Adapter canny" in message
     assert "download ModelT2V.pth" in message and "anonymous0x233/ReuseAndDiffuse" in message
@@ -93,7 +95,7 @@ def test_annotator_weights_are_listed_when_an_annotator_is_used(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "controlnet_aux", types.ModuleType("controlnet_aux"))
     config = load_config(shipped.config_path(CONTROLNET_ZEROSCOPE), ["IDM.ControlNet.condition=openpose"])
     with pytest.raises(MissingModelsError) as err:
-        Resolver(offline=True).resolve(task_for(config).model_specs(config, tmp_path))
+        resolve(task_for(config).model_specs(config, tmp_path), offline=True)
     assert "controlnet_aux annotator weights [body_pose_model.pth" in str(err.value)
     assert "lllyasviel/Annotators" in str(err.value)
 
@@ -154,14 +156,14 @@ def test_real_run_reads_the_hugging_face_cache(tmp_path):
     fill_hf_cache(cache, checkpoints / "stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5")
     fill_hf_cache(cache, checkpoints / "ControlNet" / "control_v11p_sd15_canny", "lllyasviel/control_v11p_sd15_canny")
     fill_hf_cache(cache, checkpoints / "ZeroScope" / "zeroscope_v2_576w", "cerspense/zeroscope_v2_576w")
-    request = RunRequest(
-        config_name=CONTROLNET_ZEROSCOPE,
-        overrides=[*FAST, f"Model.output_path={tmp_path / 'outputs'}", "Model.video_length=2"],
-        checkpoints=str(tmp_path / "empty_checkpoints"),
+    folder = run_config(
+        CONTROLNET_ZEROSCOPE,
+        [*FAST, "Model.video_length=2"],
+        checkpoints=tmp_path / "empty_checkpoints",
+        output_dir=tmp_path / "outputs",
         offline=True,
         cache_dir=str(cache),
     )
-    folder = execute(request, log=lambda text: None)
     data = stats(folder)
     assert data["models"] == {
         "sd15": "runwayml/stable-diffusion-v1-5",
@@ -172,7 +174,7 @@ def test_real_run_reads_the_hugging_face_cache(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Online resolution, with huggingface_hub's download replaced (no network)
+# Online resolution, with huggingface_hub's snapshot_download replaced (no network)
 
 
 def sd15_spec(tmp_path):
@@ -183,53 +185,56 @@ def sd15_spec(tmp_path):
 
 
 def fake_hub(monkeypatch, answer):
+    """Nothing is cached; online calls go to `answer(repo_id)`. Returns the online calls."""
     import huggingface_hub
-
-    import bivdiff.models_resolution as resolution
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     asked = []
 
-    def download(repo_id, filename, **kwargs):
-        asked.append((repo_id, filename))
-        return answer(repo_id, filename)
+    def snapshot_download(repo_id, local_files_only=False, **kwargs):
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        asked.append((repo_id, kwargs["allow_patterns"], kwargs["dry_run"]))
+        return answer(repo_id)
 
-    monkeypatch.setattr(Resolver, "_hub_has", HUB_PROBE)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-    monkeypatch.setattr(resolution, "hub_connection_problem", lambda: None)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     return asked
 
 
-def not_found(repo_id, filename):
+def not_found(repo_id):
     """Just what huggingface_hub's HTTP errors read from a response."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(status_code=404, headers={}, request=None, url=f"{repo_id}/{filename}")
+    return SimpleNamespace(status_code=404, headers={}, request=None, url=repo_id)
 
 
-def test_online_each_hub_id_is_tried_in_order(tmp_path, monkeypatch):
+def test_online_each_hub_id_is_tried_in_order_and_only_the_needed_files_are_fetched(tmp_path, monkeypatch):
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    def answer(repo_id, filename):
+    def answer(repo_id):
         if repo_id.startswith("stable-diffusion-v1-5/"):
-            raise RepositoryNotFoundError("404 gone", response=not_found(repo_id, filename))
-        return str(tmp_path / filename)
+            raise RepositoryNotFoundError("404 gone", response=not_found(repo_id))
+        return str(tmp_path / "snapshot")
 
     asked = fake_hub(monkeypatch, answer)
-    resolved = Resolver(offline=False).resolve([sd15_spec(tmp_path)])["sd15"]
+    resolved = resolve([sd15_spec(tmp_path)], offline=False)["sd15"]
     assert resolved.location == "runwayml/stable-diffusion-v1-5" and not resolved.is_local
-    assert asked[0] == ("stable-diffusion-v1-5/stable-diffusion-v1-5", "vae/config.json")
-    assert ("runwayml/stable-diffusion-v1-5", "scheduler/scheduler_config.json") in asked
+    assert [repo for repo, _, _ in asked] == ["stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"]
+    assert asked[0][1] == ["vae/*", "text_encoder/*", "tokenizer/*", "unet/*", "scheduler/*", "model_index.json"]
+    assert asked[0][2] is False  # a real run downloads; a dry run only checks
+    resolve([sd15_spec(tmp_path)], offline=False, download=False)
+    assert asked[-1][2] is True
 
 
-def test_an_unreachable_hub_is_probed_once_and_reported(tmp_path, monkeypatch):
+def test_an_unreachable_hub_is_asked_once_and_reported(tmp_path, monkeypatch):
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    def answer(repo_id, filename):
+    def answer(repo_id):
         raise LocalEntryNotFoundError("cannot reach the Hub")
 
     asked = fake_hub(monkeypatch, answer)
     with pytest.raises(MissingModelsError) as err:
-        Resolver(offline=False).resolve([sd15_spec(tmp_path), *zeroscope_specs(tmp_path)])
+        resolve([sd15_spec(tmp_path), *zeroscope_specs(tmp_path)], offline=False)
     assert len(asked) == 1
     assert "the Hub could not be reached: cannot reach the Hub" in str(err.value)
     assert "2 model(s) missing" in str(err.value)

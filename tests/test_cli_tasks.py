@@ -49,8 +49,11 @@ class InstructPix2PixStandIn(Recorder):
         mixing_ratio=1.0,
         num_inference_steps=50,
         frame_batch_size=8,
+        decode_chunk_size=8,
         generator=None,
         output_type="np",
+        height=None,
+        width=None,
     ):
         Recorder.calls.append(dict(locals(), self=None))
         return self.result(video, output_type)
@@ -70,6 +73,7 @@ class InpaintStandIn(Recorder):
         guidance_scale=7.5,
         num_inference_steps=50,
         frame_batch_size=8,
+        decode_chunk_size=8,
         generator=None,
         output_type="np",
         height=None,
@@ -98,8 +102,11 @@ class Prompt2PromptStandIn(Recorder):
         guidance_scale=7.5,
         num_inference_steps=50,
         frame_batch_size=8,
+        decode_chunk_size=8,
         generator=None,
         output_type="np",
+        height=None,
+        width=None,
     ):
         Recorder.calls.append(dict(locals(), self=None))
         return self.result(video, output_type)
@@ -150,7 +157,7 @@ def test_inpainting_gets_a_binary_mask_video_and_a_9_channel_unet(recorded, tmp_
     assert pipe.unet.config.in_channels == 9 and pipe.inversion_unet.config.in_channels == 4
     assert call["outpaint"] is None and call["paste_back"] is False and call["mixing_ratio"] == 0.1
     assert call["prompt"] == "" and call["video_prompt"] == ""
-    assert (call["height"], call["width"]) == (SIZE, SIZE)  # passed because this signature takes them
+    assert (call["height"], call["width"]) == (SIZE, SIZE)
     masks = [np.asarray(m) for m in call["mask"]]
     assert len(masks) == NUM_FRAMES and set(np.unique(masks)) == {0, 255}
     assert masks[0][SIZE // 2, SIZE // 2] == 255 and masks[0][0, 0] == 0  # the shipped ellipse, centred
@@ -217,10 +224,14 @@ def test_prompt2prompt_without_blend_words_passes_none(recorded, tmp_path, capsy
     assert call["local_blend_words"] is None and call["edit_type"] == "refine"
 
 
-def test_instruct_pix2pix_loads_its_unet_and_sampler_from_its_own_folder(recorded, tmp_path, capsys, monkeypatch):
+def test_instruct_pix2pix_loads_its_unet_and_sampler_from_its_own_folder(tmp_path, capsys, monkeypatch):
     from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 
+    import bivdiff.runner as runner
     from bivdiff.tiny_models import tiny_unet
+
+    built, build = [], runner.build_pipeline
+    monkeypatch.setattr(runner, "build_pipeline", lambda *args: built.append(build(*args)) or built[-1])
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     checkpoints = save_tiny_checkpoints(tmp_path / "checkpoints")
@@ -242,7 +253,7 @@ def test_instruct_pix2pix_loads_its_unet_and_sampler_from_its_own_folder(recorde
         *FAST,
     )
     assert code == 0, err
-    (pipe,) = recorded.pipes
+    (pipe,) = built
     assert pipe.unet.config.in_channels == 8 and pipe.inversion_unet.config.in_channels == 4
     assert isinstance(pipe.scheduler, EulerAncestralDiscreteScheduler)
     # Smoothing derives DDIM from this config: it must keep SD-1.5's settings, not DDIM's defaults.

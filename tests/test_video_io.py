@@ -93,7 +93,7 @@ def test_reading_stops_at_the_last_frame_needed():
             consumed.append(index)
             yield lambda index=index: index
 
-    picked = video_io._select_frames(stream(), "clip", num_frames=3, stride=4, start=2)
+    picked = video_io.select_frames(stream(), "clip", num_frames=3, stride=4, start=2)
     assert picked == [2, 6, 10]
     assert consumed == list(range(11))
 
