@@ -7,7 +7,6 @@ The pipelines, scheduler and models are imported on first use, so `import bivdif
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -25,21 +24,6 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-if TYPE_CHECKING:
-    from bivdiff.models import VidRDUNet3DConditionModel
-    from bivdiff.pipelines import (
-        BIVDiffControllablePipeline,
-        BIVDiffInpaintPipeline,
-        BIVDiffInstructPix2PixPipeline,
-        BIVDiffPipeline,
-        BIVDiffPipelineOutput,
-        BIVDiffPrompt2PromptPipeline,
-        BIVDiffPrompt2PromptPipelineOutput,
-        MixedInversionMixin,
-    )
-    from bivdiff.schedulers import BIVDiffDDIMInverseScheduler
-
 
 def __getattr__(name: str):
     if name not in _EXPORTS:

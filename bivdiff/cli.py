@@ -141,7 +141,7 @@ def run_command(argv: list[str]) -> int:
     if len(others) > 1 or (others and (args.config_name or args.config)) or (args.config_name and args.config):
         raise ConfigError(
             f"Unexpected argument(s) {', '.join(others) or '--config with --config-name'}: give one config (a name "
-            "or a .yaml path) and KEY=VALUE overrides, e.g. bivdiff run --config-name NAME Model.num_inference_steps=20"
+            "or a .yaml path) and KEY=VALUE overrides, e.g. bivdiff run --config-name NAME Model.seed=1"
         )
     flags = (("Model.device", args.device), ("Model.dtype", args.dtype))
     overrides += [f"{key}={value}" for key, value in flags if value is not None]
@@ -196,22 +196,14 @@ def eval_command(argv: list[str]) -> int:
 COMMANDS = {"run": run_command, "list": list_command, "eval": eval_command}
 
 
-class _TorchvisionNoticeFilter(logging.Filter):
+def quiet_torchvision_notice():
     """transformers announces at import that its image processors fall back to PIL without torchvision; the
     pipelines never use those processors, so the notice is noise on every command."""
+    from transformers.utils import logging as transformers_logging
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision" not in record.getMessage()
-
-
-def quiet_torchvision_notice():
-    try:
-        from transformers.utils import logging as transformers_logging
-    except ImportError:
-        return
     transformers_logging.get_logger("transformers")  # makes sure transformers' handler exists
     for handler in logging.getLogger("transformers").handlers:
-        handler.addFilter(_TorchvisionNoticeFilter())
+        handler.addFilter(lambda record: "requires torchvision" not in record.getMessage())
 
 
 def main(argv: list[str] | None = None) -> int:

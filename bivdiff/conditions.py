@@ -41,11 +41,7 @@ def canny_frames(
     import cv2
 
     edges = [cv2.Canny(np.asarray(frame.convert("RGB")), low, high) for frame in frames]
-    return [_with_channels(Image.fromarray(e), channels) for e in edges]
-
-
-def _with_channels(image: Image.Image, channels: int) -> Image.Image:
-    return image.convert("L" if channels == 1 else "RGB")
+    return [Image.fromarray(e).convert("L" if channels == 1 else "RGB") for e in edges]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -76,7 +72,10 @@ def annotate_frames(
     """
     from tqdm.auto import tqdm
 
-    detector = _detector(condition, annotator_path)
+    import controlnet_aux
+
+    detector_class = {"depth_midas": "MidasDetector", "openpose": "OpenposeDetector"}[condition]
+    detector = getattr(controlnet_aux, detector_class).from_pretrained(annotator_path)
     width, height = frames[0].size
     resolution = min(width, height)
     out = []
@@ -85,18 +84,8 @@ def annotate_frames(
         if condition == "openpose":
             kwargs.update(include_body=True, include_hand=False, include_face=False)
         result = detector(frame.convert("RGB"), **kwargs)
-        out.append(_with_channels(result.resize((width, height), Image.Resampling.BILINEAR), channels))
+        out.append(result.resize((width, height), Image.Resampling.BILINEAR).convert("L" if channels == 1 else "RGB"))
     return out
-
-
-def _detector(condition: str, annotator_path: str):
-    import controlnet_aux
-
-    if condition == "depth_midas":
-        return controlnet_aux.MidasDetector.from_pretrained(annotator_path)
-    if condition == "openpose":
-        return controlnet_aux.OpenposeDetector.from_pretrained(annotator_path)
-    raise ValueError(f"No annotator for condition {condition!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------

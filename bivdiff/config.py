@@ -11,12 +11,13 @@ Overrides are parsed here rather than with Hydra's grammar so that a prompt may 
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import re
 import shlex
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 from bivdiff.errors import ConfigError
 
@@ -179,7 +180,9 @@ VDM_SCHEMAS = {"VidRD": VidRDOptions, "ZeroScope": ZeroScopeOptions}
 SECTIONS = {"VDM": VDM_SCHEMAS, "IDM": IDM_SCHEMAS, "MixedInversion": MixedInversionOptions, "Model": ModelOptions}
 
 
+@functools.cache
 def _schema():
+    """The defaults of every section; merges copy it, nothing changes it."""
     from omegaconf import OmegaConf
 
     def node(spec):
@@ -434,20 +437,3 @@ def _range_problems(schema, values: dict, prefix: str) -> list[str]:
             bounds = f" in [{low}, {high}]" if high is not None else f" >= {low}"
             problems.append(f"{prefix}.{spec.name}={value!r} must be a number{bounds}.{meta['hint']}")
     return problems
-
-
-def range_checks() -> list[tuple[str, Any]]:
-    """(dotted key, a value just outside its range) for every declared range, for tests."""
-    cases = []
-    for key in valid_keys():
-        section, name = key.rsplit(".", 1)
-        parts = section.split(".")
-        schema = SECTIONS[parts[0]][parts[1]] if len(parts) == 2 else SECTIONS[parts[0]]
-        meta = {f.name: f.metadata for f in fields(schema)}[name]
-        if "choices" in meta:
-            cases.append((key, "not_" + meta["choices"][0]))
-        elif "low" in meta:
-            cases.append((key, meta["low"] - 1))
-            if meta["high"] is not None:
-                cases.append((key, meta["high"] + 1))
-    return cases

@@ -32,63 +32,49 @@ class Part:
     kind: str  # "model", "tokenizer", "scheduler" or "file" (then `name` is the file's path)
 
 
-@dataclass(frozen=True)
-class CatalogueEntry:
-    title: str
-    folder: str  # under the checkpoints root, as in the original release
-    hub_ids: tuple[str, ...]
-    licence: str
-    safetensors: bool = False  # the Hub repos are known to hold safetensors for every part
-
-
-def _entry(title, folder, hub_ids, licence, safetensors=False):
-    return CatalogueEntry(title, folder, tuple(hub_ids.split()), licence, safetensors)
-
-
 _SD = "CreativeML OpenRAIL-M"
-# The original `checkpoints/` folders and where the same models live on the Hub; ids are tried in order
-# (some original repos moved when their first owners took them down).
+# key: (title, folder under the checkpoints root as in the original release, Hub ids tried in order (some original
+# repos moved when their first owners took them down), licence, whether every part is on the Hub as safetensors).
 CATALOGUE = {
-    "sd15": _entry("Stable Diffusion 1.5", "stable-diffusion-v1-5",
-                   "stable-diffusion-v1-5/stable-diffusion-v1-5 runwayml/stable-diffusion-v1-5", _SD, True),
-    "sd21": _entry("Stable Diffusion 2.1-base (VidRD's configs and tokenizer)", "stable-diffusion-2-1-base",
-                   "stabilityai/stable-diffusion-2-1-base", "CreativeML OpenRAIL++-M"),
-    "controlnet-depth_midas": _entry("ControlNet v1.1 depth", "ControlNet/control_v11f1p_sd15_depth",
-                                     "lllyasviel/control_v11f1p_sd15_depth", "OpenRAIL", True),
-    "controlnet-canny": _entry("ControlNet v1.1 canny", "ControlNet/control_v11p_sd15_canny",
-                               "lllyasviel/control_v11p_sd15_canny", "OpenRAIL", True),
-    "controlnet-openpose": _entry("ControlNet v1.1 openpose", "ControlNet/control_v11p_sd15_openpose",
-                                  "lllyasviel/control_v11p_sd15_openpose", "OpenRAIL", True),
-    "t2iadapter-depth_midas": _entry("T2I-Adapter depth (SD 1.5 v2)", "T2IAdapter/t2iadapter_depth_sd15v2",
-                                     "TencentARC/t2iadapter_depth_sd15v2", "Apache-2.0"),
-    "t2iadapter-canny": _entry("T2I-Adapter canny (SD 1.5 v2)", "T2IAdapter/t2iadapter_canny_sd15v2",
-                               "TencentARC/t2iadapter_canny_sd15v2", "Apache-2.0"),
-    "instruct-pix2pix": _entry("InstructPix2Pix", "InstructPix2Pix/instruct-pix2pix", "timbrooks/instruct-pix2pix",
-                               "MIT", True),
-    "sd-inpainting": _entry("Stable Diffusion Inpainting", "StableDiffusionInpainting/stable-diffusion-inpainting",
-                            "stable-diffusion-v1-5/stable-diffusion-inpainting runwayml/stable-diffusion-inpainting",
-                            _SD, True),
-    "zeroscope": _entry("ZeroScope v2 576w", "ZeroScope/zeroscope_v2_576w", "cerspense/zeroscope_v2_576w",
-                        "CC-BY-NC-4.0"),
-    "vidrd": _entry("VidRD (converted to diffusers)", "VidRD/diffusers", "",
-                    "the VidRD authors' terms (github.com/anonymous0x233/ReuseAndDiffuse)"),
-    "annotators": _entry("controlnet_aux annotator weights", "Annotators", "lllyasviel/Annotators",
-                         "see lllyasviel/Annotators"),
+    "sd15": ("Stable Diffusion 1.5", "stable-diffusion-v1-5",
+             "stable-diffusion-v1-5/stable-diffusion-v1-5 runwayml/stable-diffusion-v1-5", _SD, True),
+    "controlnet-depth_midas": ("ControlNet v1.1 depth", "ControlNet/control_v11f1p_sd15_depth",
+                               "lllyasviel/control_v11f1p_sd15_depth", "OpenRAIL", True),
+    "controlnet-canny": ("ControlNet v1.1 canny", "ControlNet/control_v11p_sd15_canny",
+                         "lllyasviel/control_v11p_sd15_canny", "OpenRAIL", True),
+    "controlnet-openpose": ("ControlNet v1.1 openpose", "ControlNet/control_v11p_sd15_openpose",
+                            "lllyasviel/control_v11p_sd15_openpose", "OpenRAIL", True),
+    "t2iadapter-depth_midas": ("T2I-Adapter depth (SD 1.5 v2)", "T2IAdapter/t2iadapter_depth_sd15v2",
+                               "TencentARC/t2iadapter_depth_sd15v2", "Apache-2.0", False),
+    "t2iadapter-canny": ("T2I-Adapter canny (SD 1.5 v2)", "T2IAdapter/t2iadapter_canny_sd15v2",
+                         "TencentARC/t2iadapter_canny_sd15v2", "Apache-2.0", False),
+    "instruct-pix2pix": ("InstructPix2Pix", "InstructPix2Pix/instruct-pix2pix", "timbrooks/instruct-pix2pix", "MIT",
+                         True),
+    "sd-inpainting": ("Stable Diffusion Inpainting", "StableDiffusionInpainting/stable-diffusion-inpainting",
+                      "stable-diffusion-v1-5/stable-diffusion-inpainting runwayml/stable-diffusion-inpainting", _SD,
+                      True),
+    "zeroscope": ("ZeroScope v2 576w", "ZeroScope/zeroscope_v2_576w", "cerspense/zeroscope_v2_576w", "CC-BY-NC-4.0",
+                  False),
+    "vidrd": ("VidRD (converted to diffusers)", "VidRD/diffusers", "",
+              "the VidRD authors' terms (github.com/anonymous0x233/ReuseAndDiffuse)", False),
+    "annotators": ("controlnet_aux annotator weights", "Annotators", "lllyasviel/Annotators",
+                   "see lllyasviel/Annotators", False),
 }
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model a run needs: the parts it reads, its local folder and its Hub ids."""
+    """A model a run needs: the parts it reads and its local folder (the rest comes from the catalogue)."""
 
     key: str
-    title: str
-    local: Path
-    hub_ids: tuple[str, ...]
     parts: tuple[Part, ...]
-    licence: str
-    safetensors: bool = False
+    local: Path
     how_to_get: str | None = None  # replaces the download instructions when the model is not on the Hub (VidRD)
+
+    title = property(lambda self: CATALOGUE[self.key][0])
+    hub_ids = property(lambda self: tuple(CATALOGUE[self.key][2].split()))
+    licence = property(lambda self: CATALOGUE[self.key][3])
+    safetensors = property(lambda self: CATALOGUE[self.key][4])
 
     def patterns(self) -> tuple[list[str], list[str]]:
         """(allow, ignore) file patterns of the parts: for `hf download` and `snapshot_download` alike."""
@@ -114,9 +100,7 @@ class ResolvedModel:
         return f"{self.spec.title}: {self.location}" + ("" if self.is_local else " (Hugging Face Hub)")
 
 
-def spec(key: str, parts: tuple[Part, ...], local: Path, how_to_get: str | None = None) -> ModelSpec:
-    entry = CATALOGUE[key]
-    return ModelSpec(key, entry.title, local, entry.hub_ids, parts, entry.licence, entry.safetensors, how_to_get)
+spec = ModelSpec
 
 
 def checkpoint_path(value: str | os.PathLike | None, root: Path, default: str) -> Path:
@@ -132,10 +116,9 @@ def checkpoint_path(value: str | os.PathLike | None, root: Path, default: str) -
 
 def is_offline(flag: bool) -> bool:
     """`--offline`, or huggingface_hub's own offline mode (HF_HUB_OFFLINE)."""
-    from huggingface_hub import constants
+    from huggingface_hub.constants import is_offline_mode
 
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
-    return bool(flag or env or constants.HF_HUB_OFFLINE)
+    return flag or is_offline_mode()
 
 
 def complete(folder: Path, parts) -> bool:

@@ -70,7 +70,8 @@ def config_file(config: str | os.PathLike | None) -> tuple[Path, str]:
             + f"\nTry one without any model download: bivdiff run --tiny --config-name {FIRST_TRY}"
         )
     text = str(config)
-    if isinstance(config, os.PathLike) or text.endswith((".yaml", ".yml")) and (Path(text).is_file() or os.sep in text):
+    looks_like_path = text.endswith((".yaml", ".yml")) and (Path(text).is_file() or os.sep in text)
+    if isinstance(config, os.PathLike) or looks_like_path:
         return Path(text).expanduser(), Path(text).stem
     try:
         return shipped.config_path(text), text.removesuffix(".yaml")
@@ -116,7 +117,7 @@ def plan_run(
     task = task_for(run_config)
     task.check_environment(run_config)
     source, source_path = read_input(run_config, "Model.video_path")
-    inputs = task.inputs(run_config, source.frames, lambda key, as_mask: read_input(run_config, key, as_mask)[0].frames)
+    inputs = task.inputs(run_config, source.frames, lambda key, mask: read_input(run_config, key, mask)[0].frames)
     models = {}
     if not tiny:
         specs = task.model_specs(run_config, Path(checkpoints).expanduser())
@@ -330,22 +331,24 @@ def run_config(
     write_text(folder / "config.yaml", "\n".join(header) + "\n" + config.to_yaml())
     if config.tiny:
         write_text(folder / "TINY_MODE_NOISE.txt", TINY_NOTE + "\n")
+    seconds, clock = {}, time.perf_counter()
+
+    def lap(stage: str):
+        nonlocal clock
+        seconds[stage], clock = time.perf_counter() - clock, time.perf_counter()
+
     try:
-        clock = time.perf_counter()
         plan.inputs = plan.task.annotate(config, plan.inputs, plan.models)
-        seconds = {"conditions": time.perf_counter() - clock}
+        lap("conditions")
         log("Building tiny models ..." if config.tiny else "Loading models ...")
-        clock = time.perf_counter()
         device, dtype = pick_device(config.model["device"]), pick_dtype(config)
         pipe = build_pipeline(plan, device, dtype)
-        seconds["load_models"] = time.perf_counter() - clock
-        clock = time.perf_counter()
+        lap("load_models")
         result, calls = run_job(pipe, plan, progress)
-        seconds["pipeline"] = time.perf_counter() - clock
-        clock = time.perf_counter()
+        lap("pipeline")
         log("Writing videos ...")
         files = write_outputs(folder, plan, result)
-        seconds["write_outputs"] = time.perf_counter() - clock
+        lap("write_outputs")
     except BaseException as err:
         write_text(folder / "error.txt", "".join(traceback.format_exception(err)))
         log(f"The run failed; details in {folder / 'error.txt'}")
@@ -364,30 +367,14 @@ def run_stats(plan: Plan, pipe, result, calls, seconds, files, device, dtype) ->
 
     config, model = plan.config, plan.config.model
     stage_log = list(getattr(pipe, "stage_log", []) or [])
-    return {
-        "config": config.name,
-        "task": plan.task.title,
-        "idm": config.idm,
-        "vdm": config.vdm,
-        "tiny": config.tiny,
-        "note": TINY_NOTE if config.tiny else None,
-        "overrides": list(config.overrides),
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "video": {
-            "frames": len(result.frames[0]),
-            "width": model["width"],
-            "height": model["height"],
-            "fps": plan.fps,
-            "frame_stride": model["frame_rate"],
-            "source": str(plan.source_path),
-            "source_fps": plan.source.fps,
-        },
-        "models": {key: resolved.location for key, resolved in plan.models.items()} or "tiny random weights",
-        "seconds": seconds,
-        "stages": stage_summary(stage_log, calls),
-        "unet_calls": calls,
-        "unet_calls_total": sum(sum(c.values()) for c in calls.values()),
-        "peak_memory": peak_memory(stage_log, device.type),
-        "files": files,
-    }
+    video = dict(frames=len(result.frames[0]), width=model["width"], height=model["height"], fps=plan.fps)
+    video.update(frame_stride=model["frame_rate"], source=str(plan.source_path), source_fps=plan.source.fps)
+    models = {key: resolved.location for key, resolved in plan.models.items()}
+    return dict(
+        config=config.name, task=plan.task.title, idm=config.idm, vdm=config.vdm, tiny=config.tiny,
+        note=TINY_NOTE if config.tiny else None, overrides=list(config.overrides), device=str(device),
+        dtype=str(dtype).removeprefix("torch."), video=video, models=models or "tiny random weights",
+        seconds=seconds, stages=stage_summary(stage_log, calls), unet_calls=calls,
+        unet_calls_total=sum(sum(c.values()) for c in calls.values()),
+        peak_memory=peak_memory(stage_log, device.type), files=files,
+    )

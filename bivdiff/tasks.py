@@ -69,7 +69,8 @@ class Task:
         if self.idm_model is None:
             return []
         value = config.idm_options["pretrained_model_path"]
-        return [spec(self.idm_model, UNET_AND_SAMPLER, checkpoint_path(value, root, CATALOGUE[self.idm_model].folder))]
+        local = checkpoint_path(value, root, CATALOGUE[self.idm_model][1])
+        return [spec(self.idm_model, UNET_AND_SAMPLER, local)]
 
     def components(self, config: RunConfig, load) -> dict:
         """Components besides SD-1.5's and the video model's; `load(key, subfolder, cls)` reads a resolved model.
@@ -118,7 +119,9 @@ class ControllableTask(Task):
 
     def uses_annotator(self, config: RunConfig) -> bool:
         options = config.idm_options
-        return options["condition_video"] is None and conditions.needs_annotator(options["condition"]) and not config.tiny
+        return not config.tiny and options["condition_video"] is None and conditions.needs_annotator(
+            options["condition"]
+        )
 
     def check_environment(self, config: RunConfig) -> None:
         if self.uses_annotator(config):
@@ -126,11 +129,11 @@ class ControllableTask(Task):
 
     def idm_specs(self, config: RunConfig, root: Path) -> list:
         key = f"{self.prefix}-{config.idm_options['condition']}"
-        local = checkpoint_path(config.idm_options["pretrained_model_path"], root, CATALOGUE[key].folder)
+        local = checkpoint_path(config.idm_options["pretrained_model_path"], root, CATALOGUE[key][1])
         specs = [spec(key, (Part("", "model"),), local)]
         if self.uses_annotator(config):
             files = tuple(Part(name, "file") for name in conditions.ANNOTATOR_FILES[config.idm_options["condition"]])
-            specs.append(spec("annotators", files, root / CATALOGUE["annotators"].folder))
+            specs.append(spec("annotators", files, root / CATALOGUE["annotators"][1]))
         return specs
 
     def components(self, config: RunConfig, load) -> dict:

@@ -12,32 +12,19 @@ import torch
 IMAGE_TEXT_DIM = 32
 VIDEO_TEXT_DIM = 24
 VAE_SCALE_FACTOR = 2
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to chr(256 + n).
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
+# Two levels of 8 and 16 channels, one layer each: the smallest SD-shaped networks.
+_SMALL = dict(block_out_channels=(8, 16), layers_per_block=1, attention_head_dim=4, norm_num_groups=2)
 
 
 def tiny_tokenizer():
     """A byte-level CLIP tokenizer with no merges: every word splits into characters (514 tokens)."""
     from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": i + 256 for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = 512
-    vocab["<|endoftext|>"] = 513
+    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
@@ -82,8 +69,6 @@ def tiny_unet(in_channels: int = 4, seed: int = 0):
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
         sample_size=16,
         in_channels=in_channels,
         out_channels=4,
@@ -91,8 +76,7 @@ def tiny_unet(in_channels: int = 4, seed: int = 0):
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=IMAGE_TEXT_DIM,
-        attention_head_dim=4,
-        norm_num_groups=2,
+        **_SMALL,
     ).eval()
 
 
@@ -101,14 +85,11 @@ def tiny_controlnet(seed: int = 0):
 
     torch.manual_seed(seed)
     return ControlNetModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
         in_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         cross_attention_dim=IMAGE_TEXT_DIM,
-        attention_head_dim=4,
         conditioning_embedding_out_channels=(8, 16),
-        norm_num_groups=2,
+        **_SMALL,
     ).eval()
 
 
@@ -131,16 +112,13 @@ def tiny_video_unet(seed: int = 0):
 
     torch.manual_seed(seed)
     return UNet3DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
         sample_size=16,
         in_channels=4,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
         cross_attention_dim=VIDEO_TEXT_DIM,
-        attention_head_dim=4,
-        norm_num_groups=2,
+        **_SMALL,
     ).eval()
 
 

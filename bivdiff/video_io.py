@@ -61,8 +61,15 @@ def default_mask_path() -> Path:
 
 
 def read_video(path, num_frames=None, stride=1, start=0, height=None, width=None, resize_mode="crop", as_mask=False):
-    """Read frames `start, start + stride, ...` (at most `num_frames`, all to the end when None) from an MP4
-    (or any video ffmpeg reads), a GIF, or a folder of images sorted naturally (`frame2` before `frame10`).
+    """The frames of `read_video_clip`."""
+    return read_video_clip(path, num_frames, stride, start, height, width, resize_mode, as_mask).frames
+
+
+def read_video_clip(
+    path, num_frames=None, stride=1, start=0, height=None, width=None, resize_mode="crop", as_mask=False
+) -> VideoClip:
+    """Frames `start, start + stride, ...` (at most `num_frames`, all to the end when None) of an MP4 (or any video
+    ffmpeg reads), a GIF, or a folder of images sorted naturally (`frame2` before `frame10`), and the source's fps.
 
     Sizes: with neither `height` nor `width` the frames keep the source size. A given size is rounded down to a
     multiple of 8 (never below 8), since the VAE downsamples by 8; with only one of them given, the other
@@ -73,13 +80,6 @@ def read_video(path, num_frames=None, stride=1, start=0, height=None, width=None
     Raises FileNotFoundError for a missing path, and ValueError when the source is unreadable or holds too
     few frames for `num_frames` x `stride` from `start`.
     """
-    return read_video_clip(path, num_frames, stride, start, height, width, resize_mode, as_mask).frames
-
-
-def read_video_clip(
-    path, num_frames=None, stride=1, start=0, height=None, width=None, resize_mode="crop", as_mask=False
-) -> VideoClip:
-    """`read_video`, also returning the source frame rate (of the source, not divided by `stride`)."""
     path = Path(path)
     for name, value, low in (("num_frames", num_frames or 1, 1), ("stride", stride, 1), ("start", start, 0)):
         if value < low:
@@ -126,13 +126,15 @@ def _frame_stream(path: Path, mode: str):
                 yield float(file.metadata()["fps"]) or None
             yield from ((lambda frame=frame: frame) for frame in file.iter(**options))
     except (OSError, RuntimeError, ValueError, SyntaxError, IndexError) as err:
-        raise ValueError(f"Cannot read video frames from {path}: {err}\nCheck that the file is a complete video.") from err
+        raise ValueError(f"Cannot read video frames from {path}: {err}\nCheck that the file is a complete video.") \
+            from err
 
 
-def _open_image(file: Path, mode: str) -> Image.Image:
+def _open_image(file: Path, mode: str) -> np.ndarray:
+    import imageio.v3 as iio
+
     try:
-        with Image.open(file) as image:
-            return image.convert(mode)
+        return iio.imread(file, plugin="pillow", mode=mode)
     except (OSError, ValueError) as err:
         raise ValueError(f"Cannot read the frame {file}: {err}. Replace or remove the file.") from err
 
@@ -181,7 +183,8 @@ def resize_frames(frames, height=None, width=None, resize_mode="crop", as_mask=F
     out = []
     for frame in frames:
         scale = min(dst_w / frame.width, dst_h / frame.height)
-        inner_w, inner_h = min(dst_w, max(1, round(frame.width * scale))), min(dst_h, max(1, round(frame.height * scale)))
+        inner_w = min(dst_w, max(1, round(frame.width * scale)))
+        inner_h = min(dst_h, max(1, round(frame.height * scale)))
         canvas = Image.new(frame.mode, (dst_w, dst_h))
         canvas.paste(processor.resize(frame, inner_h, inner_w), ((dst_w - inner_w) // 2, (dst_h - inner_h) // 2))
         out.append(canvas)

@@ -219,7 +219,8 @@ def test_online_each_hub_id_is_tried_in_order_and_only_the_needed_files_are_fetc
     asked = fake_hub(monkeypatch, answer)
     resolved = resolve([sd15_spec(tmp_path)], offline=False)["sd15"]
     assert resolved.location == "runwayml/stable-diffusion-v1-5" and not resolved.is_local
-    assert [repo for repo, _, _ in asked] == ["stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"]
+    tried = ["stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"]
+    assert [repo for repo, _, _ in asked] == tried
     assert asked[0][1] == ["vae/*", "text_encoder/*", "tokenizer/*", "unet/*", "scheduler/*", "model_index.json"]
     assert asked[0][2] is False  # a real run downloads; a dry run only checks
     resolve([sd15_spec(tmp_path)], offline=False, download=False)
