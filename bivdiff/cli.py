@@ -126,10 +126,6 @@ def build_main_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Commands
-
-
 def run_command(argv: list[str]) -> int:
     from bivdiff.runner import run_config
 

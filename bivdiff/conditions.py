@@ -30,10 +30,6 @@ def condition_channels(idm: str, condition: str) -> int:
     return 1 if idm == "T2IAdapter" and condition == "canny" else 3
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Canny
-
-
 def canny_frames(
     frames: list[Image.Image], low: float = 100, high: float = 200, channels: int = 3
 ) -> list[Image.Image]:
@@ -42,10 +38,6 @@ def canny_frames(
 
     edges = [cv2.Canny(np.asarray(frame.convert("RGB")), low, high) for frame in frames]
     return [Image.fromarray(e).convert("L" if channels == 1 else "RGB") for e in edges]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# controlnet_aux annotators
 
 
 def check_annotators_installed(condition: str, dotted_key: str) -> None:
@@ -86,10 +78,6 @@ def annotate_frames(
         result = detector(frame.convert("RGB"), **kwargs)
         out.append(result.resize((width, height), Image.Resampling.BILINEAR).convert("L" if channels == 1 else "RGB"))
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Masks (white = regenerate)
 
 
 def binarise_masks(frames: list[Image.Image]) -> list[Image.Image]:

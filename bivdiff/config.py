@@ -55,10 +55,6 @@ def one_of(default, *choices):
     return field(default=default, metadata={"choices": choices})
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Schema
-
-
 @dataclass
 class ModelOptions:
     idm: Optional[str] = None
@@ -205,10 +201,6 @@ def valid_keys() -> list[str]:
     return keys
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The resolved config
-
-
 @dataclass
 class RunConfig:
     """A checked config: `data` holds the four sections (only the chosen IDM and VDM), every key present."""
@@ -235,10 +227,6 @@ class RunConfig:
 
         # Wide lines: the long quality prompts stay on one line each, as in the shipped configs.
         return yaml.safe_dump(self.data, sort_keys=False, width=10_000, allow_unicode=True)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loading
 
 
 def load_config(path: str | Path, overrides=(), tiny: bool = False, name: str | None = None) -> RunConfig:
@@ -369,10 +357,6 @@ def _unknown_key_message(dotted: str, where: str) -> str:
     near += [k for k in keys if k.rsplit(".", 1)[-1] == last and k not in near][:3]
     message = f"Unknown config key {dotted!r} in {where}."
     return message + (f" Did you mean: {', '.join(near)}?" if near else " Sections: VDM, IDM, MixedInversion, Model.")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Values
 
 
 def validate(config: RunConfig) -> None:

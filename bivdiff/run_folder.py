@@ -75,10 +75,6 @@ def write_outputs(folder: Path, plan, result) -> dict:
     return {**files, "config": ["config.yaml"], "stats": ["stats.json"]}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Side-by-side comparison
-
-
 def comparison_frames(columns: list[tuple[str, list]]) -> np.ndarray:
     """(F, H', W', 3) uint8: the videos of `columns` side by side, each under a bar with its label.
 

@@ -115,7 +115,6 @@ def plan_run(
     path, name = config_file(config)
     run_config = load_config(path, list(overrides), tiny=tiny, name=name)
     task = task_for(run_config)
-    task.check_environment(run_config)
     source, source_path = read_input(run_config, "Model.video_path")
     inputs = task.inputs(run_config, source.frames, lambda key, mask: read_input(run_config, key, mask)[0].frames)
     models = {}
@@ -135,10 +134,6 @@ def describe_plan(plan: Plan) -> str:
     ]
     lines += [TINY_NOTE] if config.tiny else [f"model:  {resolved.describe()}" for resolved in plan.models.values()]
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Building and calling the pipeline
 
 
 def pick_device(value: str):
@@ -289,10 +284,6 @@ def run_job(pipe, plan: Plan, progress: Callable[[int, int], None] | None = None
             # The pipelines check their inputs before any model runs and say what is wrong in a ValueError.
             raise UserError(f"{type(pipe).__name__} refused the inputs: {err}") from err
     return result, counter.as_dict()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The whole pass
 
 
 def run_config(

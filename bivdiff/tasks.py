@@ -86,12 +86,9 @@ class Task:
     def tiny_components(self, config: RunConfig) -> dict:
         return {}
 
-    def check_environment(self, config: RunConfig) -> None:
-        """Raise a UserError for anything missing from the environment (e.g. an optional extra)."""
-
     def inputs(self, config: RunConfig, source: list[Image.Image], read) -> Inputs:
-        """The condition or mask, read (and so checked) before any model loads; `read(dotted_key, as_mask)`
-        reads the video a config key names with the run's frame selection."""
+        """The condition or mask, read (and so checked, with the environment) before any model loads;
+        `read(dotted_key, as_mask)` reads the video a config key names with the run's frame selection."""
         return Inputs(source=source)
 
     def annotate(self, config: RunConfig, inputs: Inputs, models: dict) -> Inputs:
@@ -122,10 +119,6 @@ class ControllableTask(Task):
         return not config.tiny and options["condition_video"] is None and conditions.needs_annotator(
             options["condition"]
         )
-
-    def check_environment(self, config: RunConfig) -> None:
-        if self.uses_annotator(config):
-            conditions.check_annotators_installed(config.idm_options["condition"], f"IDM.{self.idm}.condition")
 
     def idm_specs(self, config: RunConfig, root: Path) -> list:
         key = f"{self.prefix}-{config.idm_options['condition']}"
@@ -158,6 +151,7 @@ class ControllableTask(Task):
             frames = [f.convert(mode) for f in read(f"IDM.{self.idm}.condition_video", False)]
             return Inputs(source, frames, condition, f"{condition} (given)")
         if self.uses_annotator(config):
+            conditions.check_annotators_installed(condition, f"IDM.{self.idm}.condition")
             return Inputs(source, None, condition, condition)
         # Annotator weights are real downloads, so a tiny run stands canny edges in for depth and pose.
         low, high = options["canny_low_threshold"], options["canny_high_threshold"]

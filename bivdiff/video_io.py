@@ -56,10 +56,6 @@ def default_mask_path() -> Path:
     return _MEDIA_DIR / "big_buck_bunny_mask.mp4"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Reading
-
-
 def read_video(path, num_frames=None, stride=1, start=0, height=None, width=None, resize_mode="crop", as_mask=False):
     """The frames of `read_video_clip`."""
     return read_video_clip(path, num_frames, stride, start, height, width, resize_mode, as_mask).frames
@@ -161,10 +157,6 @@ def select_frames(loaders, path, num_frames: int | None, stride: int, start: int
     return frames
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Resizing
-
-
 def resize_frames(frames, height=None, width=None, resize_mode="crop", as_mask=False) -> list[Image.Image]:
     """Resize frames as `read_video` does, with VaeImageProcessor's "crop" and "default" (stretch) modes."""
     from diffusers.image_processor import VaeImageProcessor
@@ -204,10 +196,6 @@ def target_size(source_size: tuple[int, int], height: int | None, width: int | N
     height = height if height is not None else round(src_h * (width // 8 * 8 or 8) / src_w)
     width = width if width is not None else round(src_w * (height // 8 * 8 or 8) / src_h)
     return max(8, width // 8 * 8), max(8, height // 8 * 8)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Conversion
 
 
 def to_numpy_frames(frames) -> np.ndarray:
@@ -270,10 +258,6 @@ def to_pil_frames(frames) -> list[Image.Image]:
     if isinstance(frames, (list, tuple)) and frames and all(isinstance(f, Image.Image) for f in frames):
         return [f if f.mode == "RGB" else f.convert("RGB") for f in frames]
     return [Image.fromarray(frame) for frame in to_numpy_frames(frames)]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Writing
 
 
 @contextlib.contextmanager
