@@ -233,3 +233,29 @@ def test_video_window_runs_the_video_model_on_windows(tmp_path, capsys):
     assert code == 0, err
     calls = stats(only_run_folder(tmp_path))["unet_calls"]
     assert calls["temporal smoothing"] == {"video_unet": 2 * 2}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The same pass from Python (what a web demo calls)
+
+
+def test_run_config_reports_progress_and_returns_the_run_folder(tmp_path):
+    from bivdiff.runner import run_config
+
+    steps = []
+    folder = run_config(
+        CONTROLNET_ZEROSCOPE, FAST, tiny=True, output_dir=tmp_path, progress=lambda *step: steps.append(step)
+    )
+    assert folder == only_run_folder(tmp_path) and (folder / "video_by_bivdiff.mp4").is_file()
+    assert steps == [(1, 2), (2, 2)]  # after each of the 2 smoothing steps
+
+
+def test_run_config_raises_the_command_lines_errors(tmp_path, capsys):
+    from bivdiff.errors import ConfigError
+    from bivdiff.runner import run_config
+
+    with pytest.raises(ConfigError) as err:
+        run_config(CONTROLNET_ZEROSCOPE, ["Model.num_inference_step=3"], tiny=True, output_dir=tmp_path)
+    code, _, printed = run_cli(capsys, "run", "--tiny", CONTROLNET_ZEROSCOPE, "Model.num_inference_step=3")
+    assert code == 2 and printed == f"error: {err.value}\n"
+    assert not any(tmp_path.iterdir())
