@@ -315,7 +315,9 @@ def build_app(settings: DemoSettings):
             with gr.Column(scale=3):
                 status = gr.Markdown("Choose a config and press **Run**.")
                 comparison = gr.Video(
-                    label="Comparison: source | condition or mask | image model | BIVDiff", elem_id="comparison"
+                    label="Comparison: source | condition or mask | image model | BIVDiff",
+                    elem_id="comparison",
+                    show_label=False,  # its tiles carry their own labels
                 )
                 stages = gr.Gallery(label="Each stage's video", columns=3, height="auto")
                 stats = gr.Markdown()

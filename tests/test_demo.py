@@ -5,6 +5,7 @@ keeps serving after a failure."""
 from __future__ import annotations
 
 import os
+import time
 import zipfile
 from pathlib import Path
 
@@ -60,14 +61,18 @@ def cli_error(capsys, *args) -> str:
 
 def test_a_tiny_run_writes_the_run_folder_and_shows_every_part_of_it(server):
     _, settings, client = server
-    status, comparison, gallery, table, archive = press_run(
-        client,
-        idm_prompt="A fox, running: in snow",
-        steps=2,
-        frames=3,
-        seed=7,
-        extra="Model.width=32\nModel.height=32",
+    fields = page_fields(
+        idm_prompt="A fox, running: in snow", steps=2, frames=3, seed=7, extra="Model.width=32\nModel.height=32"
     )
+    job = client.submit(*fields.values(), api_name="/run")
+    progress = set()
+    while not job.done():
+        progress.update(unit.desc for unit in job.status().progress_data or [])
+        time.sleep(0.01)
+    status, comparison, gallery, table, archive = job.result()
+
+    # The progress bar followed the pipeline's stages, named as the pipeline names them.
+    assert {"Frame-wise generation (ControlNet)", "Temporal smoothing (video UNet)"} <= progress
     assert TINY_LABEL in status
     folder = Path(status.split("Run folder: `")[1].split("`")[0])
     assert folder.parent.resolve() == Path(settings.output_dir).resolve()
@@ -102,6 +107,23 @@ def test_a_tiny_run_writes_the_run_folder_and_shows_every_part_of_it(server):
     with zipfile.ZipFile(archive) as zipped:
         names = set(zipped.namelist())
     assert {f"{folder.name}/{p.name}" for p in folder.iterdir()} <= names
+
+
+def test_an_uploaded_video_and_mask_drive_an_inpainting_run(server):
+    from bivdiff.video_io import default_clip_path, default_mask_path
+
+    _, _, client = server
+    video, mask = (gradio_client.handle_file(str(path)) for path in (default_clip_path(), default_mask_path()))
+    status, comparison, gallery, _, _ = press_run(
+        client, config=INPAINTING, video=video, mask=mask, steps=2, frames=3, extra="Model.width=32\nModel.height=32"
+    )
+    assert comparison is not None, status
+    folder = Path(status.split("Run folder: `")[1].split("`")[0])
+    config = load_config(folder / "config.yaml")
+    # Uploads reach the run as the command line's own keys, under their file names.
+    assert Path(config.model["video_path"]).name == default_clip_path().name
+    assert Path(config.idm_options["video_mask_path"]).name == default_mask_path().name
+    assert [item["caption"] for item in gallery][:2] == ["source", "mask"]
 
 
 def test_bad_inputs_get_the_command_lines_messages_before_any_model_loads(server, capsys):
