@@ -371,10 +371,11 @@ def launch(
     share: bool = False,
     block: bool = True,
 ):
-    """Serve the app; run folders are served from `settings.output_dir`, wherever it is."""
+    """Serve the app; run folders are served from `settings.output_dir`, wherever it is. Without a port, one the
+    system picks as free (Gradio's own search from 7860 races with any other server starting at the same time)."""
     return app.launch(
         server_name=host,
-        server_port=port,
+        server_port=port or _system_port(host),
         share=share,
         allowed_paths=[str(Path(settings.output_dir).resolve())],
         prevent_thread_lock=not block,
@@ -394,6 +395,14 @@ def main(argv: list[str]) -> int:
     port = _free_port_from(args.host, args.port)
     launch(build_app(settings), settings, host=args.host, port=port, share=args.share)
     return 0
+
+
+def _system_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def _free_port_from(host: str, port: int, tries: int = 100) -> int:

@@ -201,6 +201,12 @@ def test_unknown_command_is_refused(capsys):
     assert code == 2 and "run, list, eval or demo" in err
 
 
+def test_demo_without_gradio_says_how_to_install_it(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if it were not installed
+    code, _, err = run_cli(capsys, "demo", "--tiny")
+    assert code == 1 and 'pip install "bivdiff[demo]"' in err
+
+
 def test_console_script_runs(tmp_path):
     script = Path(sys.executable).with_name("bivdiff")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}

@@ -15,10 +15,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gradio_client = pytest.importorskip("gradio_client", reason="the demo tests need gradio: pip install -e '.[test]'")
 pytest.importorskip("gradio", reason="the demo tests need gradio: pip install -e '.[test]'")
 
+from cli_helpers import run_cli, stats
+
 from bivdiff import configs as shipped
 from bivdiff.config import load_config
 from bivdiff.demo import FIRST_CONFIG, TINY_LABEL, TINY_OFFER, DemoSettings, Form, form_defaults
-from tests.cli_helpers import run_cli, stats
 
 INPAINTING = "video_inpainting_with_stable_diffusion_inpainting_and_vidrd"
 
