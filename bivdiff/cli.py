@@ -19,6 +19,7 @@ commands:
   run    run a task config on a video (the shipped demo clip by default); see: bivdiff run --help
   list   list the task configs, one line each
   eval   temporal-consistency (and with a CLIP model, CLIP) scores of a video, as JSON
+  demo   open the web demo in the browser (pip install "bivdiff[demo]"); see: bivdiff demo --help
 
 first try (no download, no video of your own, about a minute on a CPU; tiny random models, the pictures are noise):
   bivdiff run --tiny --config-name controllable_video_generation_with_controlnet_and_zeroscope
@@ -122,7 +123,7 @@ def build_main_parser() -> argparse.ArgumentParser:
         prog="bivdiff", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    parser.add_argument("command", nargs="?", choices=COMMANDS, help="run, list or eval")
+    parser.add_argument("command", nargs="?", choices=COMMANDS, help="run, list, eval or demo")
     return parser
 
 
@@ -189,7 +190,13 @@ def eval_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": run_command, "list": list_command, "eval": eval_command}
+def demo_command(argv: list[str]) -> int:
+    from bivdiff.demo import main as demo_main
+
+    return demo_main(argv)
+
+
+COMMANDS = {"run": run_command, "list": list_command, "eval": eval_command, "demo": demo_command}
 
 
 def quiet_torchvision_notice():
@@ -216,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS.get(argv[0])
     if command is None:
         build_main_parser().print_usage(sys.stderr)
-        print(f"bivdiff: error: unknown command {argv[0]!r}: use run, list or eval (bivdiff --help).", file=sys.stderr)
+        print(f"bivdiff: error: unknown command {argv[0]!r}: use run, list, eval or demo (bivdiff --help).", file=sys.stderr)
         return 2
     try:
         return command(argv[1:])

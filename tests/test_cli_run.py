@@ -198,7 +198,13 @@ def test_list_shows_every_config_with_its_description(capsys):
 
 def test_unknown_command_is_refused(capsys):
     code, _, err = run_cli(capsys, "render")
-    assert code == 2 and "run, list or eval" in err
+    assert code == 2 and "run, list, eval or demo" in err
+
+
+def test_demo_without_gradio_says_how_to_install_it(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if it were not installed
+    code, _, err = run_cli(capsys, "demo", "--tiny")
+    assert code == 1 and 'pip install "bivdiff[demo]"' in err
 
 
 def test_console_script_runs(tmp_path):

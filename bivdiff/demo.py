@@ -1,0 +1,419 @@
+"""`bivdiff demo`: a Gradio web app over the same runner as `bivdiff run`.
+
+Every field of the page becomes a dotted override (`Model.num_inference_steps=20`, ...), so a run from the page
+is exactly the command-line run with those overrides: same checks and messages before any model loads, same run
+folder. Gradio's queue runs one job at a time per process; the others wait their turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from bivdiff import configs as shipped
+from bivdiff.errors import UserError
+
+FIRST_CONFIG = "controllable_video_generation_with_controlnet_and_zeroscope"
+INPAINTING = "StableDiffusionInpainting"
+TINY_LABEL = "Tiny models: random weights, built offline in seconds. The pictures are NOISE (checks the app only)."
+TINY_OFFER = (
+    "No weights here? Tick **Tiny models** to try every task with tiny random models: it runs in seconds, "
+    "and the pictures are noise."
+)
+INSTALL_HINT = 'The web demo needs gradio: pip install "bivdiff[demo]"'
+
+
+@dataclass
+class DemoSettings:
+    """What `bivdiff demo` was started with; shared by every run of the page."""
+
+    tiny: bool = False
+    checkpoints: str = "checkpoints"
+    output_dir: str = "outputs"
+    offline: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Adapter: the only code that calls the runner and the config loader.
+
+
+def run_config(name: str, overrides: list[str], settings: DemoSettings, tiny: bool, log) -> Path:
+    """Run a shipped config with `bivdiff run`'s own code path; returns the run folder. `log(text)` gets every
+    line the command line prints. Raises UserError (with the command line's message) for bad input."""
+    from bivdiff.runner import run_config as run
+
+    return run(
+        name,
+        overrides,
+        tiny=tiny,
+        checkpoints=settings.checkpoints,
+        output_dir=settings.output_dir,
+        offline=settings.offline,
+        log=log,
+    )
+
+
+def config_values(name: str, tiny: bool) -> dict:
+    """The resolved config (sections VDM, IDM, MixedInversion, Model), as a run with no override would use it."""
+    from bivdiff.config import load_config
+
+    return load_config(shipped.config_path(name), tiny=tiny, name=name).data
+
+
+def is_missing_models(err: UserError) -> bool:
+    from bivdiff.models_resolution import MissingModelsError
+
+    return isinstance(err, MissingModelsError)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Page values <-> overrides and run folders
+
+
+@dataclass
+class Form:
+    """The run fields of the page, in the order of the Gradio inputs."""
+
+    config: str
+    tiny: bool
+    video: str | None
+    mask: str | None
+    idm_prompt: str
+    vdm_prompt: str
+    steps: float | None
+    mixing_ratio: float | None
+    frames: float | None
+    stride: float | None
+    seed: float | None
+    extra: str = ""
+
+    def overrides(self) -> list[str]:
+        """Dotted overrides for the fields that hold a value; `extra` adds any others, one per line."""
+        # An unknown config name is left to the runner, which names the nearest shipped ones.
+        known = self.config in shipped.config_names()
+        idm = config_values(self.config, self.tiny)["Model"]["idm"] if known else None
+        pairs = [
+            ("Model.video_path", self.video),
+            (f"IDM.{INPAINTING}.video_mask_path", self.mask if idm == INPAINTING else None),
+            ("Model.idm_prompt", self.idm_prompt),
+            ("Model.vdm_prompt", self.vdm_prompt),
+            ("Model.num_inference_steps", _whole(self.steps)),
+            (f"IDM.{idm}.mixing_ratio", self.mixing_ratio if known else None),
+            ("Model.video_length", _whole(self.frames)),
+            ("Model.frame_rate", _whole(self.stride)),
+            ("Model.seed", _whole(self.seed)),
+        ]
+        overrides = [f"{key}={value}" for key, value in pairs if value is not None]
+        return overrides + [line.strip() for line in (self.extra or "").splitlines() if line.strip()]
+
+
+def _whole(value):
+    # Gradio numbers arrive as floats; a fractional value is passed on as typed so the config check names it.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def form_defaults(name: str, tiny: bool) -> dict:
+    """The page's field values for a config: what a run with no override uses."""
+    data = config_values(name, tiny)
+    model = data["Model"]
+    return {
+        "description": shipped.config_description(name),
+        "idm": model["idm"],
+        "vdm": model["vdm"],
+        "idm_prompt": model["idm_prompt"] or "",
+        "vdm_prompt": model["vdm_prompt"] or "",
+        "steps": model["num_inference_steps"],
+        "mixing_ratio": data["IDM"][model["idm"]]["mixing_ratio"],
+        "frames": model["video_length"],
+        "stride": model["frame_rate"],
+        "seed": model["seed"],
+    }
+
+
+STAGE_LABELS = {
+    "source_video": "source",
+    "source_mask": "mask",
+    "video_inverted_and_reconstructed": "source, inverted and reconstructed",
+}
+
+
+def stage_videos(folder: Path, stats: dict) -> list[tuple[str, str]]:
+    """(MP4 path, label) of each video of the run but the comparison, in pipeline order."""
+    videos = []
+    for what, names in stats["files"].items():
+        mp4 = next((n for n in names if n.endswith(".mp4")), None)
+        if mp4 is None or what == "comparison":
+            continue
+        if what.endswith("_condition"):
+            label = f"condition ({what.removesuffix('_condition')})"
+        elif what == "video_by_idm":
+            label = f"image model: {stats['idm']}"
+        elif what == "video_by_bivdiff":
+            label = f"BIVDiff: {stats['vdm']}"
+        else:
+            label = STAGE_LABELS.get(what, what)
+        if stats.get("tiny") and what in ("video_by_idm", "video_by_bivdiff"):
+            label += " (tiny: noise)"
+        videos.append((str(folder / mp4), label))
+    return videos
+
+
+def stats_table(stats: dict) -> str:
+    """Markdown: time, network calls and peak memory of each pipeline stage, then the run's totals."""
+    rows = ["| stage | seconds | network calls | peak memory |", "|---|---:|---|---:|"]
+    for stage in stats["stages"]:
+        calls = ", ".join(f"{name} {count}" for name, count in stage["network_calls"].items()) or "-"
+        rows.append(
+            f"| {stage['stage']} | {_seconds(stage['seconds'])} | {calls} | {_bytes(stage['peak_memory_bytes'])} |"
+        )
+    for step, seconds in stats["seconds"].items():
+        rows.append(f"| *{step.replace('_', ' ')}* | {_seconds(seconds)} | | |")
+    peak = stats["peak_memory"]
+    kind = "CUDA peak allocated" if peak["kind"] == "cuda_max_allocated" else "process peak RSS"
+    rows.append(
+        f"\nPeak memory of the run ({kind}): **{_bytes(peak['bytes'])}**; "
+        f"{stats['unet_calls_total']} network calls on {stats['device']} ({stats['dtype']})."
+    )
+    return "\n".join(rows)
+
+
+def _seconds(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _bytes(value) -> str:
+    return "-" if value is None else f"{value / 2**20:,.0f} MiB"
+
+
+def zip_run_folder(folder: Path) -> Path:
+    """`<folder>.zip` beside the run folder, holding the folder itself."""
+    archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
+    return Path(archive)
+
+
+def shown_path(path: Path) -> str:
+    """Relative to the working directory when under it (as the command line prints run folders), else absolute."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def error_text(err: UserError, tiny: bool) -> str:
+    text = f"**Nothing was run.**\n\n```text\n{err}\n```"
+    if not tiny and is_missing_models(err):
+        text += "\n\n" + TINY_OFFER
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The page
+
+
+def build_app(settings: DemoSettings):
+    import gradio as gr
+
+    names = shipped.config_names()
+    first = form_defaults(FIRST_CONFIG, settings.tiny)
+
+    # Gradio finds the progress tracker by its default value; track_tqdm follows the pipelines' own stage bars.
+    def run(
+        config,
+        tiny,
+        video,
+        mask,
+        idm_prompt,
+        vdm_prompt,
+        steps,
+        ratio,
+        frames,
+        stride,
+        seed,
+        extra,
+        progress=gr.Progress(track_tqdm=True),  # noqa: B008
+    ):
+        form = Form(config, tiny, video, mask, idm_prompt, vdm_prompt, steps, ratio, frames, stride, seed, extra)
+        lines = []
+
+        def log(text: str):
+            lines.append(text)
+            progress(None, desc=text.splitlines()[0])
+
+        try:
+            folder = run_config(form.config, form.overrides(), settings, form.tiny, log)
+        except UserError as err:
+            return error_text(err, form.tiny), None, [], "", None
+        except Exception as err:  # noqa: BLE001 - the page reports any failure and stays up for the next run
+            return f"**The run failed:** `{type(err).__name__}: {err}`\n\n" + "\n".join(lines[-2:]), None, [], "", None
+        stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
+        status = [f"Run folder: `{shown_path(folder)}`"]
+        if stats.get("tiny"):
+            status.insert(0, f"**{TINY_LABEL}**")
+        return (
+            "\n\n".join(status),
+            str(folder / "comparison.mp4"),
+            stage_videos(folder, stats),
+            stats_table(stats),
+            str(zip_run_folder(folder)),
+        )
+
+    def choose(config, tiny):
+        values = form_defaults(config, tiny)
+        return (
+            f"{values['description']}  \nimage model **{values['idm']}**, video model **{values['vdm']}**",
+            gr.update(visible=values["idm"] == INPAINTING, value=None),
+            values["idm_prompt"],
+            values["vdm_prompt"],
+            values["steps"],
+            values["mixing_ratio"],
+            values["frames"],
+            values["stride"],
+            values["seed"],
+            gr.update(visible=tiny),
+        )
+
+    with gr.Blocks(title="BIVDiff demo") as app:
+        gr.Markdown(
+            "# BIVDiff: training-free video synthesis\n"
+            "An image model does the task on every frame, Mixed Inversion and a text-to-video model make the "
+            "result temporally coherent. Each run writes a run folder, as `bivdiff run` does."
+        )
+        tiny_banner = gr.Markdown(f"**{TINY_LABEL}**", visible=settings.tiny)
+        with gr.Row():
+            with gr.Column(scale=2):
+                config = gr.Dropdown(names, value=FIRST_CONFIG, label="Task config (bivdiff list)")
+                about = gr.Markdown()
+                tiny = gr.Checkbox(value=settings.tiny, label=TINY_LABEL)
+                video = gr.Video(
+                    label="Source video (empty: the shipped Big Buck Bunny clip)",
+                    sources=["upload"],
+                    include_audio=True,
+                )
+                mask = gr.Video(
+                    label="Mask video, white = regenerate (empty: the shipped mask)",
+                    sources=["upload"],
+                    include_audio=True,
+                    visible=False,
+                )
+                idm_prompt = gr.Textbox(first["idm_prompt"], label="Image-model prompt (Model.idm_prompt)")
+                vdm_prompt = gr.Textbox(first["vdm_prompt"], label="Video-model prompt (Model.vdm_prompt)")
+                with gr.Row():
+                    steps = gr.Number(first["steps"], label="Steps", precision=0)
+                    ratio = gr.Slider(0.0, 1.0, first["mixing_ratio"], step=0.05, label="Mixing ratio")
+                with gr.Row():
+                    frames = gr.Number(first["frames"], label="Frames", precision=0)
+                    stride = gr.Number(first["stride"], label="Frame stride", precision=0)
+                    seed = gr.Number(first["seed"], label="Seed", precision=0)
+                extra = gr.Textbox(
+                    label="More overrides, one KEY=VALUE per line (as on the command line)",
+                    lines=2,
+                    placeholder="IDM.ControlNet.condition=depth_midas\nModel.width=256",
+                )
+                go = gr.Button("Run", variant="primary")
+            with gr.Column(scale=3):
+                status = gr.Markdown("Choose a config and press **Run**.")
+                comparison = gr.Video(
+                    label="Comparison: source | condition or mask | image model | BIVDiff",
+                    elem_id="comparison",
+                    show_label=False,  # its tiles carry their own labels
+                )
+                stages = gr.Gallery(label="Each stage's video", columns=3, height="auto")
+                stats = gr.Markdown()
+                download = gr.File(label="Run folder (zip)")
+
+        form_fields = [about, mask, idm_prompt, vdm_prompt, steps, ratio, frames, stride, seed, tiny_banner]
+        for trigger in (config.change, tiny.change):
+            trigger(choose, [config, tiny], form_fields, api_name=False, queue=False)
+        app.load(choose, [config, tiny], form_fields, api_name=False, queue=False)
+        go.click(
+            run,
+            [config, tiny, video, mask, idm_prompt, vdm_prompt, steps, ratio, frames, stride, seed, extra],
+            [status, comparison, stages, stats, download],
+            api_name="run",
+            concurrency_limit=1,
+            concurrency_id="run",
+        )
+    app.queue(default_concurrency_limit=1)
+    return app
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `bivdiff demo`
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bivdiff demo",
+        description="Open the BIVDiff web demo (Gradio): every task config, with the same checks, run folders "
+        "and models as `bivdiff run`. " + INSTALL_HINT + ".",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="start with tiny random-weight models ticked (offline, seconds per run; the pictures are noise)",
+    )
+    parser.add_argument("--checkpoints", metavar="DIR", default="checkpoints", help="as for bivdiff run")
+    parser.add_argument("--offline", action="store_true", help="as for bivdiff run")
+    parser.add_argument("--output-dir", metavar="DIR", default="outputs", help="where run folders go")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860; the next free one if taken)")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    return parser
+
+
+def launch(
+    app,
+    settings: DemoSettings,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    share: bool = False,
+    block: bool = True,
+):
+    """Serve the app; run folders are served from `settings.output_dir`, wherever it is. Without a port, one the
+    system picks as free (Gradio's own search from 7860 races with any other server starting at the same time)."""
+    return app.launch(
+        server_name=host,
+        server_port=port or _system_port(host),
+        share=share,
+        allowed_paths=[str(Path(settings.output_dir).resolve())],
+        prevent_thread_lock=not block,
+        quiet=not block,
+    )
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    settings = DemoSettings(
+        tiny=args.tiny, checkpoints=args.checkpoints, output_dir=args.output_dir, offline=args.offline
+    )
+    port = _free_port_from(args.host, args.port)
+    launch(build_app(settings), settings, host=args.host, port=port, share=args.share)
+    return 0
+
+
+def _system_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _free_port_from(host: str, port: int, tries: int = 100) -> int:
+    import socket
+
+    for candidate in range(port, port + tries):
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, candidate))
+            except OSError:
+                continue
+            return candidate
+    raise UserError(f"No free port in {port}..{port + tries - 1} on {host}: give another with --port.")
