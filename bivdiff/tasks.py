@@ -331,7 +331,7 @@ class ControllableTask(Task):
     def call_arguments(self, config: RunConfig, inputs: Inputs) -> dict:
         scale = float(config.idm_options["conditioning_scale"])
         key = "controlnet_conditioning_scale" if self.idm == "ControlNet" else "adapter_conditioning_scale"
-        return {"prompt": self.idm_prompt(config), "control_frames": inputs.condition, key: scale}
+        return {"prompt": self.idm_prompt(config), "conditioning_frames": inputs.condition, key: scale}
 
 
 class InstructPix2PixTask(Task):

@@ -8,6 +8,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionControlNetPipeline
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from pipeline_helpers import (
+    stage1,
     HEIGHT,
     NUM_FRAMES,
     WIDTH,
@@ -34,7 +35,7 @@ def make_pipe(**overrides):
 def inputs(**overrides):
     args = dict(
         prompt="a red car",
-        control_frames=control_video(),
+        conditioning_frames=control_video(),
         num_inference_steps=2,
         mixing_ratio=0.5,
         generator=generators(),
@@ -53,10 +54,10 @@ def pipe():
 @pytest.mark.parametrize("frame_batch_size", [1, 2, 8])
 def test_batched_stage1_equals_stock_pipeline_per_frame(pipe, frame_batch_size):
     frames = control_video()
-    neg, pos = pipe.encode_image_prompt("a red car", "ugly", "cpu")
-    ours = pipe.generate_frames(
-        [list(frames)], pos, neg, HEIGHT, WIDTH, 3, 7.5, 1.0, frame_batch_size, generators(), None, None
-    )
+    ours = stage1(
+        pipe, prompt="a red car", negative_prompt="ugly", conditioning_frames=frames, num_inference_steps=3,
+        frame_batch_size=frame_batch_size, generator=generators(),
+    )  # fmt: skip
     stock = StableDiffusionControlNetPipeline(
         **{k: getattr(pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "controlnet", "scheduler")},
         safety_checker=None,
@@ -138,7 +139,7 @@ def test_save_load_restores_every_component_and_output(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["inverse_scheduler"] == [
-        "bivdiff.schedulers.scheduling_bivdiff_ddim_inverse",
+        "bivdiff.pipelines.mixed_inversion",
         "BIVDiffDDIMInverseScheduler",
     ]
     assert index["inversion_unet"] == [None, None] and index["adapter"] == [None, None]
@@ -166,7 +167,7 @@ def test_multi_controlnet_takes_one_video_per_net():
     assert isinstance(pipe.controlnet, MultiControlNetModel)
     out = pipe(
         **inputs(
-            control_frames=[control_video(seed=1), control_video(seed=2)], controlnet_conditioning_scale=[1.0, 0.5]
+            conditioning_frames=[control_video(seed=1), control_video(seed=2)], controlnet_conditioning_scale=[1.0, 0.5]
         )
     )
     assert out.frames.shape == (1, NUM_FRAMES, HEIGHT, WIDTH, 3)
@@ -240,8 +241,8 @@ def test_bfloat16_run_stays_close_to_float32():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="model CPU offload needs an accelerator")
 def test_model_cpu_offload_gives_the_same_video():
     pipe = make_pipe().to("cuda")
-    reference = pipe(**inputs(generator=[torch.Generator("cuda").manual_seed(i) for i in range(NUM_FRAMES)])).frames
+    reference = pipe(**inputs(generator=[[torch.Generator("cuda").manual_seed(i) for i in range(NUM_FRAMES)]])).frames
     pipe = make_pipe()
     pipe.enable_model_cpu_offload()
-    out = pipe(**inputs(generator=[torch.Generator("cuda").manual_seed(i) for i in range(NUM_FRAMES)])).frames
+    out = pipe(**inputs(generator=[[torch.Generator("cuda").manual_seed(i) for i in range(NUM_FRAMES)]])).frames
     np.testing.assert_allclose(out, reference, atol=1e-4)

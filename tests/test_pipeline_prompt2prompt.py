@@ -69,8 +69,8 @@ def stock_ddim_pipeline(pipe):
 @torch.no_grad()
 def source_noise(pipe):
     """The source video's inverted noise, as the pipeline makes it: posterior mean, image UNet on the "" prompt."""
-    latents = pipe.encode_frames(control_video(), HEIGHT, WIDTH, NUM_FRAMES)
-    cond = pipe.encode_text("", pipe.tokenizer, pipe.text_encoder, "cpu")
+    latents = pipe.encode_frames(pipe.source_pixels(control_video(), HEIGHT, WIDTH), NUM_FRAMES)
+    cond = pipe.encode_prompt("", "cpu")[0]
     return pipe.invert_source(latents, cond, STEPS, NUM_FRAMES)
 
 
@@ -111,11 +111,13 @@ def test_without_attention_edits_the_edit_branch_is_the_stock_pipeline_on_the_ed
 @pytest.mark.parametrize("frame_batch_size", [1, 2])
 def test_stage1_batched_equals_per_frame(pipe, frame_batch_size):
     noise = source_noise(pipe)
-    embeds = pipe.encode_text(["", SOURCE, EDIT], pipe.tokenizer, pipe.text_encoder, "cpu")
+    (source, edit), (negative, _) = pipe.encode_prompt([SOURCE, EDIT], "cpu")
 
     def stage1(chunk):
         controller = make_controller(pipe.tokenizer, SOURCE, EDIT, "replace", STEPS, local_blend_words=("cat", "dog"))
-        return pipe.edit_frames(noise, controller, embeds[1:3], embeds[:1], HEIGHT, WIDTH, STEPS, 7.5, chunk)
+        return pipe.edit_frames(
+            noise, controller, torch.stack([source, edit]), negative[None], HEIGHT, WIDTH, STEPS, 7.5, chunk
+        )
 
     (src_all, edit_all), (src, edit) = stage1(NUM_FRAMES), stage1(frame_batch_size)
     assert (edit - edit_all).abs().max().item() <= 1e-5 and (src - src_all).abs().max().item() <= 1e-5
@@ -193,7 +195,7 @@ def test_save_load_restores_every_component_and_output(pipe, edited, tmp_path):
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["inverse_scheduler"] == [
-        "bivdiff.schedulers.scheduling_bivdiff_ddim_inverse",
+        "bivdiff.pipelines.mixed_inversion",
         "BIVDiffDDIMInverseScheduler",
     ]
     assert index["inversion_unet"] == [None, None]
