@@ -792,6 +792,18 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
                 lora_scale=lora_scale,
                 clip_skip=call.clip_skip,
             )
+        inversion_prompt = call.inversion_prompt
+        if inversion_prompt is not None:
+            inversion_prompt = as_list(inversion_prompt, call.num_prompts)
+        needs_image_cond = call.mixing_ratio > 0 or self.always_inverts_with_image_unet
+        if needs_image_cond:
+            if inversion_prompt is not None:
+                embeds.image_cond = self.encode_prompt(inversion_prompt, device, k, lora_scale=lora_scale)[0]
+            elif embeds.image_negative is not None:
+                embeds.image_cond = embeds.image_negative
+            else:
+                negative = as_list(call.negative_prompt or "", call.num_prompts)
+                embeds.image_cond = self.encode_prompt(negative, device, k, lora_scale=lora_scale)[0]
         embeds.video, embeds.video_negative = self.encode_video_prompt(
             call.video_prompt,
             device,
@@ -800,20 +812,6 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
             call.video_prompt_embeds,
             call.negative_video_prompt_embeds,
         )
-        inversion_prompt = call.inversion_prompt
-        if inversion_prompt is not None and isinstance(call.video_prompt, (list, tuple)):
-            inversion_prompt = as_list(inversion_prompt, len(call.video_prompt))
-        needs_image_cond = call.mixing_ratio > 0 or self.always_inverts_with_image_unet
-        if needs_image_cond:
-            if inversion_prompt is not None:
-                embeds.image_cond = self.encode_prompt(inversion_prompt, device, k, lora_scale=lora_scale)[0]
-            elif embeds.image_negative is not None:
-                embeds.image_cond = embeds.image_negative
-            else:
-                negative = call.negative_prompt
-                if negative is None:
-                    negative = [""] * call.num_prompts
-                embeds.image_cond = self.encode_prompt(negative, device, k, lora_scale=lora_scale)[0]
         if inversion_prompt is not None and call.mixing_ratio < 1:
             embeds.video_cond = self.encode_video_prompt(inversion_prompt, device, k)[0]
         else:

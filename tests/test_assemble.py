@@ -34,7 +34,7 @@ def call(pipe):
     edges[:, 8:24, 16] = 255
     return pipe(
         prompt="a red car",
-        control_frames=[e for e in edges],
+        conditioning_frames=[e for e in edges],
         num_inference_steps=2,
         mixing_ratio=0.5,
         generator=torch.Generator().manual_seed(0),
