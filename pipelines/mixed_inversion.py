@@ -201,10 +201,13 @@ def ddim_sampler(scheduler) -> DDIMScheduler:
 
     `clip_sample` is always off: latents are not bounded to [-1, 1], and configs of other samplers (PNDM, Euler)
     often omit the key, which would turn on DDIM's default clipping. A missing `set_alpha_to_one` means SD's False
-    (the last step lands on alphas_cumprod[0], as in the original).
+    (the last step lands on alphas_cumprod[0], as in the original); so does a value the config only holds as its
+    class's default (listed in `_use_default_values`, which `from_config` would drop in favour of DDIM's True).
     """
-    config = {"set_alpha_to_one": False, **scheduler.config}
-    return DDIMScheduler.from_config(config, clip_sample=False)
+    config = scheduler.config
+    explicit = "set_alpha_to_one" in config and "set_alpha_to_one" not in config.get("_use_default_values", [])
+    set_alpha_to_one = bool(config["set_alpha_to_one"]) if explicit else False
+    return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=set_alpha_to_one)
 
 
 # ---------------------------------------------------------------------------------------------------- layouts

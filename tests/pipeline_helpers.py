@@ -31,7 +31,7 @@ def generators(num_frames: int = NUM_FRAMES, base: int = 0) -> list[list[torch.G
 def stage1(pipe, **call_kwargs) -> torch.Tensor:
     """Stage 1's clean latents (B, 4, F, h, w) of a call, read through the public API (`idm_frames` of a latent
     output); the inversion is cut to one video-branch step because only stage 1 is looked at."""
-    return pipe(**call_kwargs, mixing_ratio=0.0, num_inversion_steps=1, output_type="latent").idm_frames
+    return pipe(**{**call_kwargs, "mixing_ratio": 0.0, "num_inversion_steps": 1, "output_type": "latent"}).idm_frames
 
 
 @contextlib.contextmanager

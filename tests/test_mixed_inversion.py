@@ -146,3 +146,54 @@ def test_smoothing_never_clips_latents_whatever_the_stage1_sampler():
     assert smoothing.config.clip_sample is False and smoothing.config.set_alpha_to_one is False
     assert smoothing.config.steps_offset == 1
     torch.testing.assert_close(smoothing.alphas_cumprod, pipe.inverse_scheduler.alphas_cumprod)
+
+
+def test_fold_and_unfold_keep_each_video_and_frame_in_place():
+    from bivdiff.pipelines.mixed_inversion import fold_frames, unfold_frames
+
+    videos = torch.randn(2, 4, 3, 5, 6, generator=torch.Generator().manual_seed(0))
+    folded = fold_frames(videos)
+    assert folded.shape == (6, 4, 5, 6)
+    for i in range(6):
+        assert folded[i].equal(videos[i // 3, :, i % 3])
+    assert unfold_frames(folded, 3).equal(videos)
+
+
+@torch.no_grad()
+def test_decoding_divides_by_the_scaling_factor_in_chunks(pipe):
+    latents = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    ours = pipe.decode_latents(latents, chunk_size=2)
+    for b in range(2):
+        for f in range(3):
+            expected = pipe.vae.decode(latents[b : b + 1, :, f] / pipe.vae.config.scaling_factor).sample[0]
+            torch.testing.assert_close(ours[b, :, f], expected, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_inversion_state_stays_fp32_between_steps_with_a_half_precision_unet():
+    pipe = BIVDiffPipeline(**bivdiff_components())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.to(torch.bfloat16)
+    pipe.video_unet.to(torch.bfloat16)
+    seen = []
+    step = pipe.inverse_scheduler.step
+    pipe.inverse_scheduler.step = lambda eps, t, z, **kw: seen.append(z.dtype) or step(eps, t, z, **kw)
+    latents = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = torch.zeros(1, 77, 32, dtype=torch.bfloat16)
+    image = pipe.invert_image_branch(latents, cond, 3, 8)
+    video = pipe.invert_video_branch(latents, torch.zeros(1, 77, 24), 3)
+    assert seen and set(seen) == {torch.float32}
+    assert image.dtype == video.dtype == torch.float32
+
+
+@torch.no_grad()
+def test_image_inversion_runs_one_clip_per_seam_call(pipe):
+    latents = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    shapes = []
+    seam = pipe.image_inversion_noise
+    pipe.image_inversion_noise = lambda frames, *a: shapes.append(tuple(frames.shape)) or seam(frames, *a)
+    try:
+        pipe.invert_image_branch(latents, pipe.encode_prompt(["", ""], "cpu")[0], 2, 8)
+    finally:
+        del pipe.image_inversion_noise
+    assert shapes == [(3, 4, 8, 8)] * 4

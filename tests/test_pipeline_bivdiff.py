@@ -87,3 +87,47 @@ def test_save_load_and_custom_pipeline(pipe, tmp_path, modules_cache):
 def test_exactly_one_of_video_and_video_latents(pipe):
     with pytest.raises(ValueError, match="exactly one of `video`"):
         pipe(prompt="a dog")
+
+
+@torch.no_grad()
+def test_vae_encoding_is_chunked_by_decode_chunk_size_not_frame_batch_size(pipe):
+    with count_forward_calls(encoder=pipe.vae.encoder) as calls:
+        pipe(video=control_video(), prompt="a dog", num_inference_steps=1, frame_batch_size=1, decode_chunk_size=3,
+             output_type="latent")  # fmt: skip
+    assert calls["encoder"] == 1
+
+
+@torch.no_grad()
+def test_resize_mode_crop_keeps_the_aspect_ratio(pipe):
+    wide = np.random.default_rng(0).random((3, 32, 48, 3)).astype(np.float32)
+    args = dict(prompt="a dog", num_inference_steps=1, output_type="latent", height=32, width=32)
+    cropped = pipe(video=wide, resize_mode="crop", **args).frames
+    centre = pipe(video=wide[:, :, 8:40], **args).frames
+    stretched = pipe(video=wide, **args).frames
+    torch.testing.assert_close(cropped, centre, atol=1e-2, rtol=0)
+    assert not torch.allclose(cropped, stretched, atol=1e-2)
+
+
+@torch.no_grad()
+def test_an_animatediff_motion_unet_gets_its_text_embeddings_per_frame():
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    from bivdiff.tiny_models import VIDEO_TEXT_DIM, tiny_unet
+
+    torch.manual_seed(0)
+    image_unet = tiny_unet()
+    image_unet.register_to_config(cross_attention_dim=VIDEO_TEXT_DIM)
+    base = type(image_unet).from_config(image_unet.config)
+    adapter = MotionAdapter(
+        block_out_channels=(8, 16), motion_layers_per_block=1, motion_norm_num_groups=2,
+        motion_num_attention_heads=2, motion_max_seq_length=8,
+    )  # fmt: skip
+    motion = UNetMotionModel.from_unet2d(base, adapter).eval()
+    pipe = BIVDiffPipeline(**bivdiff_components(video_unet=motion))
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    embeds = torch.randn(2, 77, VIDEO_TEXT_DIM, generator=torch.Generator().manual_seed(1))
+    expected = motion(latents, 10, encoder_hidden_states=embeds.repeat_interleave(3, dim=0)).sample
+    torch.testing.assert_close(pipe.video_unet_noise(latents, 10, embeds), expected, atol=0, rtol=0)
+    out = pipe(video=control_video(), prompt="a dog", num_inference_steps=2, mixing_ratio=0.0, output_type="latent")
+    assert out.frames.shape == (1, 4, 3, 16, 16)

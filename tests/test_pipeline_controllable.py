@@ -246,3 +246,40 @@ def test_model_cpu_offload_gives_the_same_video():
     pipe.enable_model_cpu_offload()
     out = pipe(**inputs(generator=[[torch.Generator("cuda").manual_seed(i) for i in range(NUM_FRAMES)]])).frames
     np.testing.assert_allclose(out, reference, atol=1e-4)
+
+
+@torch.no_grad()
+def test_each_frames_noise_follows_its_documented_derivation(pipe):
+    # Independently of the pipeline: F seeds drawn from the video's generator, one randn per frame from each seed.
+    seeds = torch.randint(0, 2**62, (NUM_FRAMES,), generator=torch.Generator().manual_seed(5)).tolist()
+    noise = torch.stack(
+        [torch.randn(1, 4, HEIGHT // 2, WIDTH // 2, generator=torch.Generator().manual_seed(s))[0] for s in seeds],
+        dim=1,
+    )[None]
+    for a in range(NUM_FRAMES):
+        for b in range(a + 1, NUM_FRAMES):
+            assert not torch.allclose(noise[:, :, a], noise[:, :, b])
+    from_generator = stage1(pipe, **inputs(generator=torch.Generator().manual_seed(5)))
+    from_noise = stage1(pipe, **inputs(generator=None, latents=noise))
+    torch.testing.assert_close(from_generator, from_noise, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_a_lora_changes_stage1_and_unloading_restores_it(tmp_path):
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = make_pipe()
+    before = stage1(pipe, **inputs(generator=torch.Generator().manual_seed(0)))
+    # A LoRA trained elsewhere, saved in diffusers' format; random B matrices so that it changes the UNet.
+    donor = make_pipe().unet
+    donor.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    BIVDiffControllablePipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(donor))
+
+    pipe.load_lora_weights(tmp_path)
+    with_lora = stage1(pipe, **inputs(generator=torch.Generator().manual_seed(0)))
+    assert not torch.allclose(with_lora, before, atol=1e-4)
+    pipe.unload_lora_weights()
+    after = stage1(pipe, **inputs(generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)

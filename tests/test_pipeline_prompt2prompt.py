@@ -260,3 +260,23 @@ def test_bad_input_fails_before_any_model_runs(pipe, overrides, message):
         with pytest.raises(ValueError, match=message):
             pipe(**inputs(**overrides))
     assert sum(calls.values()) == 0
+
+
+def test_stage1_ddim_from_another_samplers_config_neither_clips_nor_sets_alpha_to_one():
+    from diffusers import PNDMScheduler
+
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    pipe = BIVDiffPrompt2PromptPipeline(**bivdiff_components(scheduler=scheduler))
+    pipe.set_progress_bar_config(disable=True)
+    built = []
+    stock = pipe.stock_pipeline
+
+    def spy(*args, **kwargs):
+        if "scheduler" in kwargs:
+            built.append(kwargs["scheduler"])
+        return stock(*args, **kwargs)
+
+    pipe.stock_pipeline = spy
+    pipe(**inputs(mixing_ratio=1.0, return_idm_frames=False))
+    assert len(built) == 1
+    assert not built[0].config.clip_sample and not built[0].config.set_alpha_to_one
