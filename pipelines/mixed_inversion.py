@@ -18,15 +18,17 @@ from types import SimpleNamespace
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
-from diffusers.schedulers import DDIMScheduler
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.schedulers import DDIMScheduler, KarrasDiffusionSchedulers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.video_processor import VideoProcessor
+from transformers import CLIPTextModel, CLIPTokenizer
 
 FrameInput = list[PIL.Image.Image] | np.ndarray | torch.Tensor
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
@@ -386,16 +388,16 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
 
     def __init__(
         self,
-        vae,
-        text_encoder,
-        tokenizer,
-        unet,
-        video_unet,
-        video_text_encoder,
-        video_tokenizer,
-        scheduler,
-        inverse_scheduler=None,
-        inversion_unet=None,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel | None,
+        tokenizer: CLIPTokenizer | None,
+        unet: UNet2DConditionModel | None,
+        video_unet: ModelMixin,
+        video_text_encoder: CLIPTextModel,
+        video_tokenizer: CLIPTokenizer,
+        scheduler: KarrasDiffusionSchedulers,
+        inverse_scheduler: SchedulerMixin | None = None,
+        inversion_unet: UNet2DConditionModel | None = None,
     ):
         super().__init__()
         self.register_modules(
@@ -640,9 +642,13 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
                 )
             for g in generator:
                 if isinstance(g, (list, tuple)) and len(g) != num_frames:
-                    raise ValueError(f"A per-frame `generator` list holds {len(g)}; pass one per frame ({num_frames}).")
+                    raise ValueError(
+                        f"A per-frame `generator` list holds {len(g)}; pass one per frame ({num_frames})."
+                    )
         elif generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"`generator` must be a torch.Generator or a list of them, got {type(generator).__name__}.")
+            raise ValueError(
+                f"`generator` must be a torch.Generator or a list of them, got {type(generator).__name__}."
+            )
         latents = getattr(call, "latents", None)
         if latents is not None:
             expected = (num_videos, self.vae.config.latent_channels, num_frames)

@@ -5,13 +5,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.models.modeling_utils import ModelMixin
-from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from .mixed_inversion import FrameInput, MixedInversionMixin, count_frames, shared_args_docstring
 
@@ -67,24 +63,6 @@ class BIVDiffPipeline(DiffusionPipeline, MixedInversionMixin):
     _optional_components = ["text_encoder", "tokenizer", "unet", "inverse_scheduler", "inversion_unet"]
     # `prompt` is the video model's: this pipeline has no image-model stage.
     uses_image_prompt = False
-
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel | None,
-        tokenizer: CLIPTokenizer | None,
-        unet: UNet2DConditionModel | None,
-        video_unet: ModelMixin,
-        video_text_encoder: CLIPTextModel,
-        video_tokenizer: CLIPTokenizer,
-        scheduler: KarrasDiffusionSchedulers,
-        inverse_scheduler: SchedulerMixin | None = None,
-        inversion_unet: UNet2DConditionModel | None = None,
-    ):
-        super().__init__(
-            vae, text_encoder, tokenizer, unet, video_unet, video_text_encoder, video_tokenizer, scheduler,
-            inverse_scheduler, inversion_unet,
-        )  # fmt: skip
 
     def prepare_call(self, arguments):
         arguments = dict(arguments)

@@ -8,14 +8,10 @@ from typing import Callable
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionInpaintPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.models.modeling_utils import ModelMixin
-from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from .mixed_inversion import FrameInput, MixedInversionMixin, count_frames, frame_size, shared_args_docstring
 
@@ -202,25 +198,10 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
     model_cpu_offload_seq = "text_encoder->video_text_encoder->vae->unet->inversion_unet->video_unet"
     _optional_components = ["inversion_unet", "inverse_scheduler"]
 
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        video_unet: ModelMixin,
-        video_text_encoder: CLIPTextModel,
-        video_tokenizer: CLIPTokenizer,
-        scheduler: KarrasDiffusionSchedulers,
-        inverse_scheduler: SchedulerMixin | None = None,
-        inversion_unet: UNet2DConditionModel | None = None,
-    ):
-        super().__init__(
-            vae, text_encoder, tokenizer, unet, video_unet, video_text_encoder, video_tokenizer, scheduler,
-            inverse_scheduler, inversion_unet,
-        )  # fmt: skip
-        # The stock inpainting pipeline's mask reading (grayscale, binarised at 0.5), for paste-back.
-        self.mask_processor = VaeImageProcessor(
+    @property
+    def mask_processor(self) -> VaeImageProcessor:
+        """The stock inpainting pipeline's mask reading (grayscale, binarised at 0.5), for paste-back."""
+        return VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
 

@@ -7,17 +7,11 @@ from typing import Callable
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     DiffusionPipeline,
     StableDiffusionInstructPix2PixPipeline,
-    UNet2DConditionModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.models.modeling_utils import ModelMixin
-from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from .mixed_inversion import FrameInput, MixedInversionMixin, as_list, count_frames, shared_args_docstring
 
@@ -84,24 +78,6 @@ class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, MixedInversionMixin):
     _optional_components = ["inversion_unet", "inverse_scheduler"]
     # An edit instruction does not describe the video, so `video_prompt` never defaults to it.
     video_prompt_defaults_to_prompt = False
-
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        video_unet: ModelMixin,
-        video_text_encoder: CLIPTextModel,
-        video_tokenizer: CLIPTokenizer,
-        scheduler: KarrasDiffusionSchedulers,
-        inverse_scheduler: SchedulerMixin | None = None,
-        inversion_unet: UNet2DConditionModel | None = None,
-    ):
-        super().__init__(
-            vae, text_encoder, tokenizer, unet, video_unet, video_text_encoder, video_tokenizer, scheduler,
-            inverse_scheduler, inversion_unet,
-        )  # fmt: skip
 
     def generate_frames(self, call, embeds) -> torch.Tensor:
         """Stage 1: InstructPix2Pix on every source frame, for every video."""

@@ -9,13 +9,9 @@ from typing import Callable, Sequence
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.models.modeling_utils import ModelMixin
-from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from .mixed_inversion import (
     BIVDiffPipelineOutput,
@@ -133,24 +129,6 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
     _optional_components = ["inversion_unet", "inverse_scheduler"]
     output_class = BIVDiffPrompt2PromptPipelineOutput
     always_inverts_with_image_unet = True
-
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        video_unet: ModelMixin,
-        video_text_encoder: CLIPTextModel,
-        video_tokenizer: CLIPTokenizer,
-        scheduler: KarrasDiffusionSchedulers,
-        inverse_scheduler: SchedulerMixin | None = None,
-        inversion_unet: UNet2DConditionModel | None = None,
-    ):
-        super().__init__(
-            vae, text_encoder, tokenizer, unet, video_unet, video_text_encoder, video_tokenizer, scheduler,
-            inverse_scheduler, inversion_unet,
-        )  # fmt: skip
 
     # ------------------------------------------------------------------ stage 0: the source video's noise
     def invert_source(

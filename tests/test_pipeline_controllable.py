@@ -8,7 +8,6 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionControlNetPipeline
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from pipeline_helpers import (
-    stage1,
     HEIGHT,
     NUM_FRAMES,
     WIDTH,
@@ -18,6 +17,7 @@ from pipeline_helpers import (
     count_forward_calls,
     generators,
     pipeline_file,
+    stage1,
 )
 
 from bivdiff import BIVDiffControllablePipeline, BIVDiffDDIMInverseScheduler

@@ -6,9 +6,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from bivdiff.pipelines.pipeline_bivdiff_inpaint import feather_mask, mask_frames, outpaint_mask
 from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline
 from pipeline_helpers import (
-    stage1,
     HEIGHT,
     NUM_FRAMES,
     WIDTH,
@@ -18,10 +18,10 @@ from pipeline_helpers import (
     count_forward_calls,
     generators,
     pipeline_file,
+    stage1,
 )
 
 from bivdiff import BIVDiffDDIMInverseScheduler, BIVDiffInpaintPipeline
-from bivdiff.pipelines.pipeline_bivdiff_inpaint import feather_mask, mask_frames, outpaint_mask
 from bivdiff.tiny_models import tiny_unet
 
 PIPELINE_FILE = pipeline_file("pipeline_bivdiff_inpaint.py")

@@ -8,7 +8,6 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionInstructPix2PixPipeline
 from pipeline_helpers import (
-    stage1,
     HEIGHT,
     NUM_FRAMES,
     WIDTH,
@@ -18,6 +17,7 @@ from pipeline_helpers import (
     count_forward_calls,
     generators,
     pipeline_file,
+    stage1,
 )
 
 from bivdiff import BIVDiffDDIMInverseScheduler, BIVDiffInstructPix2PixPipeline

@@ -8,6 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 import torch
+from bivdiff.pipelines.prompt2prompt_control import P2PAttnProcessor, make_controller
 from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from pipeline_helpers import (
     HEIGHT,
@@ -21,7 +22,6 @@ from pipeline_helpers import (
 )
 
 from bivdiff import BIVDiffDDIMInverseScheduler, BIVDiffPrompt2PromptPipeline, BIVDiffPrompt2PromptPipelineOutput
-from bivdiff.pipelines.prompt2prompt_control import P2PAttnProcessor, make_controller
 
 PIPELINE_FILE = pipeline_file("pipeline_bivdiff_prompt2prompt.py")
 STEPS = 2
