@@ -913,7 +913,7 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
         num_frames = call.num_frames
         total = call.batch_size * num_frames
         generators = call.frame_generators
-        noise = fold_frames(call.latents) if call.latents is not None else None
+        noise = fold_frames(call.latents).to(self.unet.dtype) if call.latents is not None else None
         prompt_embeds = embeds.image.repeat_interleave(num_frames, dim=0)
         negative_embeds = embeds.image_negative.repeat_interleave(num_frames, dim=0)
         chunks = []

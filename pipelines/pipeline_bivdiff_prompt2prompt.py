@@ -235,7 +235,7 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
                 do_classifier_free_guidance=cfg,
             )
             source_latents, edit_latents = self.edit_frames(
-                noise[b : b + 1].to(device),
+                noise[b : b + 1].to(device, self.unet.dtype),
                 controller,
                 torch.cat([source_embeds[b : b + 1], embeds.image[b : b + 1]]),
                 embeds.image_negative[b : b + 1],
