@@ -169,9 +169,8 @@ class ControllableTask(Task):
     def call_arguments(self, config, inputs) -> dict:
         scale = config.idm_options["conditioning_scale"]
         key = "controlnet_conditioning_scale" if self.idm == "ControlNet" else "adapter_conditioning_scale"
-        return dict(prompt=self.idm_prompt(config), control_frames=inputs.condition,
-                    num_frames=config.model["video_length"],
-                    **{key: scale})
+        num_frames = config.model["video_length"]
+        return {"prompt": self.idm_prompt(config), "conditioning_frames": inputs.condition, "num_frames": num_frames, key: scale}
 
 
 class InstructPix2PixTask(Task):

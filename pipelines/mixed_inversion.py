@@ -1,9 +1,11 @@
-"""Stages 2 and 3 of BIVDiff, shared by every pipeline: Mixed Inversion and video temporal smoothing.
+"""The skeleton every BIVDiff pipeline shares: the call (prologue, prompts, stage 1's frame batches, Mixed
+Inversion, temporal smoothing, decoding, output), the inversion step and the helpers around them.
 
 This module is copied next to a pipeline file when diffusers loads it as a `custom_pipeline`, so it imports only
 installed libraries (no relative imports) and defines no `DiffusionPipeline` subclass.
 
-Layouts: a latent video is (B, C, F, h, w); an image UNet sees frames folded into the batch, (B * F, C, h, w).
+Layouts: a latent video is (B, C, F, h, w); an image UNet sees frames folded into the batch, (B * F, C, h, w),
+video-major (all frames of video 0, then video 1, ...).
 """
 
 from __future__ import annotations
@@ -11,18 +13,26 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable
+from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
 import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.schedulers import DDIMScheduler
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.schedulers import DDIMScheduler, KarrasDiffusionSchedulers
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
+from diffusers.video_processor import VideoProcessor
+from transformers import CLIPTextModel, CLIPTokenizer
 
 FrameInput = list[PIL.Image.Image] | np.ndarray | torch.Tensor
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+RESIZE_MODES = ("default", "fill", "crop")
 
 
 @dataclass
@@ -32,7 +42,7 @@ class BIVDiffPipelineOutput(BaseOutput):
 
     Args:
         frames (`np.ndarray`, `torch.Tensor` or `list[list[PIL.Image.Image]]`):
-            The final, temporally smoothed video; layouts as in diffusers' video pipelines: np `(B, F, H, W, 3)` in
+            The final, temporally smoothed videos; layouts as in diffusers' video pipelines: np `(B, F, H, W, 3)` in
             [0, 1], pt `(B, F, 3, H, W)` in [0, 1], pil a list (per video) of lists of frames, latent
             `(B, 4, F, h, w)`.
         idm_frames (same type as `frames`, or `None`):
@@ -43,8 +53,168 @@ class BIVDiffPipelineOutput(BaseOutput):
     idm_frames: np.ndarray | torch.Tensor | list[list[PIL.Image.Image]] | None = None
 
 
+# ---------------------------------------------------------------------------------------------------- inversion step
+@dataclass
+class BIVDiffDDIMInverseSchedulerOutput(BaseOutput):
+    """
+    Args:
+        prev_sample (`torch.Tensor`):
+            The sample at the next, noisier level. Named as in every diffusers scheduler output so a sampling
+            loop can treat inversion and denoising alike.
+        pred_original_sample (`torch.Tensor`):
+            The clean sample predicted at the current level.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+def _betas(config) -> torch.Tensor:
+    if config.trained_betas is not None:
+        return torch.tensor(config.trained_betas, dtype=torch.float32)
+    T = config.num_train_timesteps
+    if config.beta_schedule == "linear":
+        return torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
+    if config.beta_schedule == "scaled_linear":
+        return torch.linspace(config.beta_start**0.5, config.beta_end**0.5, T, dtype=torch.float32) ** 2
+    raise NotImplementedError(
+        f"beta_schedule {config.beta_schedule!r} is not supported by BIVDiffDDIMInverseScheduler"
+    )
+
+
+class BIVDiffDDIMInverseScheduler(SchedulerMixin, ConfigMixin):
+    """
+    Deterministic DDIM inversion (eta = 0) exactly as the original BIVDiff `reverse_step`.
+
+    It differs from diffusers' `DDIMInverseScheduler` in where the model is evaluated: here the UNet sees the
+    *current* (cleaner) timestep t and the sample moves to the next timestep of the schedule; after the last one,
+    to min(t + T // N, T - 2) (never below t). With SD-1.5's config (leading spacing, steps_offset 1) the
+    timesteps are 1, 21, ..., 981 for 50 steps and the last step lands on 998. Build it from any DDIM-style config:
+
+    ```py
+    >>> inverse_scheduler = BIVDiffDDIMInverseScheduler.from_config(pipe.scheduler.config)
+    >>> inverse_scheduler.set_timesteps(50)
+    >>> for t in inverse_scheduler.timesteps:  # ascending: 1, 21, ..., 981
+    ...     eps = unet(z, t, encoder_hidden_states=cond).sample
+    ...     z = inverse_scheduler.step(eps, t, z).prev_sample
+    ```
+
+    Keys it does not use (`clip_sample`, `set_alpha_to_one`, ...) are accepted so that `from_config` of a
+    `DDIMScheduler` or `PNDMScheduler` config keeps the betas, offset and spacing that matter. The pipelines build
+    one from `scheduler.config` when no `inverse_scheduler` component is given, so this class lives beside them:
+    a pipeline file loaded as a community pipeline brings it along.
+    """
+
+    _compatibles = ["DDIMScheduler", "DDIMInverseScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler"]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "scaled_linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        steps_offset: int = 1,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "leading",
+        clip_sample: bool = False,
+        set_alpha_to_one: bool = False,
+    ):
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}")
+        if timestep_spacing not in ("leading", "trailing", "linspace"):
+            raise ValueError(f"timestep_spacing must be leading, trailing or linspace, got {timestep_spacing!r}")
+        self.betas = _betas(self.config)
+        # Kept in fp32 whatever the model dtype: the original cast these to fp16, which shifts every step.
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        # Inversion walks towards noise, so its timesteps ascend from the start.
+        self.timesteps = torch.arange(0, num_train_timesteps)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        return sample
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
+        """The timesteps `DDIMScheduler` would denoise over, in ascending order."""
+        T = self.config.num_train_timesteps
+        if not 0 < num_inference_steps <= T:
+            raise ValueError(f"num_inference_steps must be in [1, {T}], got {num_inference_steps}")
+        self.num_inference_steps = num_inference_steps
+        spacing = self.config.timestep_spacing
+        if spacing == "leading":
+            timesteps = np.arange(num_inference_steps) * (T // num_inference_steps) + self.config.steps_offset
+        elif spacing == "trailing":
+            timesteps = np.round(np.arange(T, 0, -T / num_inference_steps))[::-1] - 1
+        else:
+            timesteps = np.linspace(0, T - 1, num_inference_steps).round()
+        self.timesteps = torch.from_numpy(timesteps.astype(np.int64)).to(device)
+
+    def next_timestep(self, timestep: int) -> int:
+        """The level a step from `timestep` lands on: the next of `timesteps`, or after the last one the
+        original's min(t + T // N, T - 2), never below `timestep` (trailing and linspace schedules end above it)."""
+        t = int(timestep)
+        later = self.timesteps[self.timesteps > t]
+        if len(later) > 0:
+            return int(later.min())
+        T = self.config.num_train_timesteps
+        return max(t, min(t + T // self.num_inference_steps, T - 2))
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+    ) -> BIVDiffDDIMInverseSchedulerOutput | tuple:
+        """Move `sample` from `timestep` to the next, noisier level, given the model output at `timestep`."""
+        if self.num_inference_steps is None:
+            raise ValueError("Call `set_timesteps` before `step`.")
+        t = int(timestep)
+        a_t = self.alphas_cumprod[t].to(torch.float32)
+        a_next = self.alphas_cumprod[self.next_timestep(t)].to(torch.float32)
+        z = sample.to(torch.float32)
+        out = model_output.to(torch.float32)
+
+        if self.config.prediction_type == "epsilon":
+            eps = out
+            x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        elif self.config.prediction_type == "v_prediction":
+            x0 = a_t.sqrt() * z - (1 - a_t).sqrt() * out
+            eps = a_t.sqrt() * out + (1 - a_t).sqrt() * z
+        else:
+            x0 = out
+            eps = (z - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+
+        z_next = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        z_next, x0 = z_next.to(sample.dtype), x0.to(sample.dtype)
+        if not return_dict:
+            return (z_next, x0)
+        return BIVDiffDDIMInverseSchedulerOutput(prev_sample=z_next, pred_original_sample=x0)
+
+    def __len__(self):
+        return self.config.num_train_timesteps
+
+
+def ddim_sampler(scheduler) -> DDIMScheduler:
+    """A DDIM scheduler (eta 0) with `scheduler`'s betas, whatever sampler that is.
+
+    `clip_sample` is always off: latents are not bounded to [-1, 1], and configs of other samplers (PNDM, Euler)
+    often omit the key, which would turn on DDIM's default clipping. A missing `set_alpha_to_one` means SD's False
+    (the last step lands on alphas_cumprod[0], as in the original); so does a value the config only holds as its
+    class's default (listed in `_use_default_values`, which `from_config` would drop in favour of DDIM's True).
+    """
+    config = scheduler.config
+    explicit = "set_alpha_to_one" in config and "set_alpha_to_one" not in config.get("_use_default_values", [])
+    set_alpha_to_one = bool(config["set_alpha_to_one"]) if explicit else False
+    return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=set_alpha_to_one)
+
+
+# ---------------------------------------------------------------------------------------------------- layouts
 def fold_frames(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, F, h, w) -> (B * F, C, h, w), frame-major within each video."""
+    """(B, C, F, h, w) -> (B * F, C, h, w), video-major, frame order kept within each video."""
     b, c, f, h, w = latents.shape
     return latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
 
@@ -55,22 +225,29 @@ def unfold_frames(latents: torch.Tensor, num_frames: int) -> torch.Tensor:
     return latents.reshape(bf // num_frames, num_frames, c, h, w).permute(0, 2, 1, 3, 4)
 
 
-def frame_generators(
-    generator: torch.Generator | list[torch.Generator] | None, num_frames: int
-) -> list[torch.Generator] | None:
-    """One generator per frame: the list as given, or F derived deterministically from a single generator.
+def derive_generators(generator: torch.Generator, count: int) -> list[torch.Generator]:
+    """`count` generators seeded from `generator`: seeds `torch.randint(0, 2**62, (count,), generator=generator)`,
+    each giving `torch.Generator(generator.device).manual_seed(seed)`."""
+    seeds = torch.randint(0, 2**62, (count,), generator=generator, device=generator.device).tolist()
+    return [torch.Generator(device=generator.device).manual_seed(int(s)) for s in seeds]
 
-    Derived seeds come from the parent generator, so the same seed always yields the same frames whether the
-    frames are then processed in one batch or one at a time.
+
+def video_frame_generators(generator, num_videos: int, num_frames: int) -> list[list[torch.Generator]] | None:
+    """One generator per frame of every video, `[video][frame]`.
+
+    - one generator: F generators per video derived from it, video after video (`derive_generators` of B * F);
+    - a list with one generator per video: each video's F generators derived from its own;
+    - a list (per video) of lists (per frame): used as given.
+
+    Every frame owns its generator, so the frames are the same whether they run in one batch, in chunks of any
+    size or one video at a time with the matching generator.
     """
     if generator is None:
         return None
-    if isinstance(generator, list):
-        if len(generator) != num_frames:
-            raise ValueError(f"`generator` is a list of {len(generator)}; pass one per frame ({num_frames}).")
-        return generator
-    seeds = torch.randint(0, 2**62, (num_frames,), generator=generator, device=generator.device).tolist()
-    return [torch.Generator(device=generator.device).manual_seed(int(s)) for s in seeds]
+    if isinstance(generator, torch.Generator):
+        flat = derive_generators(generator, num_videos * num_frames)
+        return [flat[b * num_frames : (b + 1) * num_frames] for b in range(num_videos)]
+    return [list(g) if isinstance(g, (list, tuple)) else derive_generators(g, num_frames) for g in generator]
 
 
 def count_frames(frames: FrameInput) -> int:
@@ -93,8 +270,22 @@ def frame_size(frames: FrameInput) -> tuple[int, int]:
     return first.shape[-2], first.shape[-1]
 
 
+def as_pil_frames(frames: FrameInput) -> list[PIL.Image.Image]:
+    """Frames as PIL images: diffusers' "fill" and "crop" resizing reads PIL images only."""
+    if isinstance(frames, (list, tuple)) and all(isinstance(f, PIL.Image.Image) for f in frames):
+        return list(frames)
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().permute(0, 2, 3, 1).float().numpy()
+    return VaeImageProcessor.numpy_to_pil(np.stack([np.asarray(f, dtype=np.float32) for f in frames]))
+
+
 def text_width(text_encoder) -> int:
     return text_encoder.config.hidden_size
+
+
+def as_list(value, size: int) -> list:
+    """A per-video input as a list of `size`: a single value is broadcast."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * size
 
 
 def temporal_windows(num_frames: int, size: int | None, overlap: int) -> list[tuple[int, int]]:
@@ -123,16 +314,105 @@ def window_weights(size: int, overlap: int, first: bool, last: bool) -> torch.Te
     return weights
 
 
-class MixedInversionMixin:
-    r"""
-    Mixed Inversion (stage 2) and temporal smoothing (stage 3) of BIVDiff, for a pipeline that registers `vae`,
-    `text_encoder`, `tokenizer`, `unet` (or `inversion_unet`), `video_unet`, `video_text_encoder`,
-    `video_tokenizer`, `scheduler` and `inverse_scheduler`.
+def is_motion_unet(unet) -> bool:
+    """AnimateDiff's `UNetMotionModel` wants its text embeddings repeated per frame; `UNet3DConditionModel` and
+    the VidRD UNet repeat them themselves."""
+    from diffusers import UNetMotionModel
 
-    Mixed Inversion DDIM-inverts the clean latents twice, with the image UNet frame by frame and with the video
-    UNet on the whole clip, and mixes the two noises: `z_T = r * z_T(image) + (1 - r) * z_T(video)`. A branch whose
-    weight is zero is not run. Smoothing denoises `z_T` with the video UNet (DDIM, eta 0, batched CFG).
+    return isinstance(unet, UNetMotionModel) or getattr(unet.config, "text_embeds_per_frame", False)
+
+
+SHARED_ARGS_DOC = """
+            num_videos_per_prompt (`int`, defaults to 1): Videos made for each prompt.
+            negative_prompt (`str` or `list[str]`, *optional*): Negative prompt of both models, one per prompt or
+                one for all; also what both inversions are conditioned on (the original's behaviour).
+            inversion_prompt (`str` or `list[str]`, *optional*): Conditions both inversions instead.
+            prompt_embeds, negative_prompt_embeds (`torch.Tensor` `(N, 77, D)`, *optional*): The image text
+                encoder's embeddings, instead of `prompt` / `negative_prompt`.
+            video_prompt_embeds, negative_video_prompt_embeds (`torch.Tensor`, *optional*): The same for the video
+                text encoder.
+            height (`int`, *optional*), width (`int`, *optional*): Output size, multiples of 8; default the input
+                frames' size rounded down to a multiple of 8.
+            resize_mode (`str`, defaults to `"default"`): How source frames reach the output size, as diffusers'
+                `VaeImageProcessor`: `"default"` resizes, `"fill"` keeps the aspect ratio and pads, `"crop"` keeps
+                it and crops.
+            num_inference_steps (`int`, defaults to 50): Steps of the image model and of smoothing.
+            num_inversion_steps (`int`, *optional*): DDIM inversion steps; defaults to `num_inference_steps`.
+            guidance_scale (`float`, defaults to 7.5): CFG of the image model.
+            video_guidance_scale (`float`, *optional*): CFG of smoothing; defaults to `guidance_scale`. Read from
+                `pipe._guidance_scale` at every smoothing step, so a step callback may change it.
+            mixing_ratio (`float`): Weight r of the image-model inversion in `r * z_T(image) + (1 - r) *
+                z_T(video)`; r = 1 runs no video-UNet inversion, r = 0 no image-UNet one.
+            frame_batch_size (`int`, defaults to 8): Frames per image-model call (stage 1 and image inversion).
+            decode_chunk_size (`int`, defaults to 8): Frames per VAE call (encoding and decoding).
+            generator (`torch.Generator`, `list[torch.Generator]` or `list[list[torch.Generator]]`, *optional*):
+                One generator, one per video, or one per frame of every video. Each video's frames get generators
+                derived from its own (see `video_frame_generators`), so a batch of videos gives the same frames as
+                one call per video with the matching generator.
+            latents (`torch.Tensor` `(B, 4, F, h, w)`, *optional*): Initial noise of stage 1.
+            output_type (`str`, defaults to `"np"`): `"np"`, `"pt"`, `"pil"` or `"latent"`.
+            return_dict (`bool`, defaults to `True`): Return the output dataclass rather than a tuple.
+            cross_attention_kwargs (`dict`, *optional*): Passed to the image model's attention processors;
+                `{"scale": s}` scales its LoRA.
+            clip_skip (`int`, *optional*): CLIP layers skipped when encoding the image prompts.
+            callback_on_step_end (`Callable`, *optional*): Called after each smoothing step as
+                `callback_on_step_end(self, step, timestep, callback_kwargs)`; may return new `latents`.
+            callback_on_step_end_tensor_inputs (`list`): Tensors passed in `callback_kwargs`.
+"""
+
+
+def shared_args_docstring(func):
+    """Appends the arguments every BIVDiff pipeline shares to a `__call__` docstring's own."""
+    func.__doc__ = func.__doc__.replace("\n        Examples:", SHARED_ARGS_DOC + "\n        Examples:", 1)
+    return func
+
+
+class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
+    r"""
+    The BIVDiff skeleton, for a pipeline that registers `vae`, `text_encoder`, `tokenizer`, `unet` (or
+    `inversion_unet`), `video_unet`, `video_text_encoder`, `video_tokenizer`, `scheduler` and optionally
+    `inverse_scheduler`.
+
+    A pipeline supplies its `check_inputs(call)`, `generate_frames(call)` (stage 1: clean latents (B, C, F, h, w))
+    and its `__call__` signature and docstring; `run` does the rest: Mixed Inversion DDIM-inverts the clean latents
+    twice, with the image UNet frame by frame and with the video UNet on the whole clip, and mixes the two noises:
+    `z_T = r * z_T(image) + (1 - r) * z_T(video)`. A branch whose weight is zero is not run. Smoothing denoises
+    `z_T` with the video UNet (DDIM, eta 0, batched CFG).
+
+    LoRA (`load_lora_weights`) and textual inversion (`load_textual_inversion`) apply to the image model: stage 1
+    and the image branch of the inversion when it uses `unet`.
     """
+
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    output_class = BIVDiffPipelineOutput
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel | None,
+        tokenizer: CLIPTokenizer | None,
+        unet: UNet2DConditionModel | None,
+        video_unet: ModelMixin,
+        video_text_encoder: CLIPTextModel,
+        video_tokenizer: CLIPTokenizer,
+        scheduler: KarrasDiffusionSchedulers,
+        inverse_scheduler: SchedulerMixin | None = None,
+        inversion_unet: UNet2DConditionModel | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            video_unet=video_unet,
+            video_text_encoder=video_text_encoder,
+            video_tokenizer=video_tokenizer,
+            scheduler=scheduler,
+            inverse_scheduler=inverse_scheduler,
+            inversion_unet=inversion_unet,
+        )
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor)
 
     # ------------------------------------------------------------------ properties (diffusers conventions)
     @property
@@ -144,6 +424,14 @@ class MixedInversionMixin:
         return self._guidance_scale > 1.0
 
     @property
+    def cross_attention_kwargs(self) -> dict | None:
+        return getattr(self, "_cross_attention_kwargs", None)
+
+    @property
+    def clip_skip(self) -> int | None:
+        return getattr(self, "_clip_skip", None)
+
+    @property
     def num_timesteps(self) -> int:
         return self._num_timesteps
 
@@ -153,12 +441,21 @@ class MixedInversionMixin:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) is not None else 8
 
     @property
     def image_inversion_unet(self):
         """The UNet that inverts frame by frame: `inversion_unet` when set, else the IDM's own `unet`."""
         return getattr(self, "inversion_unet", None) or getattr(self, "unet", None)
+
+    @property
+    def inversion_scheduler(self):
+        """`inverse_scheduler`, or the original's inversion step built from `scheduler.config` when it is unset."""
+        if getattr(self, "inverse_scheduler", None) is not None:
+            return self.inverse_scheduler
+        if getattr(self, "_default_inverse_scheduler", None) is None:
+            self._default_inverse_scheduler = BIVDiffDDIMInverseScheduler.from_config(self.scheduler.config)
+        return self._default_inverse_scheduler
 
     # ------------------------------------------------------------------ long videos
     def enable_video_windows(self, size: int = 16, overlap: int = 4):
@@ -175,6 +472,29 @@ class MixedInversionMixin:
     def disable_video_windows(self):
         self._video_windows = None
 
+    # ------------------------------------------------------------------ the two model seams
+    def video_unet_noise(self, latents: torch.Tensor, timestep, text_embeds: torch.Tensor) -> torch.Tensor:
+        """The video UNet's noise prediction for (B, C, F, h, w) latents and (B, L, D) text embeddings: the one
+        place that knows how each video-UNet family takes its inputs."""
+        if is_motion_unet(self.video_unet):
+            text_embeds = text_embeds.repeat_interleave(latents.shape[2], dim=0)
+        return self.video_unet(latents, timestep, encoder_hidden_states=text_embeds).sample
+
+    def image_inversion_noise(
+        self, frames: torch.Tensor, timestep, text_embeds: torch.Tensor, frame_batch_size: int
+    ) -> torch.Tensor:
+        """The image UNet's noise prediction for the latents of one clip (or one video window), frames folded into
+        the batch (F, C, h, w), conditioned on (1, L, D) text embeddings. Frames are independent here, so they run
+        `frame_batch_size` at a time."""
+        unet = self.image_inversion_unet
+        eps = []
+        for start in range(0, frames.shape[0], frame_batch_size):
+            chunk = frames[start : start + frame_batch_size].to(unet.dtype)
+            cond = text_embeds.to(unet.dtype).expand(chunk.shape[0], -1, -1)
+            kwargs = {"cross_attention_kwargs": self.cross_attention_kwargs} if self.cross_attention_kwargs else {}
+            eps.append(unet(chunk, timestep, encoder_hidden_states=cond, **kwargs).sample)
+        return torch.cat(eps)
+
     def video_noise_prediction(
         self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
@@ -182,14 +502,12 @@ class MixedInversionMixin:
         size, overlap = getattr(self, "_video_windows", None) or (None, 0)
         windows = temporal_windows(sample.shape[2], size, overlap)
         if len(windows) == 1:
-            return self.video_unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+            return self.video_unet_noise(sample, timestep, encoder_hidden_states)
         total = torch.zeros_like(sample, dtype=torch.float32)
         norm = torch.zeros(sample.shape[2], device=sample.device)
         for i, (start, stop) in enumerate(windows):
             weights = window_weights(stop - start, overlap, i == 0, i == len(windows) - 1).to(sample.device)
-            out = self.video_unet(
-                sample[:, :, start:stop], timestep, encoder_hidden_states=encoder_hidden_states
-            ).sample
+            out = self.video_unet_noise(sample[:, :, start:stop], timestep, encoder_hidden_states)
             total[:, :, start:stop] += out.float() * weights.view(1, 1, -1, 1, 1)
             norm[start:stop] += weights
         return (total / norm.view(1, 1, -1, 1, 1)).to(sample.dtype)
@@ -224,14 +542,36 @@ class MixedInversionMixin:
             self.stage_log.append(entry)
             self.current_stage = previous
 
+    @contextlib.contextmanager
     def stage_progress_bar(self, total: int, desc: str):
         """`self.progress_bar` labelled with the stage's name, unless the user set a label."""
         config = getattr(self, "_progress_bar_config", {})
         self._progress_bar_config = {"desc": desc, **config}
         try:
-            return self.progress_bar(total=total)
+            with self.progress_bar(total=total) as bar:
+                yield bar
         finally:
             self._progress_bar_config = config
+
+    def stock_pipeline(self, pipeline_class=StableDiffusionPipeline, desc: str | None = None, **components):
+        """A stock diffusers SD-family pipeline built from this pipeline's own components (no copies), with this
+        pipeline's progress-bar settings."""
+        defaults = dict(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe = pipeline_class(**{**defaults, **components})
+        config = dict(getattr(self, "_progress_bar_config", {}))
+        if desc is not None:
+            config.setdefault("desc", desc)
+        pipe.set_progress_bar_config(**config)
+        return pipe
 
     # ------------------------------------------------------------------ checks
     def check_mixed_inversion_inputs(self, height, width, mixing_ratio, num_inference_steps, num_inversion_steps):
@@ -241,37 +581,82 @@ class MixedInversionMixin:
                 f"`height` and `width` must be divisible by 8, got {height}x{width}; "
                 f"use {height // 8 * 8}x{width // 8 * 8}."
             )
-        if not 0.0 <= mixing_ratio <= 1.0:
+        if not isinstance(mixing_ratio, (int, float)) or not 0.0 <= mixing_ratio <= 1.0:
             raise ValueError(
                 f"`mixing_ratio` must be in [0, 1] (1 = image-model inversion only, 0 = video-model only), "
-                f"got {mixing_ratio}."
+                f"got {mixing_ratio!r}."
             )
         for name, steps in (
             ("num_inference_steps", num_inference_steps),
             ("num_inversion_steps", num_inversion_steps),
         ):
-            if not isinstance(steps, int) or steps < 1:
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {steps!r}.")
-        if self.inverse_scheduler is None:
-            raise ValueError(
-                "This pipeline has no `inverse_scheduler`; pass one to `from_pretrained`, or add it with "
-                "`pipe.register_modules(inverse_scheduler=BIVDiffDDIMInverseScheduler.from_config(pipe.scheduler.config))`."
-            )
         self.check_video_components()
         if mixing_ratio > 0:
             self.check_image_inversion_components()
 
-    def check_call_options(self, frame_batch_size, decode_chunk_size, output_type, callback_on_step_end_tensor_inputs):
+    def check_call_options(self, call):
         """Checks of the options every pipeline's `__call__` shares."""
-        for name, value in (("frame_batch_size", frame_batch_size), ("decode_chunk_size", decode_chunk_size)):
-            if not isinstance(value, int) or value < 1:
+        for name in ("frame_batch_size", "decode_chunk_size", "num_videos_per_prompt"):
+            value = getattr(call, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if callback_on_step_end_tensor_inputs is not None and any(
-            k not in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
-        ):
+        if call.output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {call.output_type!r}.")
+        if call.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"`resize_mode` must be one of {RESIZE_MODES}, got {call.resize_mode!r}.")
+        for name in ("guidance_scale", "video_guidance_scale"):
+            if not isinstance(getattr(call, name), (int, float)):
+                raise ValueError(f"`{name}` must be a number, got {getattr(call, name)!r}.")
+        tensor_inputs = call.callback_on_step_end_tensor_inputs
+        if tensor_inputs is not None and any(k not in self._callback_tensor_inputs for k in tensor_inputs):
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}.")
+        self.check_batch_inputs(call)
+        self.check_mixed_inversion_inputs(
+            call.height, call.width, call.mixing_ratio, call.num_inference_steps, call.num_inversion_steps
+        )
+
+    def check_batch_inputs(self, call):
+        """Per-video inputs agree on the number of prompts; generators and latents on the number of videos."""
+        num_prompts = call.num_prompts
+        for name in ("prompt", "video_prompt", "negative_prompt", "inversion_prompt", "source_prompt"):
+            value = getattr(call, name, None)
+            if isinstance(value, (list, tuple)) and len(value) != num_prompts:
+                raise ValueError(f"`{name}` is a list of {len(value)} but there are {num_prompts} prompts.")
+            if value is not None and not isinstance(value, (str, list, tuple)):
+                raise ValueError(f"`{name}` must be a string or a list of strings, got {type(value).__name__}.")
+        for name in ("prompt_embeds", "negative_prompt_embeds", "video_prompt_embeds", "negative_video_prompt_embeds"):
+            value = getattr(call, name, None)
+            if value is not None and (value.ndim != 3 or value.shape[0] != num_prompts):
+                raise ValueError(
+                    f"`{name}` must be (N, L, D) with one row per prompt ({num_prompts}), got {tuple(value.shape)}."
+                )
+        num_videos, num_frames = call.batch_size, call.num_frames
+        generator = call.generator
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != num_videos:
+                raise ValueError(
+                    f"`generator` is a list of {len(generator)}; pass one generator, one per video ({num_videos}), "
+                    f"or one list of {num_frames} per video."
+                )
+            for g in generator:
+                if isinstance(g, (list, tuple)) and len(g) != num_frames:
+                    raise ValueError(
+                        f"A per-frame `generator` list holds {len(g)}; pass one per frame ({num_frames})."
+                    )
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(
+                f"`generator` must be a torch.Generator or a list of them, got {type(generator).__name__}."
+            )
+        latents = getattr(call, "latents", None)
+        if latents is not None:
+            expected = (num_videos, self.vae.config.latent_channels, num_frames)
+            if latents.ndim != 5 or tuple(latents.shape[:3]) != expected:
+                raise ValueError(
+                    f"`latents` must be stage 1's initial noise (B, C, F, h, w) for {num_videos} video(s) of "
+                    f"{num_frames} frames, {expected[1]} channels; got shape {tuple(latents.shape)}."
+                )
 
     def check_video_components(self):
         width = text_width(self.video_text_encoder)
@@ -299,7 +684,8 @@ class MixedInversionMixin:
             raise ValueError(
                 f"The image branch of the inversion needs a plain {self.vae.config.latent_channels}-channel UNet, "
                 f"but `unet` takes {unet.config.in_channels} channels (an InstructPix2Pix or inpainting UNet). Pass "
-                "`inversion_unet` (an SD-1.5 UNet2DConditionModel), or set `mixing_ratio=0`."
+                "`inversion_unet` (an SD-1.5 UNet2DConditionModel, e.g. from "
+                "'stable-diffusion-v1-5/stable-diffusion-v1-5', subfolder 'unet'), or set `mixing_ratio=0`."
             )
         if unet.config.cross_attention_dim != text_width(self.text_encoder):
             raise ValueError(
@@ -307,70 +693,196 @@ class MixedInversionMixin:
                 f"`text_encoder` produces {text_width(self.text_encoder)}."
             )
 
+    def check_image_model(self, in_channels: tuple[int, ...], what: str):
+        """Stage 1's `unet` takes one of `in_channels` and reads the image text encoder's embeddings."""
+        if self.unet.config.in_channels not in in_channels:
+            raise ValueError(
+                f"`unet` must be {what} taking {' or '.join(map(str, in_channels))} channels, got "
+                f"{self.unet.config.in_channels}."
+            )
+        if self.unet.config.cross_attention_dim != text_width(self.text_encoder):
+            raise ValueError(
+                f"`unet` expects text embeddings of width {self.unet.config.cross_attention_dim} but `text_encoder` "
+                f"produces {text_width(self.text_encoder)}."
+            )
+
     # ------------------------------------------------------------------ prompts
-    @staticmethod
-    def encode_text(text: str | list[str], tokenizer, text_encoder, device) -> torch.Tensor:
-        """CLIP embeddings of `text`, padded to the tokenizer's maximum length, as every SD-family pipeline does."""
-        text = [text] if isinstance(text, str) else list(text)
-        ids = tokenizer(
-            text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        mask = None
-        if getattr(text_encoder.config, "use_attention_mask", False):
-            mask = (ids != tokenizer.pad_token_id).long()
-        return text_encoder(ids, attention_mask=mask)[0]
+    def _encode_with(
+        self,
+        text_encoder,
+        tokenizer,
+        prompt,
+        device,
+        num_videos_per_prompt: int,
+        negative_prompt=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The stock pipeline's `encode_prompt` (truncation, attention masks, clip_skip, LoRA scale, textual
+        # inversion tokens) is reused on the given encoder rather than rewritten.
+        text = self.stock_pipeline(vae=None, unet=None, text_encoder=text_encoder, tokenizer=tokenizer)
+        if isinstance(prompt, (list, tuple)) and isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * len(prompt)
+        return text.encode_prompt(
+            prompt,
+            device,
+            num_videos_per_prompt,
+            True,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device,
+        num_videos_per_prompt: int = 1,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt, negative) embeddings of the image text encoder, `num_videos_per_prompt` rows per prompt:
+        diffusers' `StableDiffusionPipeline.encode_prompt` on this pipeline's `text_encoder` and `tokenizer`."""
+        return self._encode_with(
+            self.text_encoder,
+            self.tokenizer,
+            prompt,
+            device,
+            num_videos_per_prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            lora_scale,
+            clip_skip,
+        )
 
     def encode_video_prompt(
-        self, prompt: str, negative_prompt: str | None, device
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device,
+        num_videos_per_prompt: int = 1,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(negative, positive) embeddings of the video text encoder, encoded in one call."""
-        embeds = self.encode_text(
-            [negative_prompt or "", prompt], self.video_tokenizer, self.video_text_encoder, device
+        """(prompt, negative) embeddings of the video text encoder, as `encode_prompt` does for the image one."""
+        return self._encode_with(
+            self.video_text_encoder,
+            self.video_tokenizer,
+            prompt,
+            device,
+            num_videos_per_prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
         )
-        return embeds[:1], embeds[1:]
 
-    def encode_image_prompt(
-        self, prompt: str, negative_prompt: str | None, device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(negative, positive) embeddings of the image text encoder, encoded in one call."""
-        embeds = self.encode_text([negative_prompt or "", prompt], self.tokenizer, self.text_encoder, device)
-        return embeds[:1], embeds[1:]
+    def encode_call_prompts(self, call, device) -> SimpleNamespace:
+        """Every embedding a call needs, each encoded once: the image model's (stage 1), the video model's
+        (smoothing) and the inversion conditions of both branches, one row per video."""
+        k = call.num_videos_per_prompt
+        embeds = SimpleNamespace(image=None, image_negative=None, image_cond=None, video_cond=None)
+        lora_scale = (call.cross_attention_kwargs or {}).get("scale")
+        if self.uses_image_prompt:
+            embeds.image, embeds.image_negative = self.encode_prompt(
+                call.prompt,
+                device,
+                k,
+                call.negative_prompt,
+                call.prompt_embeds,
+                call.negative_prompt_embeds,
+                lora_scale=lora_scale,
+                clip_skip=call.clip_skip,
+            )
+        inversion_prompt = call.inversion_prompt
+        if inversion_prompt is not None:
+            inversion_prompt = as_list(inversion_prompt, call.num_prompts)
+        needs_image_cond = call.mixing_ratio > 0 or self.always_inverts_with_image_unet
+        if needs_image_cond:
+            if inversion_prompt is not None:
+                embeds.image_cond = self.encode_prompt(inversion_prompt, device, k, lora_scale=lora_scale)[0]
+            elif embeds.image_negative is not None:
+                embeds.image_cond = embeds.image_negative
+            else:
+                negative = as_list(call.negative_prompt or "", call.num_prompts)
+                embeds.image_cond = self.encode_prompt(negative, device, k, lora_scale=lora_scale)[0]
+        embeds.video, embeds.video_negative = self.encode_video_prompt(
+            call.video_prompt,
+            device,
+            k,
+            call.negative_prompt,
+            call.video_prompt_embeds,
+            call.negative_video_prompt_embeds,
+        )
+        if inversion_prompt is not None and call.mixing_ratio < 1:
+            embeds.video_cond = self.encode_video_prompt(inversion_prompt, device, k)[0]
+        else:
+            embeds.video_cond = embeds.video_negative
+        return embeds
+
+    # stage 1 of a pipeline reads `prompt` with the image text encoder; BIVDiffPipeline has no stage 1
+    uses_image_prompt = True
+    video_prompt_defaults_to_prompt = True
+    # Prompt2Prompt inverts its source video with the image UNet whatever `mixing_ratio` is
+    always_inverts_with_image_unet = False
 
     # ------------------------------------------------------------------ VAE
-    def source_pixels(self, video: FrameInput, height: int, width: int) -> torch.Tensor:
+    def source_pixels(self, video: FrameInput, height: int, width: int, resize_mode: str = "default") -> torch.Tensor:
         """Source frames as a (F, 3, H, W) tensor in [0, 1] at the output size: resized like the VAE's input but
         not normalised, because the stock image pipelines normalise what they are given and paste-back needs the
         exact source pixels."""
         processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_convert_rgb=True)
-        return processor.preprocess(video, height=height, width=width)
+        return processor.preprocess(self.resize_frames(video, height, width, resize_mode), height=height, width=width)
+
+    @staticmethod
+    def resize_frames(frames: FrameInput, height: int, width: int, resize_mode: str) -> FrameInput:
+        """Frames as given for `"default"` (the stock pipelines resize them); for `"fill"` and `"crop"`, PIL
+        frames already at the output size with the aspect ratio kept."""
+        if resize_mode == "default":
+            return frames
+        processor = VaeImageProcessor()
+        return [processor.resize(f, height, width, resize_mode=resize_mode) for f in as_pil_frames(frames)]
 
     def encode_frames(
         self,
-        frames: FrameInput,
-        height: int,
-        width: int,
+        pixels: torch.Tensor,
         chunk_size: int,
-        generator: torch.Generator | list[torch.Generator] | None = None,
+        generators: list[list[torch.Generator]] | None = None,
+        num_videos: int = 1,
     ) -> torch.Tensor:
-        """Frames -> scaled latents (1, C, F, h, w), `chunk_size` frames per VAE call.
+        """Source pixels (F, 3, H, W) in [0, 1] -> scaled latents (B, C, F, h, w), `chunk_size` frames per VAE call.
 
-        Uses the posterior mean unless a generator is given (the original drew an unseeded sample).
+        Each video samples the posterior with its frames' generators; without generators every video gets the
+        posterior mean (the original drew an unseeded sample).
         """
         device = self._execution_device
-        num_frames = count_frames(frames)
-        pixels = self.video_processor.preprocess(frames, height=height, width=width)
-        generators = frame_generators(generator, num_frames)
-        latents = []
+        num_frames = pixels.shape[0]
+        pixels = self.video_processor.normalize(pixels)
         with self.stage("VAE encoding"):
-            for start in range(0, num_frames, chunk_size):
-                chunk = pixels[start : start + chunk_size].to(device=device, dtype=self.vae.dtype)
-                dist = self.vae.encode(chunk).latent_dist
-                if generators is None:
-                    latents.append(dist.mode())
-                else:
-                    latents.append(dist.sample(generator=generators[start : start + chunk_size]))
-        latents = torch.cat(latents) * self.vae.config.scaling_factor
-        return unfold_frames(latents, num_frames)
+            if generators is None:
+                latents = self._encode_chunks(pixels, chunk_size, device, None)
+                latents = latents.repeat(num_videos, 1, 1, 1)
+            else:
+                latents = torch.cat([self._encode_chunks(pixels, chunk_size, device, g) for g in generators])
+        return unfold_frames(latents * self.vae.config.scaling_factor, num_frames)
+
+    def _encode_chunks(self, pixels, chunk_size, device, generators) -> torch.Tensor:
+        latents = []
+        for start in range(0, pixels.shape[0], chunk_size):
+            chunk = pixels[start : start + chunk_size].to(device=device, dtype=self.vae.dtype)
+            dist = self.vae.encode(chunk).latent_dist
+            if generators is None:
+                latents.append(dist.mode())
+            else:
+                latents.append(dist.sample(generator=generators[start : start + chunk_size]))
+        return torch.cat(latents)
 
     def decode_latents(self, latents: torch.Tensor, chunk_size: int) -> torch.Tensor:
         """Scaled latents (B, C, F, h, w) -> pixels (B, 3, F, H, W) in [-1, 1], `chunk_size` frames per VAE call."""
@@ -389,43 +901,75 @@ class MixedInversionMixin:
             video = self.decode_latents(latents, decode_chunk_size)
         return self.video_processor.postprocess_video(video=video.float(), output_type=output_type)
 
+    # ------------------------------------------------------------------ stage 1 (the stock image pipelines)
+    def run_frame_batches(self, pipe, call, embeds, frame_inputs, **kwargs) -> torch.Tensor:
+        """Runs the stock image pipeline `pipe` on every frame of every video, `frame_batch_size` frames per call;
+        returns the clean latents (B, C, F, h, w).
+
+        Frame i of the folded batch is frame `i % F` of video `i // F`: it gets its video's embeddings, its own
+        generator and its initial noise; `frame_inputs(frame_indices)` gives the task's per-frame inputs (condition
+        images, source frames, masks).
+        """
+        num_frames = call.num_frames
+        total = call.batch_size * num_frames
+        generators = call.frame_generators
+        noise = fold_frames(call.latents).to(self.unet.dtype) if call.latents is not None else None
+        prompt_embeds = embeds.image.repeat_interleave(num_frames, dim=0)
+        negative_embeds = embeds.image_negative.repeat_interleave(num_frames, dim=0)
+        chunks = []
+        for start in range(0, total, call.frame_batch_size):
+            stop = min(start + call.frame_batch_size, total)
+            indices = range(start, stop)
+            out = pipe(
+                prompt_embeds=prompt_embeds[start:stop],
+                negative_prompt_embeds=negative_embeds[start:stop],
+                num_inference_steps=call.num_inference_steps,
+                guidance_scale=call.guidance_scale,
+                generator=[generators[i // num_frames][i % num_frames] for i in indices] if generators else None,
+                latents=noise[start:stop] if noise is not None else None,
+                cross_attention_kwargs=call.cross_attention_kwargs,
+                output_type="latent",
+                **kwargs,
+                **frame_inputs([i % num_frames for i in indices]),
+            )
+            chunks.append(out.images)
+        return unfold_frames(torch.cat(chunks), num_frames)
+
     # ------------------------------------------------------------------ stage 2
     def invert_image_branch(
         self, latents: torch.Tensor, cond: torch.Tensor, num_steps: int, frame_batch_size: int
     ) -> torch.Tensor:
-        """DDIM-invert (B, C, F, h, w) latents with the image UNet, frames folded into the batch."""
-        unet = self.image_inversion_unet
+        """DDIM-invert (B, C, F, h, w) latents with the image UNet, one clip at a time with its frames folded into
+        the batch, conditioned on (B, L, D) embeddings. The state stays fp32 between steps."""
+        scheduler = self.inversion_scheduler
         num_frames = latents.shape[2]
-        z = fold_frames(latents).to(unet.dtype)
-        cond = cond.to(unet.dtype)
-        self.inverse_scheduler.set_timesteps(num_steps, device=z.device)
+        clips = [fold_frames(clip[None]).float() for clip in latents]
+        scheduler.set_timesteps(num_steps, device=latents.device)
         with (
             self.stage("image inversion"),
             self.stage_progress_bar(num_steps, "Mixed inversion (image UNet)") as progress_bar,
         ):
-            for t in self.inverse_scheduler.timesteps:
-                chunks = []
-                for start in range(0, z.shape[0], frame_batch_size):
-                    chunk = z[start : start + frame_batch_size]
-                    eps = unet(chunk, t, encoder_hidden_states=cond.expand(chunk.shape[0], -1, -1)).sample
-                    chunks.append(self.inverse_scheduler.step(eps, t, chunk).prev_sample)
-                z = torch.cat(chunks)
+            for t in scheduler.timesteps:
+                for b, z in enumerate(clips):
+                    eps = self.image_inversion_noise(z, t, cond[b : b + 1], frame_batch_size)
+                    clips[b] = scheduler.step(eps, t, z).prev_sample
                 progress_bar.update()
-        return unfold_frames(z, num_frames)
+        return torch.cat([unfold_frames(z, num_frames) for z in clips])
 
     def invert_video_branch(self, latents: torch.Tensor, cond: torch.Tensor, num_steps: int) -> torch.Tensor:
-        """DDIM-invert (B, C, F, h, w) latents with the video UNet on the whole clip."""
-        unet = self.video_unet
-        z = latents.to(unet.dtype)
-        cond = cond.to(unet.dtype).expand(z.shape[0], -1, -1)
-        self.inverse_scheduler.set_timesteps(num_steps, device=z.device)
+        """DDIM-invert (B, C, F, h, w) latents with the video UNet on whole clips; the state stays fp32."""
+        dtype = self.video_unet.dtype
+        scheduler = self.inversion_scheduler
+        z = latents.float()
+        cond = cond.to(dtype)
+        scheduler.set_timesteps(num_steps, device=z.device)
         with (
             self.stage("video inversion"),
             self.stage_progress_bar(num_steps, "Mixed inversion (video UNet)") as progress_bar,
         ):
-            for t in self.inverse_scheduler.timesteps:
-                eps = self.video_noise_prediction(z, t, cond)
-                z = self.inverse_scheduler.step(eps, t, z).prev_sample
+            for t in scheduler.timesteps:
+                eps = self.video_noise_prediction(z.to(dtype), t, cond)
+                z = scheduler.step(eps, t, z).prev_sample
                 progress_bar.update()
         return z
 
@@ -450,14 +994,8 @@ class MixedInversionMixin:
 
     # ------------------------------------------------------------------ stage 3
     def smoothing_scheduler(self) -> DDIMScheduler:
-        """A DDIM scheduler (eta 0) with the pipeline scheduler's betas, whatever sampler stage 1 uses.
-
-        `clip_sample` is always off: latents are not bounded to [-1, 1], and configs of other samplers (PNDM,
-        Euler) often omit the key, which would turn on DDIM's default clipping. A missing `set_alpha_to_one`
-        means SD's False (the last step lands on alphas_cumprod[0], as in the original).
-        """
-        config = {"set_alpha_to_one": False, **self.scheduler.config}
-        return DDIMScheduler.from_config(config, clip_sample=False)
+        """DDIM (eta 0) with the pipeline scheduler's betas, whatever sampler stage 1 uses (see `ddim_sampler`)."""
+        return ddim_sampler(self.scheduler)
 
     def temporal_smoothing(
         self,
@@ -466,18 +1004,20 @@ class MixedInversionMixin:
         negative_prompt_embeds: torch.Tensor,
         num_inference_steps: int,
         guidance_scale: float,
-        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ) -> torch.Tensor:
-        """Denoise the mixed noise (B, C, F, h, w) with the video UNet: DDIM, eta 0, CFG in one batched call."""
-        unet = self.video_unet
+        """Denoise the mixed noise (B, C, F, h, w) with the video UNet: DDIM, eta 0, CFG in one batched call.
+
+        The guidance scale is read from `self._guidance_scale` at every step, so a step callback may change it.
+        """
+        dtype = self.video_unet.dtype
         scheduler = self.smoothing_scheduler()
         scheduler.set_timesteps(num_inference_steps, device=latents.device)
         timesteps = scheduler.timesteps
         self._guidance_scale = guidance_scale
         self._num_timesteps = len(timesteps)
-        latents = latents.to(unet.dtype) * scheduler.init_noise_sigma
-        batch = latents.shape[0]
+        latents = latents.to(dtype) * scheduler.init_noise_sigma
 
         with (
             self.stage("temporal smoothing"),
@@ -486,18 +1026,14 @@ class MixedInversionMixin:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                if self.do_classifier_free_guidance:
-                    model_in = torch.cat([latents, latents])
-                    embeds = torch.cat(
-                        [negative_prompt_embeds.expand(batch, -1, -1), prompt_embeds.expand(batch, -1, -1)]
-                    )
-                else:
-                    model_in, embeds = latents, prompt_embeds.expand(batch, -1, -1)
+                cfg = self.do_classifier_free_guidance
+                model_in = torch.cat([latents, latents]) if cfg else latents
+                embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds
                 model_in = scheduler.scale_model_input(model_in, t)
-                noise_pred = self.video_noise_prediction(model_in, t, embeds.to(unet.dtype))
-                if self.do_classifier_free_guidance:
+                noise_pred = self.video_noise_prediction(model_in, t, embeds.to(dtype))
+                if cfg:
                     noise_uncond, noise_text = noise_pred.chunk(2)
-                    noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+                    noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
                 latents = scheduler.step(noise_pred, t, latents, eta=0.0).prev_sample
 
                 if callback_on_step_end is not None:
@@ -515,49 +1051,108 @@ class MixedInversionMixin:
         return latents
 
     # ------------------------------------------------------------------ stages 2 + 3
-    def invert_and_smooth(
-        self,
-        latents: torch.Tensor,
-        *,
-        video_prompt: str,
-        negative_prompt: str | None,
-        inversion_prompt: str | None,
-        mixing_ratio: float,
-        num_inference_steps: int,
-        num_inversion_steps: int,
-        video_guidance_scale: float,
-        frame_batch_size: int,
-        image_negative_embeds: torch.Tensor | None = None,
-        callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs=("latents",),
-    ) -> torch.Tensor:
-        """Stages 2 and 3 on clean latents (B, C, F, h, w); returns the smoothed latents.
-
-        The inversion is conditioned on the negative prompt (as in the original), or on `inversion_prompt` when
-        given. `image_negative_embeds` lets a caller reuse the image encoder's negative embedding it already has.
-        """
-        device = latents.device
-        negative_embeds, prompt_embeds = self.encode_video_prompt(video_prompt, negative_prompt, device)
-        video_cond = negative_embeds
-        if inversion_prompt is not None and mixing_ratio < 1:
-            video_cond = self.encode_text(inversion_prompt, self.video_tokenizer, self.video_text_encoder, device)
-        image_cond = None
-        if mixing_ratio > 0:
-            if inversion_prompt is None and image_negative_embeds is not None:
-                image_cond = image_negative_embeds
-            else:
-                text = inversion_prompt if inversion_prompt is not None else (negative_prompt or "")
-                image_cond = self.encode_text(text, self.tokenizer, self.text_encoder, device)
-
+    def invert_and_smooth(self, latents: torch.Tensor, call, embeds) -> torch.Tensor:
+        """Stages 2 and 3 on clean latents (B, C, F, h, w); returns the smoothed latents."""
         noise = self.mixed_inversion(
-            latents, mixing_ratio, num_inversion_steps, frame_batch_size, image_cond, video_cond
+            latents,
+            call.mixing_ratio,
+            call.num_inversion_steps,
+            call.frame_batch_size,
+            embeds.image_cond,
+            embeds.video_cond,
         )
         return self.temporal_smoothing(
             noise,
-            prompt_embeds,
-            negative_embeds,
-            num_inference_steps,
-            video_guidance_scale,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
+            embeds.video,
+            embeds.video_negative,
+            call.num_inference_steps,
+            call.video_guidance_scale,
+            call.callback_on_step_end,
+            call.callback_on_step_end_tensor_inputs,
         )
+
+    # ------------------------------------------------------------------ the call
+    def input_frames(self, call) -> FrameInput | None:
+        """The frames whose count and size give the call's F and default output size."""
+        return call.video
+
+    def prepare_call(self, arguments: dict) -> SimpleNamespace:
+        """The `__call__` prologue: defaults that depend on other arguments, batch and frame counts, output size."""
+        call = SimpleNamespace(**{k: v for k, v in arguments.items() if k not in ("self", "__class__")})
+        defaults = dict(
+            video=None,
+            latents=None,
+            prompt_embeds=None,
+            negative_prompt_embeds=None,
+            video_prompt=None,
+            video_prompt_embeds=None,
+            negative_video_prompt_embeds=None,
+            video_guidance_scale=None,
+            return_idm_frames=False,
+        )
+        for name, value in defaults.items():
+            if not hasattr(call, name):
+                setattr(call, name, value)
+        if isinstance(call.callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            call.callback_on_step_end_tensor_inputs = call.callback_on_step_end.tensor_inputs
+        if call.num_inversion_steps is None:
+            call.num_inversion_steps = call.num_inference_steps
+        if call.video_prompt is None and call.video_prompt_embeds is None and self.video_prompt_defaults_to_prompt:
+            call.video_prompt = call.prompt
+        if call.video_guidance_scale is None:
+            call.video_guidance_scale = call.guidance_scale
+        call.num_prompts = self.count_prompts(call)
+        call.batch_size = call.num_prompts * call.num_videos_per_prompt
+        call.num_frames_given = getattr(call, "num_frames", None)
+        frames = self.input_frames(call)
+        call.num_frames = count_frames(frames) if frames is not None else 0
+        if frames is not None and call.num_frames > 0 and (call.height is None or call.width is None):
+            h, w = frame_size(frames)
+            call.height, call.width = call.height or h // 8 * 8, call.width or w // 8 * 8
+        return call
+
+    def count_prompts(self, call) -> int:
+        for name in ("prompt", "video_prompt"):
+            value = getattr(call, name, None)
+            if isinstance(value, (list, tuple)):
+                return len(value)
+            if isinstance(value, str):
+                return 1
+        for name in ("prompt_embeds", "video_prompt_embeds"):
+            value = getattr(call, name, None)
+            if value is not None:
+                return value.shape[0]
+        return 1
+
+    def run(self, arguments: dict):
+        """Every pipeline's `__call__`: prologue, checks, prompts, stage 1, stages 2 and 3, decoding, output."""
+        call = self.prepare_call(arguments)
+        self.check_inputs(call)
+        self.check_call_options(call)
+        self.begin_call()
+        self._guidance_scale = call.guidance_scale
+        self._cross_attention_kwargs = call.cross_attention_kwargs
+        self._clip_skip = call.clip_skip
+        device = self._execution_device
+        call.frame_generators = video_frame_generators(call.generator, call.batch_size, call.num_frames)
+
+        embeds = self.encode_call_prompts(call, device)
+        with self.stage("frame-wise generation"):
+            idm_latents = self.generate_frames(call, embeds).to(device)
+        video_latents = self.invert_and_smooth(idm_latents, call, embeds)
+
+        frames = self.decode_output(call, video_latents)
+        outputs = {"frames": frames, "idm_frames": None}
+        if call.return_idm_frames:
+            outputs["idm_frames"] = self.postprocess(idm_latents, call.output_type, call.decode_chunk_size)
+        outputs.update(self.extra_outputs(call))
+        self.maybe_free_model_hooks()
+        if not call.return_dict:
+            return tuple(outputs.values())
+        return self.output_class(**outputs)
+
+    def decode_output(self, call, latents: torch.Tensor):
+        return self.postprocess(latents, call.output_type, call.decode_chunk_size)
+
+    def extra_outputs(self, call) -> dict:
+        return {}

@@ -5,16 +5,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.models.modeling_utils import ModelMixin
-from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
-from diffusers.video_processor import VideoProcessor
-from transformers import CLIPTextModel, CLIPTokenizer
 
-from .mixed_inversion import BIVDiffPipelineOutput, FrameInput, MixedInversionMixin, count_frames, frame_size
+from .mixed_inversion import FrameInput, MixedInversionMixin, count_frames, shared_args_docstring
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -23,7 +18,7 @@ EXAMPLE_DOC_STRING = """
         >>> from diffusers import DiffusionPipeline, UNet3DConditionModel
         >>> from diffusers.utils import export_to_video, load_video
         >>> from transformers import CLIPTextModel, CLIPTokenizer
-        >>> from bivdiff import BIVDiffDDIMInverseScheduler, BIVDiffPipeline
+        >>> from bivdiff import BIVDiffPipeline
 
         >>> sd = DiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", torch_dtype=torch.float16)
         >>> zeroscope = "cerspense/zeroscope_v2_576w"
@@ -33,11 +28,10 @@ EXAMPLE_DOC_STRING = """
         ...     video_text_encoder=CLIPTextModel.from_pretrained(zeroscope, subfolder="text_encoder", torch_dtype=torch.float16),
         ...     video_tokenizer=CLIPTokenizer.from_pretrained(zeroscope, subfolder="tokenizer"),
         ...     scheduler=sd.scheduler,
-        ...     inverse_scheduler=BIVDiffDDIMInverseScheduler.from_config(sd.scheduler.config),
         ... ).to("cuda")
 
         >>> frames = load_video("frames_from_my_image_model.gif")  # 8 frames edited one by one
-        >>> video = pipe(frames=frames, prompt="a bear walking through a snow mountain", mixing_ratio=0.5).frames[0]
+        >>> video = pipe(video=frames, prompt="a bear walking through a snow mountain", mixing_ratio=0.5).frames[0]
         >>> export_to_video(video, "bivdiff.mp4", fps=8)
         ```
 """
@@ -55,119 +49,100 @@ class BIVDiffPipeline(DiffusionPipeline, MixedInversionMixin):
         tokenizer ([`CLIPTokenizer`], *optional*): its tokenizer.
         unet ([`UNet2DConditionModel`], *optional*): SD-1.5 UNet that inverts frame by frame. The image-branch
             components may be `None` when the pipeline is only called with `mixing_ratio=0`.
-        video_unet ([`UNet3DConditionModel`] or `VidRDUNet3DConditionModel`): the text-to-video UNet.
+        video_unet ([`UNet3DConditionModel`], [`UNetMotionModel`] or `VidRDUNet3DConditionModel`): the
+            text-to-video UNet.
         video_text_encoder ([`CLIPTextModel`]): the video model's text encoder.
         video_tokenizer ([`CLIPTokenizer`]): its tokenizer.
         scheduler ([`SchedulerMixin`]): its config gives the DDIM schedule of smoothing.
-        inverse_scheduler ([`BIVDiffDDIMInverseScheduler`] or [`DDIMInverseScheduler`]): the inversion step.
+        inverse_scheduler ([`BIVDiffDDIMInverseScheduler`] or [`DDIMInverseScheduler`], *optional*): the inversion
+            step; by default the original's, built from `scheduler.config`.
+        inversion_unet ([`UNet2DConditionModel`], *optional*): inverts frame by frame instead of `unet`.
     """
 
-    model_cpu_offload_seq = "text_encoder->video_text_encoder->unet->video_unet->vae"
-    _optional_components = ["text_encoder", "tokenizer", "unet"]
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    model_cpu_offload_seq = "text_encoder->video_text_encoder->vae->unet->inversion_unet->video_unet"
+    _optional_components = ["text_encoder", "tokenizer", "unet", "inverse_scheduler", "inversion_unet"]
+    # `prompt` is the video model's: this pipeline has no image-model stage.
+    uses_image_prompt = False
 
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel | None,
-        tokenizer: CLIPTokenizer | None,
-        unet: UNet2DConditionModel | None,
-        video_unet: ModelMixin,
-        video_text_encoder: CLIPTextModel,
-        video_tokenizer: CLIPTokenizer,
-        scheduler: KarrasDiffusionSchedulers,
-        inverse_scheduler: SchedulerMixin,
-    ):
-        super().__init__()
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            video_unet=video_unet,
-            video_text_encoder=video_text_encoder,
-            video_tokenizer=video_tokenizer,
-            scheduler=scheduler,
-            inverse_scheduler=inverse_scheduler,
-        )
-        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor)
+    def prepare_call(self, arguments):
+        arguments = dict(arguments)
+        arguments["video_prompt"] = arguments.pop("prompt")
+        arguments["video_prompt_embeds"] = arguments.pop("prompt_embeds")
+        arguments["negative_video_prompt_embeds"] = arguments.pop("negative_prompt_embeds")
+        call = super().prepare_call(arguments)
+        call.prompt = None
+        if call.video_latents is not None and call.video is None:
+            call.num_frames = call.video_latents.shape[2]
+            call.height = call.video_latents.shape[-2] * self.vae_scale_factor
+            call.width = call.video_latents.shape[-1] * self.vae_scale_factor
+        return call
 
-    def check_inputs(
-        self,
-        frames,
-        latents,
-        prompt,
-        height,
-        width,
-        mixing_ratio,
-        num_inference_steps,
-        num_inversion_steps,
-        frame_batch_size,
-        decode_chunk_size,
-        output_type,
-        callback_on_step_end_tensor_inputs,
-    ):
-        if (frames is None) == (latents is None):
-            raise ValueError("Pass exactly one of `frames` (images) or `latents` (their scaled VAE latents).")
-        if frames is not None and count_frames(frames) == 0:
-            raise ValueError("`frames` is empty.")
-        if latents is not None and latents.ndim != 5:
-            raise ValueError(f"`latents` must be (B, C, F, h, w), got shape {tuple(latents.shape)}.")
-        if not isinstance(prompt, str):
-            raise ValueError(f"`prompt` must be a string describing the video, got {type(prompt).__name__}.")
-        self.check_call_options(frame_batch_size, decode_chunk_size, output_type, callback_on_step_end_tensor_inputs)
-        self.check_mixed_inversion_inputs(height, width, mixing_ratio, num_inference_steps, num_inversion_steps)
+    def check_inputs(self, call):
+        if (call.video is None) == (call.video_latents is None):
+            raise ValueError("Pass exactly one of `video` (images) or `video_latents` (their scaled VAE latents).")
+        if call.video is not None and count_frames(call.video) == 0:
+            raise ValueError("`video` is empty.")
+        latents = call.video_latents
+        if latents is not None and (latents.ndim != 5 or latents.shape[0] not in (1, call.batch_size)):
+            raise ValueError(
+                f"`video_latents` must be (B, C, F, h, w) with B = 1 or {call.batch_size}, got {tuple(latents.shape)}."
+            )
+        if call.video_prompt_embeds is None and not isinstance(call.video_prompt, (str, list, tuple)):
+            raise ValueError(
+                f"`prompt` must describe the video (a string or a list), got {type(call.video_prompt).__name__}."
+            )
+
+    def generate_frames(self, call, embeds) -> torch.Tensor:
+        """No image model here: the clean latents are the user's frames, VAE-encoded (a posterior sample per video
+        with its frames' generators, the mean without them), or the latents given."""
+        if call.video_latents is not None:
+            return call.video_latents.expand(call.batch_size, -1, -1, -1, -1)
+        pixels = self.source_pixels(call.video, call.height, call.width, call.resize_mode)
+        return self.encode_frames(pixels, call.decode_chunk_size, call.frame_generators, call.batch_size)
 
     @torch.no_grad()
+    @shared_args_docstring
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        frames: FrameInput | None = None,
-        prompt: str | None = None,
-        negative_prompt: str | None = None,
-        inversion_prompt: str | None = None,
+        video: FrameInput | None = None,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        inversion_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
+        resize_mode: str = "default",
         num_inference_steps: int = 50,
         num_inversion_steps: int | None = None,
         guidance_scale: float = 7.5,
         mixing_ratio: float = 1.0,
+        num_videos_per_prompt: int = 1,
         frame_batch_size: int = 8,
         decode_chunk_size: int = 8,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | list[list[torch.Generator]] | None = None,
+        video_latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+        clip_skip: int | None = None,
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ):
         r"""
-        Make a frame sequence temporally coherent with a video diffusion model.
+        Make frame sequences temporally coherent with a video diffusion model.
+
+        Here `prompt`, `prompt_embeds` and `negative_prompt_embeds` are the video model's (this pipeline runs no
+        image model but the inverting UNet), `guidance_scale` is the CFG of smoothing and `generator` samples the
+        VAE posterior of the frames (the posterior mean without one).
 
         Args:
-            frames (`list[PIL.Image.Image]`, `np.ndarray` `(F, H, W, 3)` or `torch.Tensor` `(F, 3, H, W)` in [0, 1]):
-                The frames made by an image model. Exactly one of `frames` and `latents`.
-            prompt (`str`): What the video shows, for the video model.
-            negative_prompt (`str`, *optional*): Negative prompt of smoothing; also the inversion's conditioning.
-            inversion_prompt (`str`, *optional*): Conditions both inversions instead of the negative prompt.
-            height (`int`, *optional*), width (`int`, *optional*): Output size, multiples of 8; default the frames'.
-            num_inference_steps (`int`, defaults to 50): DDIM steps of smoothing.
-            num_inversion_steps (`int`, *optional*): DDIM inversion steps; defaults to `num_inference_steps`.
-            guidance_scale (`float`, defaults to 7.5): Classifier-free guidance of smoothing.
-            mixing_ratio (`float`, defaults to 1.0): Weight r of the image-model inversion in
-                `r * z_T(image) + (1 - r) * z_T(video)`. The original release used 1.0 for ControlNet and
-                InstructPix2Pix frames, 0.25 for Prompt2Prompt and 0.1 for inpainting.
-            frame_batch_size (`int`, defaults to 8): Frames per image-UNet call.
-            decode_chunk_size (`int`, defaults to 8): Frames per VAE call.
-            generator (`torch.Generator`, *optional*): Samples the VAE posterior; without it the posterior mean is
-                used.
-            latents (`torch.Tensor` `(B, 4, F, h, w)`, *optional*): Scaled VAE latents of the frames, instead of
-                `frames`.
-            output_type (`str`, defaults to `"np"`): `"np"`, `"pt"`, `"pil"` or `"latent"`.
-            return_dict (`bool`, defaults to `True`): Return a [`BIVDiffPipelineOutput`] rather than a tuple.
-            callback_on_step_end (`Callable`, *optional*): Called after each smoothing step as
-                `callback_on_step_end(self, step, timestep, callback_kwargs)`; may return new `latents`.
-            callback_on_step_end_tensor_inputs (`list`): Tensors passed in `callback_kwargs`.
+            video (`list[PIL.Image.Image]`, `np.ndarray` `(F, H, W, 3)` or `torch.Tensor` `(F, 3, H, W)` in [0, 1]):
+                The frames made by an image model. Exactly one of `video` and `video_latents`.
+            prompt (`str` or `list[str]`): What the video shows, for the video model; N prompts give N videos.
+            video_latents (`torch.Tensor` `(B, 4, F, h, w)`, *optional*): Scaled VAE latents of the frames, instead
+                of `video` (B = 1 is shared by every video).
 
         Examples:
 
@@ -175,52 +150,4 @@ class BIVDiffPipeline(DiffusionPipeline, MixedInversionMixin):
             [`BIVDiffPipelineOutput`] or `tuple`: the smoothed video, and `idm_frames=None` (the input frames are
             the user's own).
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        num_inversion_steps = num_inversion_steps or num_inference_steps
-        if frames is not None and (height is None or width is None):
-            h, w = frame_size(frames)
-            height, width = height or h // 8 * 8, width or w // 8 * 8
-        elif latents is not None:
-            height = latents.shape[-2] * self.vae_scale_factor
-            width = latents.shape[-1] * self.vae_scale_factor
-        self.check_inputs(
-            frames,
-            latents,
-            prompt,
-            height,
-            width,
-            mixing_ratio,
-            num_inference_steps,
-            num_inversion_steps,
-            frame_batch_size,
-            decode_chunk_size,
-            output_type,
-            callback_on_step_end_tensor_inputs,
-        )
-        self.begin_call()
-        self._guidance_scale = guidance_scale
-        device = self._execution_device
-
-        if latents is None:
-            latents = self.encode_frames(frames, height, width, frame_batch_size, generator)
-        latents = latents.to(device)
-
-        latents = self.invert_and_smooth(
-            latents,
-            video_prompt=prompt,
-            negative_prompt=negative_prompt,
-            inversion_prompt=inversion_prompt,
-            mixing_ratio=mixing_ratio,
-            num_inference_steps=num_inference_steps,
-            num_inversion_steps=num_inversion_steps,
-            video_guidance_scale=guidance_scale,
-            frame_batch_size=frame_batch_size,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
-        video = self.postprocess(latents, output_type, decode_chunk_size)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (video, None)
-        return BIVDiffPipelineOutput(frames=video, idm_frames=None)
+        return self.run(locals())

@@ -8,26 +8,12 @@ from typing import Callable
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionInpaintPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.models.modeling_utils import ModelMixin
-from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
-from diffusers.video_processor import VideoProcessor
-from transformers import CLIPTextModel, CLIPTokenizer
 
-from .mixed_inversion import (
-    BIVDiffPipelineOutput,
-    FrameInput,
-    MixedInversionMixin,
-    count_frames,
-    fold_frames,
-    frame_generators,
-    frame_size,
-    unfold_frames,
-)
+from .mixed_inversion import FrameInput, MixedInversionMixin, count_frames, frame_size, shared_args_docstring
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -36,7 +22,7 @@ EXAMPLE_DOC_STRING = """
         >>> from diffusers import UNet2DConditionModel, UNet3DConditionModel
         >>> from diffusers.utils import export_to_video, load_video
         >>> from transformers import CLIPTextModel, CLIPTokenizer
-        >>> from bivdiff import BIVDiffDDIMInverseScheduler, BIVDiffInpaintPipeline
+        >>> from bivdiff import BIVDiffInpaintPipeline
 
         >>> zeroscope = "cerspense/zeroscope_v2_576w"
         >>> pipe = BIVDiffInpaintPipeline.from_pretrained(
@@ -47,9 +33,6 @@ EXAMPLE_DOC_STRING = """
         ...     video_unet=UNet3DConditionModel.from_pretrained(zeroscope, subfolder="unet", torch_dtype=torch.float16),
         ...     video_text_encoder=CLIPTextModel.from_pretrained(zeroscope, subfolder="text_encoder", torch_dtype=torch.float16),
         ...     video_tokenizer=CLIPTokenizer.from_pretrained(zeroscope, subfolder="tokenizer"),
-        ...     inverse_scheduler=BIVDiffDDIMInverseScheduler.from_pretrained(
-        ...         "stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="scheduler"
-        ...     ),
         ...     safety_checker=None,
         ...     torch_dtype=torch.float16,
         ... )
@@ -211,60 +194,18 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
             of the inversion; needed whenever `mixing_ratio` > 0 and `unet` is the 9-channel inpainting UNet.
     """
 
-    model_cpu_offload_seq = "text_encoder->video_text_encoder->unet->inversion_unet->video_unet->vae"
-    _optional_components = ["inversion_unet"]
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    # Prompts are encoded first; the VAE then encodes the masked frames inside stage 1.
+    model_cpu_offload_seq = "text_encoder->video_text_encoder->vae->unet->inversion_unet->video_unet"
+    _optional_components = ["inversion_unet", "inverse_scheduler"]
 
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        video_unet: ModelMixin,
-        video_text_encoder: CLIPTextModel,
-        video_tokenizer: CLIPTokenizer,
-        scheduler: KarrasDiffusionSchedulers,
-        inverse_scheduler: SchedulerMixin,
-        inversion_unet: UNet2DConditionModel | None = None,
-    ):
-        super().__init__()
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            video_unet=video_unet,
-            video_text_encoder=video_text_encoder,
-            video_tokenizer=video_tokenizer,
-            scheduler=scheduler,
-            inverse_scheduler=inverse_scheduler,
-            inversion_unet=inversion_unet,
-        )
-        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor)
-        # The stock inpainting pipeline's mask reading (grayscale, binarised at 0.5), for paste-back.
-        self.mask_processor = VaeImageProcessor(
+    @property
+    def mask_processor(self) -> VaeImageProcessor:
+        """The stock inpainting pipeline's mask reading (grayscale, binarised at 0.5), for paste-back."""
+        return VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
 
     # ------------------------------------------------------------------ stage 1
-    def image_pipeline(self) -> StableDiffusionInpaintPipeline:
-        """The stock diffusers inpainting pipeline, built from this pipeline's own components (no copies)."""
-        pipe = StableDiffusionInpaintPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=self.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        config = dict(getattr(self, "_progress_bar_config", {}))
-        config.setdefault("desc", "Frame-wise inpainting (SD Inpainting)")
-        pipe.set_progress_bar_config(**config)
-        return pipe
-
     def prepare_masks(self, mask, outpaint, num_frames: int, height: int, width: int) -> list:
         """One mask item per frame for the stock pipeline: the user's masks, or the outpainting mask at output size."""
         if outpaint is not None:
@@ -277,50 +218,18 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
             return self.mask_processor.preprocess(masks, height=height, width=width)
         return self.mask_processor.preprocess(torch.stack(masks), height=height, width=width)
 
-    def generate_frames(
-        self,
-        source: torch.Tensor,
-        masks: list,
-        prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor,
-        height: int,
-        width: int,
-        num_inference_steps: int,
-        guidance_scale: float,
-        frame_batch_size: int,
-        generator: torch.Generator | list[torch.Generator] | None,
-        latents: torch.Tensor | None,
-        cross_attention_kwargs: dict | None = None,
-    ) -> torch.Tensor:
-        """Stage 1: SD inpainting on every source frame (F, 3, H, W) in [0, 1] with its mask item, in chunks;
-        returns scaled latents (1, 4, F, h, w)."""
-        num_frames = source.shape[0]
-        generators = frame_generators(generator, num_frames)
-        noise = fold_frames(latents) if latents is not None else None
-        pipe = self.image_pipeline()
-        chunks = []
-        for start in range(0, num_frames, frame_batch_size):
-            stop = min(start + frame_batch_size, num_frames)
-            n = stop - start
-            chunk_masks = masks[start:stop]
-            mask_image = chunk_masks if isinstance(chunk_masks[0], PIL.Image.Image) else torch.stack(chunk_masks)
-            chunks.append(
-                pipe(
-                    image=source[start:stop],
-                    mask_image=mask_image,
-                    prompt_embeds=prompt_embeds.expand(n, -1, -1),
-                    negative_prompt_embeds=negative_prompt_embeds.expand(n, -1, -1),
-                    height=height,
-                    width=width,
-                    num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale,
-                    generator=generators[start:stop] if generators is not None else None,
-                    latents=noise[start:stop] if noise is not None else None,
-                    cross_attention_kwargs=cross_attention_kwargs,
-                    output_type="latent",
-                ).images
-            )
-        return unfold_frames(torch.cat(chunks), num_frames)
+    def generate_frames(self, call, embeds) -> torch.Tensor:
+        """Stage 1: SD inpainting on every source frame with its mask, for every video."""
+        pipe = self.stock_pipeline(StableDiffusionInpaintPipeline, "Frame-wise inpainting (SD Inpainting)")
+        call.source = self.source_pixels(call.video, call.height, call.width, call.resize_mode)
+        masks = call.masks
+
+        def frame_inputs(frames):
+            chunk = [masks[f] for f in frames]
+            mask_image = chunk if isinstance(chunk[0], PIL.Image.Image) else torch.stack(chunk)
+            return {"image": call.source[frames], "mask_image": mask_image}
+
+        return self.run_frame_batches(pipe, call, embeds, frame_inputs, height=call.height, width=call.width)
 
     # ------------------------------------------------------------------ paste-back
     def paste_source_back(
@@ -332,9 +241,10 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
         output_type: str,
         decode_chunk_size: int,
     ):
-        """Decode (1, 4, F, h, w) latents and composite the source (F, 3, H, W) in [0, 1] back where the feathered
+        """Decode (B, 4, F, h, w) latents and composite the source (F, 3, H, W) in [0, 1] back where the feathered
         mask (F, 1, H, W) is below 1. Where it is 0 the result is the source, bit for bit."""
-        pixels = self.video_processor.denormalize(self.decode_latents(latents, decode_chunk_size).float())
+        with self.stage("decoding"):
+            pixels = self.video_processor.denormalize(self.decode_latents(latents, decode_chunk_size).float())
         weight = feather_mask(masks.to(pixels), feather).permute(1, 0, 2, 3)[None]
         source = source.to(pixels).permute(1, 0, 2, 3)[None]
         composite = weight * pixels + (1 - weight) * source
@@ -345,81 +255,38 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
         )
 
     # ------------------------------------------------------------------ checks
-    def check_inputs(
-        self,
-        video,
-        prompt,
-        video_prompt,
-        mask,
-        outpaint,
-        latents,
-        generator,
-        height,
-        width,
-        mixing_ratio,
-        num_inference_steps,
-        num_inversion_steps,
-        frame_batch_size,
-        decode_chunk_size,
-        output_type,
-        paste_back,
-        paste_back_feather,
-        callback_on_step_end_tensor_inputs,
-    ) -> list:
-        """Raises on bad input before any model runs; returns the per-frame mask items."""
+    def check_inputs(self, call):
+        """Raises on bad input before any model runs; keeps the per-frame mask items in `call.masks`."""
+        video = call.video
         if video is None or count_frames(video) == 0:
             raise ValueError(
                 "`video` is required: the source frames (PIL list, np (F, H, W, 3) or (F, 3, H, W) tensor)."
             )
         num_frames = count_frames(video)
-        for name, text in (("prompt", prompt), ("video_prompt", video_prompt)):
-            if not isinstance(text, str):
+        for name in ("prompt", "video_prompt"):
+            text = getattr(call, name)
+            texts = text if isinstance(text, (list, tuple)) else [text]
+            if getattr(call, f"{name}_embeds") is None and not all(isinstance(t, str) for t in texts):
                 raise ValueError(f"`{name}` must be a string (it may be empty), got {type(text).__name__}.")
-        if latents is not None and (latents.ndim != 5 or latents.shape[2] != num_frames):
-            raise ValueError(
-                f"`latents` must be (1, 4, F, h, w) noise with F = {num_frames} frames, "
-                f"got shape {tuple(latents.shape)}."
-            )
-        if isinstance(generator, list) and len(generator) != num_frames:
-            raise ValueError(f"`generator` is a list of {len(generator)}; pass one per frame ({num_frames}).")
-        if paste_back and output_type == "latent":
+        if call.paste_back and call.output_type == "latent":
             raise ValueError(
                 "`paste_back=True` composites source pixels into decoded frames, so it cannot give "
                 '`output_type="latent"`; use "np", "pt" or "pil", or set `paste_back=False`.'
             )
-        if not isinstance(paste_back_feather, int) or paste_back_feather < 0:
-            raise ValueError(
-                f"`paste_back_feather` must be a non-negative integer (pixels), got {paste_back_feather!r}."
-            )
+        feather = call.paste_back_feather
+        if not isinstance(feather, int) or feather < 0:
+            raise ValueError(f"`paste_back_feather` must be a non-negative integer (pixels), got {feather!r}.")
         latent_channels = self.vae.config.latent_channels
-        if self.unet.config.in_channels not in (latent_channels, 2 * latent_channels + 1):
-            raise ValueError(
-                f"`unet` must be an inpainting UNet taking {2 * latent_channels + 1} channels (or a plain "
-                f"{latent_channels}-channel one), got {self.unet.config.in_channels}."
-            )
-        if self.unet.config.cross_attention_dim != self.text_encoder.config.hidden_size:
-            raise ValueError(
-                f"`unet` expects text embeddings of width {self.unet.config.cross_attention_dim} but `text_encoder` "
-                f"produces {self.text_encoder.config.hidden_size}."
-            )
-        if mixing_ratio > 0 and self.inversion_unet is None and self.unet.config.in_channels != latent_channels:
-            raise ValueError(
-                f"`mixing_ratio`={mixing_ratio} inverts the filled frames with an image UNet, and the "
-                f"{self.unet.config.in_channels}-channel inpainting `unet` cannot do it. Pass `inversion_unet` (an "
-                "SD-1.5 UNet2DConditionModel, e.g. from 'stable-diffusion-v1-5/stable-diffusion-v1-5', subfolder "
-                "'unet'), or set `mixing_ratio=0`."
-            )
-        self.check_call_options(frame_batch_size, decode_chunk_size, output_type, callback_on_step_end_tensor_inputs)
-        self.check_mixed_inversion_inputs(height, width, mixing_ratio, num_inference_steps, num_inversion_steps)
-
+        self.check_image_model((latent_channels, 2 * latent_channels + 1), "an inpainting UNet (or a plain one)")
+        mask, outpaint = call.mask, call.outpaint
         if (mask is None) == (outpaint is None):
             raise ValueError(
                 "Pass exactly one of `mask` (a mask video or image, white = regenerate) and `outpaint` "
                 "('horizontal', 'vertical' or pixel margins); got " + ("both." if mask is not None else "neither.")
             )
-        masks = self.prepare_masks(mask, outpaint, num_frames, height, width)
+        call.masks = masks = self.prepare_masks(mask, outpaint, num_frames, call.height, call.width)
         if outpaint is not None:
-            return masks
+            return
         if len(masks) != num_frames:
             raise ValueError(f"`mask` has {len(masks)} frames but `video` has {num_frames}; pass one mask per frame.")
         video_size = tuple(frame_size(video))
@@ -431,22 +298,44 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
             )
         if any(not isinstance(m, PIL.Image.Image) and (m.min() < 0 or m.max() > 1) for m in masks):
             raise ValueError("Float `mask` values must lie in [0, 1] (uint8 masks may use 0-255).")
-        return masks
+        if call.resize_mode != "default":
+            # Masks follow their frames through "fill" / "crop".
+            resized = self.resize_frames(
+                [m if isinstance(m, PIL.Image.Image) else m[0].numpy()[..., None].repeat(3, -1) for m in masks],
+                call.height,
+                call.width,
+                call.resize_mode,
+            )
+            call.masks = [m.convert("L") for m in resized]
+
+    def decode_output(self, call, latents):
+        if not call.paste_back:
+            return super().decode_output(call, latents)
+        return self.paste_source_back(
+            latents,
+            call.source,
+            self.binary_masks(call.masks, call.height, call.width),
+            call.paste_back_feather,
+            call.output_type,
+            call.decode_chunk_size,
+        )
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
+    @shared_args_docstring
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         video: FrameInput | None = None,
-        prompt: str = "",
-        video_prompt: str | None = None,
+        prompt: str | list[str] = "",
+        video_prompt: str | list[str] | None = None,
         mask: FrameInput | PIL.Image.Image | np.ndarray | torch.Tensor | None = None,
         outpaint: str | dict | tuple | None = None,
-        negative_prompt: str | None = None,
-        inversion_prompt: str | None = None,
+        negative_prompt: str | list[str] | None = None,
+        inversion_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
+        resize_mode: str = "default",
         num_inference_steps: int = 50,
         num_inversion_steps: int | None = None,
         guidance_scale: float = 7.5,
@@ -454,14 +343,20 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
         mixing_ratio: float = 0.1,
         paste_back: bool = False,
         paste_back_feather: int = 8,
+        num_videos_per_prompt: int = 1,
         frame_batch_size: int = 8,
         decode_chunk_size: int = 8,
-        generator: torch.Generator | list[torch.Generator] | None = None,
+        generator: torch.Generator | list[torch.Generator] | list[list[torch.Generator]] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        video_prompt_embeds: torch.Tensor | None = None,
+        negative_video_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
         return_idm_frames: bool = True,
         return_dict: bool = True,
         cross_attention_kwargs: dict | None = None,
+        clip_skip: int | None = None,
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ):
@@ -471,9 +366,9 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
         Args:
             video (`list[PIL.Image.Image]`, `np.ndarray` `(F, H, W, 3)` or `torch.Tensor` `(F, 3, H, W)` in [0, 1]):
                 The source frames.
-            prompt (`str`, defaults to `""`): The inpainting model's prompt for every frame; may be empty, as in
-                the original release.
-            video_prompt (`str`, *optional*): The video model's prompt; defaults to `prompt`.
+            prompt (`str` or `list[str]`, defaults to `""`): The inpainting model's prompt for every frame; may be
+                empty, as in the original release. N prompts give N videos in one call.
+            video_prompt (`str` or `list[str]`, *optional*): The video model's prompt; defaults to `prompt`.
             mask (*optional*): White (>= 0.5) = regenerate, black = keep. One mask per frame: a list of PIL images,
                 arrays or tensors; an array or tensor `(F, H, W)` (or `(F, H, W, C)` / `(F, C, H, W)`); or a
                 single mask (a PIL image, an `(H, W)` array) for every frame. Frames the size of `video`; uint8
@@ -481,121 +376,17 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
             outpaint (`str`, `tuple` or `dict`, *optional*): Instead of `mask`: `"horizontal"` regenerates the top
                 and bottom quarters, `"vertical"` the left and right quarters, or pixel margins
                 `(top, bottom, left, right)` / `{"top": 64, ...}` of the output frame. See [`outpaint_mask`].
-            negative_prompt (`str`, *optional*): Used by both models; also the inversion's conditioning.
-            inversion_prompt (`str`, *optional*): Conditions both inversions instead of the negative prompt.
-            height (`int`, *optional*), width (`int`, *optional*): Output size, multiples of 8; default the source
-                frames' size rounded down to a multiple of 8. Frames and masks are resized (not cropped) to it.
-            num_inference_steps (`int`, defaults to 50): Steps of the inpainting model and of smoothing.
-            num_inversion_steps (`int`, *optional*): DDIM inversion steps; defaults to `num_inference_steps`.
-            guidance_scale (`float`, defaults to 7.5): CFG of the inpainting model.
-            video_guidance_scale (`float`, *optional*): CFG of smoothing; defaults to `guidance_scale`.
-            mixing_ratio (`float`, defaults to 0.1): Weight r of the image-model inversion in
-                `r * z_T(image) + (1 - r) * z_T(video)` (0.1 in the original release); r > 0 needs
-                `inversion_unet` when `unet` is the 9-channel inpainting UNet.
             paste_back (`bool`, defaults to `False`): Composite the source back into the final frames outside the
                 mask, feathered over `paste_back_feather` pixels outside it; the original release did not. Not
                 available with `output_type="latent"`.
             paste_back_feather (`int`, defaults to 8): Width in pixels of the blend ramp outside the mask; beyond
                 it the source pixels are kept exactly. 0 pastes with a hard edge.
-            frame_batch_size (`int`, defaults to 8): Frames per image-model call (stage 1 and image inversion).
-            decode_chunk_size (`int`, defaults to 8): Frames per VAE decode call.
-            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): One per frame, or one from which
-                a generator per frame is derived; frames are the same whatever `frame_batch_size`.
-            latents (`torch.Tensor` `(1, 4, F, h, w)`, *optional*): Initial noise of stage 1.
-            output_type (`str`, defaults to `"np"`): `"np"`, `"pt"`, `"pil"` or `"latent"`.
             return_idm_frames (`bool`, defaults to `True`): Also decode and return the frame-wise inpaintings
                 (never pasted back).
-            return_dict (`bool`, defaults to `True`): Return a [`BIVDiffPipelineOutput`] rather than a tuple.
-            cross_attention_kwargs (`dict`, *optional*): Passed to the inpainting model's attention processors.
-            callback_on_step_end (`Callable`, *optional*): Called after each smoothing step as
-                `callback_on_step_end(self, step, timestep, callback_kwargs)`; may return new `latents`.
-            callback_on_step_end_tensor_inputs (`list`): Tensors passed in `callback_kwargs`.
 
         Examples:
 
         Returns:
             [`BIVDiffPipelineOutput`] or `tuple` `(frames, idm_frames)`.
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        num_inversion_steps = num_inversion_steps or num_inference_steps
-        video_prompt = prompt if video_prompt is None else video_prompt
-        video_guidance_scale = guidance_scale if video_guidance_scale is None else video_guidance_scale
-        if video is not None and count_frames(video) > 0 and (height is None or width is None):
-            h, w = frame_size(video)
-            height, width = height or h // 8 * 8, width or w // 8 * 8
-        masks = self.check_inputs(
-            video,
-            prompt,
-            video_prompt,
-            mask,
-            outpaint,
-            latents,
-            generator,
-            height,
-            width,
-            mixing_ratio,
-            num_inference_steps,
-            num_inversion_steps,
-            frame_batch_size,
-            decode_chunk_size,
-            output_type,
-            paste_back,
-            paste_back_feather,
-            callback_on_step_end_tensor_inputs,
-        )
-        self.begin_call()
-        self._guidance_scale = guidance_scale
-        device = self._execution_device
-
-        # Prompts are encoded once; every chunk of stage 1 reuses the embeddings.
-        negative_embeds, prompt_embeds = self.encode_image_prompt(prompt, negative_prompt, device)
-        source = self.source_pixels(video, height, width)
-
-        with self.stage("frame-wise generation"):
-            idm_latents = self.generate_frames(
-                source,
-                masks,
-                prompt_embeds,
-                negative_embeds,
-                height,
-                width,
-                num_inference_steps,
-                guidance_scale,
-                frame_batch_size,
-                generator,
-                latents,
-                cross_attention_kwargs,
-            )
-
-        video_latents = self.invert_and_smooth(
-            idm_latents,
-            video_prompt=video_prompt,
-            negative_prompt=negative_prompt,
-            inversion_prompt=inversion_prompt,
-            mixing_ratio=mixing_ratio,
-            num_inference_steps=num_inference_steps,
-            num_inversion_steps=num_inversion_steps,
-            video_guidance_scale=video_guidance_scale,
-            frame_batch_size=frame_batch_size,
-            image_negative_embeds=negative_embeds,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
-
-        if paste_back:
-            frames = self.paste_source_back(
-                video_latents,
-                source,
-                self.binary_masks(masks, height, width),
-                paste_back_feather,
-                output_type,
-                decode_chunk_size,
-            )
-        else:
-            frames = self.postprocess(video_latents, output_type, decode_chunk_size)
-        idm_frames = self.postprocess(idm_latents, output_type, decode_chunk_size) if return_idm_frames else None
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (frames, idm_frames)
-        return BIVDiffPipelineOutput(frames=frames, idm_frames=idm_frames)
+        return self.run(locals())

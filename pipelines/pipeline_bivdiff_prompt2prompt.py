@@ -9,22 +9,19 @@ from typing import Callable, Sequence
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.models.modeling_utils import ModelMixin
-from diffusers.schedulers import DDIMScheduler, KarrasDiffusionSchedulers
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
-from diffusers.video_processor import VideoProcessor
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from .mixed_inversion import (
     BIVDiffPipelineOutput,
     FrameInput,
     MixedInversionMixin,
+    as_list,
     count_frames,
+    ddim_sampler,
     fold_frames,
-    frame_size,
+    shared_args_docstring,
     unfold_frames,
 )
 from .prompt2prompt_control import (
@@ -42,7 +39,7 @@ EXAMPLE_DOC_STRING = """
         >>> from diffusers import UNet3DConditionModel
         >>> from diffusers.utils import export_to_video, load_video
         >>> from transformers import CLIPTextModel, CLIPTokenizer
-        >>> from bivdiff import BIVDiffDDIMInverseScheduler, BIVDiffPrompt2PromptPipeline
+        >>> from bivdiff import BIVDiffPrompt2PromptPipeline
 
         >>> zeroscope = "cerspense/zeroscope_v2_576w"
         >>> pipe = BIVDiffPrompt2PromptPipeline.from_pretrained(
@@ -50,9 +47,6 @@ EXAMPLE_DOC_STRING = """
         ...     video_unet=UNet3DConditionModel.from_pretrained(zeroscope, subfolder="unet", torch_dtype=torch.float16),
         ...     video_text_encoder=CLIPTextModel.from_pretrained(zeroscope, subfolder="text_encoder", torch_dtype=torch.float16),
         ...     video_tokenizer=CLIPTokenizer.from_pretrained(zeroscope, subfolder="tokenizer"),
-        ...     inverse_scheduler=BIVDiffDDIMInverseScheduler.from_pretrained(
-        ...         "stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="scheduler"
-        ...     ),
         ...     torch_dtype=torch.float16,
         ... )
         >>> pipe.to("cuda")
@@ -130,37 +124,11 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
             UNet that inverts it is the one that denoises it.
     """
 
-    model_cpu_offload_seq = "text_encoder->video_text_encoder->unet->inversion_unet->video_unet->vae"
-    _optional_components = ["inversion_unet"]
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
-
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        video_unet: ModelMixin,
-        video_text_encoder: CLIPTextModel,
-        video_tokenizer: CLIPTokenizer,
-        scheduler: KarrasDiffusionSchedulers,
-        inverse_scheduler: SchedulerMixin,
-        inversion_unet: UNet2DConditionModel | None = None,
-    ):
-        super().__init__()
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            video_unet=video_unet,
-            video_text_encoder=video_text_encoder,
-            video_tokenizer=video_tokenizer,
-            scheduler=scheduler,
-            inverse_scheduler=inverse_scheduler,
-            inversion_unet=inversion_unet,
-        )
-        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor)
+    # Prompts are encoded first; the VAE then encodes the source frames, which `unet` inverts and edits.
+    model_cpu_offload_seq = "text_encoder->video_text_encoder->vae->unet->inversion_unet->video_unet"
+    _optional_components = ["inversion_unet", "inverse_scheduler"]
+    output_class = BIVDiffPrompt2PromptPipelineOutput
+    always_inverts_with_image_unet = True
 
     # ------------------------------------------------------------------ stage 0: the source video's noise
     def invert_source(
@@ -183,24 +151,6 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         same_length = len(token_ids(self.tokenizer, source_prompt)) == len(token_ids(self.tokenizer, prompt))
         return "replace" if same_length else "refine"
 
-    def image_pipeline(self) -> StableDiffusionPipeline:
-        """The stock diffusers image pipeline, built from this pipeline's own components (no copies), with a DDIM
-        scheduler so that it retraces the DDIM inversion of the source."""
-        pipe = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=DDIMScheduler.from_config(self.scheduler.config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        config = dict(getattr(self, "_progress_bar_config", {}))
-        config.setdefault("desc", "Frame-wise editing (Prompt2Prompt)")
-        pipe.set_progress_bar_config(**config)
-        return pipe
-
     def edit_frames(
         self,
         noise: torch.Tensor,
@@ -213,7 +163,7 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         guidance_scale: float,
         frame_batch_size: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage 1: Prompt2Prompt on every frame from its inverted noise (1, C, F, h, w).
+        """Prompt2Prompt on every frame of one video from its inverted noise (1, C, F, h, w).
 
         `pair_embeds` holds the (source, edited) prompt embeddings (2, L, D). Each chunk runs the stock pipeline on
         the batch [src_0, edit_0, src_1, edit_1, ...], both branches of a frame starting from the frame's noise.
@@ -221,7 +171,10 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         """
         num_frames = noise.shape[2]
         noise = fold_frames(noise)
-        pipe = self.image_pipeline()
+        # DDIM retraces the DDIM inversion of the source; its settings follow the smoothing scheduler's rule.
+        pipe = self.stock_pipeline(
+            StableDiffusionPipeline, "Frame-wise editing (Prompt2Prompt)", scheduler=ddim_sampler(self.scheduler)
+        )
         sources, edits = [], []
         with attention_control(self.unet, controller):
             for start in range(0, num_frames, frame_batch_size):
@@ -238,87 +191,109 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
                     num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale,
                     output_type="latent",
+                    cross_attention_kwargs=self.cross_attention_kwargs,
                     callback_on_step_end=controller.callback_on_step_end,
                 ).images
                 sources.append(out[0::2])
                 edits.append(out[1::2])
         return unfold_frames(torch.cat(sources), num_frames), unfold_frames(torch.cat(edits), num_frames)
 
+    def generate_frames(self, call, embeds) -> torch.Tensor:
+        """Stage 0 and 1: each video's source noise (its VAE sample inverted by the image UNet, or `latents`), then
+        Prompt2Prompt frame by frame with that video's (source, edit) prompt pair. The source-branch latents are
+        kept in `call.reconstructed`."""
+        device = self._execution_device
+        k = call.num_videos_per_prompt
+        source_embeds = self.encode_prompt(
+            call.source_prompt,
+            device,
+            k,
+            lora_scale=(call.cross_attention_kwargs or {}).get("scale"),
+            clip_skip=call.clip_skip,
+        )[0]
+        noise = call.latents
+        if noise is None:
+            pixels = self.source_pixels(call.video, call.height, call.width, call.resize_mode)
+            source = self.encode_frames(pixels, call.decode_chunk_size, call.frame_generators, call.batch_size)
+            noise = self.invert_source(source, embeds.image_cond, call.num_inference_steps, call.frame_batch_size)
+        # As the stock pipeline decides: guidance-distilled UNets (time_cond_proj_dim) run no CFG batch.
+        cfg = self.do_classifier_free_guidance and self.unet.config.time_cond_proj_dim is None
+        pairs = [p for p in zip(as_list(call.source_prompt, call.num_prompts), as_list(call.prompt, call.num_prompts))]
+        reconstructed, edited = [], []
+        for b in range(call.batch_size):
+            source_prompt, prompt = pairs[b // k]
+            controller = make_controller(
+                self.tokenizer,
+                source_prompt,
+                prompt,
+                call.edit_types[b // k],
+                call.num_inference_steps,
+                cross_replace_steps=call.cross_replace_steps,
+                self_replace_steps=call.self_replace_steps,
+                local_blend_words=call.local_blend_words,
+                local_blend_threshold=call.local_blend_threshold,
+                do_classifier_free_guidance=cfg,
+            )
+            source_latents, edit_latents = self.edit_frames(
+                noise[b : b + 1].to(device, self.unet.dtype),
+                controller,
+                torch.cat([source_embeds[b : b + 1], embeds.image[b : b + 1]]),
+                embeds.image_negative[b : b + 1],
+                call.height,
+                call.width,
+                call.num_inference_steps,
+                call.guidance_scale,
+                call.frame_batch_size,
+            )
+            reconstructed.append(source_latents)
+            edited.append(edit_latents)
+        call.reconstructed = torch.cat(reconstructed)
+        return torch.cat(edited)
+
+    def extra_outputs(self, call) -> dict:
+        if not call.return_idm_frames:
+            return {"source_frames": None}
+        return {"source_frames": self.postprocess(call.reconstructed, call.output_type, call.decode_chunk_size)}
+
     # ------------------------------------------------------------------ checks
-    def check_inputs(
-        self,
-        video,
-        source_prompt,
-        prompt,
-        video_prompt,
-        negative_prompt,
-        inversion_prompt,
-        edit_type,
-        cross_replace_steps,
-        self_replace_steps,
-        local_blend_words,
-        local_blend_threshold,
-        height,
-        width,
-        mixing_ratio,
-        num_inference_steps,
-        num_inversion_steps,
-        frame_batch_size,
-        decode_chunk_size,
-        output_type,
-        callback_on_step_end_tensor_inputs,
-    ):
-        if video is None or count_frames(video) == 0:
+    def check_inputs(self, call):
+        if call.video is None or count_frames(call.video) == 0:
             raise ValueError("`video` is required: the source frames to edit (PIL images, an array or a tensor).")
-        for name, value in (("source_prompt", source_prompt), ("prompt", prompt)):
-            if not isinstance(value, str) or not value.strip():
+        sources, prompts = as_list(call.source_prompt, call.num_prompts), as_list(call.prompt, call.num_prompts)
+        for name, values in (("source_prompt", sources), ("prompt", prompts)):
+            if not all(isinstance(v, str) and v.strip() for v in values):
                 raise ValueError(
-                    f"`{name}` must be a non-empty string: `source_prompt` describes the source video, `prompt` the "
-                    f"edited one; got {value!r}."
+                    f"`{name}` must be a non-empty string (or list of them): `source_prompt` describes the source "
+                    f"video, `prompt` the edited one; got {getattr(call, name)!r}. Prompt2Prompt aligns their tokens, "
+                    "so embeddings alone cannot replace them."
                 )
-        for name, value in (
-            ("video_prompt", video_prompt),
-            ("negative_prompt", negative_prompt),
-            ("inversion_prompt", inversion_prompt),
-        ):
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"`{name}` must be a string, got {type(value).__name__}.")
-        check_prompt2prompt_inputs(
-            self.tokenizer,
-            source_prompt,
-            prompt,
-            edit_type,
-            local_blend_words=local_blend_words,
-            cross_replace_steps=cross_replace_steps,
-            self_replace_steps=self_replace_steps,
-            local_blend_threshold=local_blend_threshold,
-        )
-        if self.unet.config.cross_attention_dim != self.text_encoder.config.hidden_size:
-            raise ValueError(
-                f"`unet` expects text embeddings of width {self.unet.config.cross_attention_dim} but `text_encoder` "
-                f"produces {self.text_encoder.config.hidden_size}."
+        call.edit_types = [self.resolve_edit_type(s, p, call.edit_type) for s, p in zip(sources, prompts)]
+        for source_prompt, prompt, edit_type in zip(sources, prompts, call.edit_types):
+            check_prompt2prompt_inputs(
+                self.tokenizer,
+                source_prompt,
+                prompt,
+                edit_type,
+                local_blend_words=call.local_blend_words,
+                cross_replace_steps=call.cross_replace_steps,
+                self_replace_steps=call.self_replace_steps,
+                local_blend_threshold=call.local_blend_threshold,
             )
-        if self.unet.config.in_channels != self.vae.config.latent_channels:
-            raise ValueError(
-                f"Prompt2Prompt needs a plain {self.vae.config.latent_channels}-channel text-to-image `unet` "
-                f"(SD-1.5), got one with {self.unet.config.in_channels} input channels."
-            )
-        self.check_call_options(frame_batch_size, decode_chunk_size, output_type, callback_on_step_end_tensor_inputs)
-        self.check_mixed_inversion_inputs(height, width, mixing_ratio, num_inference_steps, num_inversion_steps)
+        self.check_image_model((self.vae.config.latent_channels,), "a plain text-to-image UNet (SD-1.5)")
         # The source is inverted by the image UNet whatever `mixing_ratio` is.
         self.check_image_inversion_components()
 
-    # ------------------------------------------------------------------ call
     @torch.no_grad()
+    @shared_args_docstring
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         video: FrameInput | None = None,
-        source_prompt: str | None = None,
-        prompt: str | None = None,
-        video_prompt: str | None = None,
-        negative_prompt: str | None = None,
-        inversion_prompt: str | None = None,
+        source_prompt: str | list[str] | None = None,
+        prompt: str | list[str] | None = None,
+        video_prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        inversion_prompt: str | list[str] | None = None,
         edit_type: str | None = None,
         cross_replace_steps: float | tuple[float, float] = 0.4,
         self_replace_steps: float | tuple[float, float] = 0.4,
@@ -327,16 +302,25 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         mixing_ratio: float = 0.25,
         height: int | None = None,
         width: int | None = None,
+        resize_mode: str = "default",
         num_inference_steps: int = 50,
         num_inversion_steps: int | None = None,
         guidance_scale: float = 7.5,
         video_guidance_scale: float | None = None,
+        num_videos_per_prompt: int = 1,
         frame_batch_size: int = 8,
         decode_chunk_size: int = 8,
-        generator: torch.Generator | list[torch.Generator] | None = None,
+        generator: torch.Generator | list[torch.Generator] | list[list[torch.Generator]] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        video_prompt_embeds: torch.Tensor | None = None,
+        negative_video_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
         return_idm_frames: bool = True,
         return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+        clip_skip: int | None = None,
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ):
@@ -346,10 +330,10 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         Args:
             video (`list[PIL.Image.Image]`, `np.ndarray` `(F, H, W, 3)` or `torch.Tensor` `(F, 3, H, W)` in [0, 1]):
                 The source video.
-            source_prompt (`str`): Describes the source video.
-            prompt (`str`): The edited description, e.g. one word swapped or words added.
-            video_prompt (`str`, *optional*): The video model's prompt; defaults to `prompt`.
-            negative_prompt (`str`, *optional*): Used by both models; also the inversions' conditioning.
+            source_prompt (`str` or `list[str]`): Describes the source video.
+            prompt (`str` or `list[str]`): The edited description, e.g. one word swapped or words added; N
+                (source, edit) pairs give N edited videos in one call.
+            video_prompt (`str` or `list[str]`, *optional*): The video model's prompt; defaults to `prompt`.
             inversion_prompt (`str`, *optional*): Conditions the source inversion and both Mixed Inversion branches
                 instead of the negative prompt (e.g. `source_prompt`; the original inverted on `""`).
             edit_type (`str`, *optional*): `"replace"` (prompts with the same number of tokens: the edited prompt
@@ -367,129 +351,19 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
             mixing_ratio (`float`, defaults to 0.25): Weight r of the image-model inversion in
                 `r * z_T(image) + (1 - r) * z_T(video)` for the edited frames (the original's value for
                 Prompt2Prompt); r = 1 runs no video-UNet inversion, r = 0 no image-UNet one.
-            height (`int`, *optional*), width (`int`, *optional*): Output size, multiples of 8; default the source
-                frames' size rounded down to a multiple of 8.
             num_inference_steps (`int`, defaults to 50): DDIM steps of the source inversion, of the frame-wise
                 editing (the two must match for the source branch to retrace the inversion) and of smoothing.
-            num_inversion_steps (`int`, *optional*): Mixed Inversion steps; defaults to `num_inference_steps`.
-            guidance_scale (`float`, defaults to 7.5): CFG of the frame-wise editing.
-            video_guidance_scale (`float`, *optional*): CFG of smoothing; defaults to `guidance_scale`.
-            frame_batch_size (`int`, defaults to 8): Frames per image-model call (VAE encoding, inversions and
-                editing, where each frame counts twice: source and edit). The frames do not depend on it.
-            decode_chunk_size (`int`, defaults to 8): Frames per VAE decode call.
-            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): Samples the VAE posterior of the
-                source frames; without it the posterior mean is used. Nothing else is random (every DDIM runs with
-                eta 0).
-            output_type (`str`, defaults to `"np"`): `"np"`, `"pt"`, `"pil"` or `"latent"`.
+            generator: Samples the VAE posterior of the source frames; without it the posterior mean is used.
+                Nothing else is random (every DDIM runs with eta 0).
+            latents (`torch.Tensor` `(B, 4, F, h, w)`, *optional*): Stage 1's initial noise, instead of the
+                inverted source video.
             return_idm_frames (`bool`, defaults to `True`): Also decode and return the Prompt2Prompt frames and the
                 source reconstruction.
-            return_dict (`bool`, defaults to `True`): Return a [`BIVDiffPrompt2PromptPipelineOutput`] rather than
-                a tuple.
-            callback_on_step_end (`Callable`, *optional*): Called after each smoothing step as
-                `callback_on_step_end(self, step, timestep, callback_kwargs)`; may return new `latents`. The
-                frame-wise stage's step callback belongs to the attention controller.
-            callback_on_step_end_tensor_inputs (`list`): Tensors passed in `callback_kwargs`.
-
+            callback_on_step_end: The frame-wise stage's step callback belongs to the attention controller, so
+                this one is called after each smoothing step only.
         Examples:
 
         Returns:
             [`BIVDiffPrompt2PromptPipelineOutput`] or `tuple` `(frames, idm_frames, source_frames)`.
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        num_inversion_steps = num_inversion_steps or num_inference_steps
-        video_prompt = prompt if video_prompt is None else video_prompt
-        video_guidance_scale = guidance_scale if video_guidance_scale is None else video_guidance_scale
-        if video is not None and (height is None or width is None) and count_frames(video) > 0:
-            h, w = frame_size(video)
-            height, width = height or h // 8 * 8, width or w // 8 * 8
-        if isinstance(source_prompt, str) and isinstance(prompt, str):
-            edit_type = self.resolve_edit_type(source_prompt, prompt, edit_type)
-        self.check_inputs(
-            video,
-            source_prompt,
-            prompt,
-            video_prompt,
-            negative_prompt,
-            inversion_prompt,
-            edit_type,
-            cross_replace_steps,
-            self_replace_steps,
-            local_blend_words,
-            local_blend_threshold,
-            height,
-            width,
-            mixing_ratio,
-            num_inference_steps,
-            num_inversion_steps,
-            frame_batch_size,
-            decode_chunk_size,
-            output_type,
-            callback_on_step_end_tensor_inputs,
-        )
-        self.begin_call()
-        self._guidance_scale = guidance_scale
-        device = self._execution_device
-
-        # Prompts are encoded once, in one call: negative, source, edit (and the inversion prompt when given).
-        texts = [negative_prompt or "", source_prompt, prompt]
-        if inversion_prompt is not None:
-            texts.append(inversion_prompt)
-        embeds = self.encode_text(texts, self.tokenizer, self.text_encoder, device)
-        negative_embeds, pair_embeds = embeds[:1], embeds[1:3]
-        inversion_cond = embeds[3:4] if inversion_prompt is not None else negative_embeds
-
-        source_latents = self.encode_frames(video, height, width, frame_batch_size, generator)
-        noise = self.invert_source(source_latents, inversion_cond, num_inference_steps, frame_batch_size)
-
-        # As the stock pipeline decides: guidance-distilled UNets (time_cond_proj_dim) run no CFG batch.
-        cfg = self.do_classifier_free_guidance and self.unet.config.time_cond_proj_dim is None
-        controller = make_controller(
-            self.tokenizer,
-            source_prompt,
-            prompt,
-            edit_type,
-            num_inference_steps,
-            cross_replace_steps=cross_replace_steps,
-            self_replace_steps=self_replace_steps,
-            local_blend_words=local_blend_words,
-            local_blend_threshold=local_blend_threshold,
-            do_classifier_free_guidance=cfg,
-        )
-        with self.stage("frame-wise generation"):
-            reconstructed, edited = self.edit_frames(
-                noise,
-                controller,
-                pair_embeds,
-                negative_embeds,
-                height,
-                width,
-                num_inference_steps,
-                guidance_scale,
-                frame_batch_size,
-            )
-
-        video_latents = self.invert_and_smooth(
-            edited,
-            video_prompt=video_prompt,
-            negative_prompt=negative_prompt,
-            inversion_prompt=inversion_prompt,
-            mixing_ratio=mixing_ratio,
-            num_inference_steps=num_inference_steps,
-            num_inversion_steps=num_inversion_steps,
-            video_guidance_scale=video_guidance_scale,
-            frame_batch_size=frame_batch_size,
-            image_negative_embeds=negative_embeds,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
-
-        frames = self.postprocess(video_latents, output_type, decode_chunk_size)
-        idm_frames = source_frames = None
-        if return_idm_frames:
-            idm_frames = self.postprocess(edited, output_type, decode_chunk_size)
-            source_frames = self.postprocess(reconstructed, output_type, decode_chunk_size)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (frames, idm_frames, source_frames)
-        return BIVDiffPrompt2PromptPipelineOutput(frames=frames, idm_frames=idm_frames, source_frames=source_frames)
+        return self.run(locals())

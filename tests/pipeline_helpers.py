@@ -23,8 +23,15 @@ def control_video(num_frames: int = NUM_FRAMES, seed: int = 0, size: int = HEIGH
     return np.random.default_rng(seed).random((num_frames, size, size, 3)).astype(np.float32)
 
 
-def generators(num_frames: int = NUM_FRAMES, base: int = 0) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(base + i) for i in range(num_frames)]
+def generators(num_frames: int = NUM_FRAMES, base: int = 0) -> list[list[torch.Generator]]:
+    """Per-frame generators of one video, seeded base, base + 1, ...: `generator=` in its list-of-lists form."""
+    return [[torch.Generator().manual_seed(base + i) for i in range(num_frames)]]
+
+
+def stage1(pipe, **call_kwargs) -> torch.Tensor:
+    """Stage 1's clean latents (B, 4, F, h, w) of a call, read through the public API (`idm_frames` of a latent
+    output); the inversion is cut to one video-branch step because only stage 1 is looked at."""
+    return pipe(**{**call_kwargs, "mixing_ratio": 0.0, "num_inversion_steps": 1, "output_type": "latent"}).idm_frames
 
 
 @contextlib.contextmanager

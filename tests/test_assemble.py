@@ -36,7 +36,7 @@ def call(pipe):
     edges[:, 8:24, 16] = 255
     return pipe(
         prompt="a red car",
-        control_frames=[e for e in edges],
+        conditioning_frames=[e for e in edges],
         num_inference_steps=2,
         mixing_ratio=0.5,
         generator=torch.Generator().manual_seed(0),
@@ -52,8 +52,8 @@ def test_assembled_folder_loads_both_ways_with_equal_outputs(assemble, tmp_path,
 
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "BIVDiffControllablePipeline"
-    assert index["inverse_scheduler"] == ["scheduling_bivdiff_ddim_inverse", "BIVDiffDDIMInverseScheduler"]
-    assert (folder / "inverse_scheduler" / "scheduling_bivdiff_ddim_inverse.py").is_file()
+    assert index["inverse_scheduler"] == ["mixed_inversion", "BIVDiffDDIMInverseScheduler"]
+    assert (folder / "inverse_scheduler" / "mixed_inversion.py").is_file()
     assert (folder / "pipeline_bivdiff_controllable.py").is_file() and (folder / "mixed_inversion.py").is_file()
     assert index["adapter"] == ["diffusers", "T2IAdapter"] and index["controlnet"] == [None, None]
 
@@ -77,7 +77,7 @@ def test_model_card_names_task_models_licences_and_usage(assemble, tmp_path):
     assert "controllable video generation (T2I-Adapter) with VidRD" in card
     assert "Tiny random weights" in card and "noise" in card
     assert 'custom_pipeline="pipeline_bivdiff_controllable", trust_remote_code=True' in card
-    assert "control_frames=conditions" in card and "adapter_conditioning_scale=1.0" in card
+    assert "conditioning_frames=conditions" in card and "adapter_conditioning_scale=1.0" in card
     assert 'convert("L")' in card  # the canny adapter takes one channel
     assert yaml.safe_load((folder / "bivdiff_config.yaml").read_text()) == config.data
 

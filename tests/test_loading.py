@@ -31,7 +31,7 @@ def test_from_an_sd15_folder_with_video_components(sd_folder):
     inv = pipe.inverse_scheduler
     inv.set_timesteps(50)
     assert isinstance(inv, BIVDiffDDIMInverseScheduler) and inv.timesteps[0].item() == 1
-    out = pipe(prompt="a cat", control_frames=control_video(), num_inference_steps=2, generator=generators())
+    out = pipe(prompt="a cat", conditioning_frames=control_video(), num_inference_steps=2, generator=generators())
     assert out.frames.shape == (1, 3, 32, 32, 3) and np.isfinite(out.frames).all()
 
 

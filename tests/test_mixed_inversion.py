@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from pipeline_helpers import bivdiff_components, count_forward_calls
+from pipeline_helpers import bivdiff_components, count_forward_calls, generators
 
 from bivdiff import BIVDiffPipeline
 
@@ -52,7 +52,7 @@ def reference_smoothing(unet, z, cond, uncond, alphas, num_steps, guidance):
 
 @torch.no_grad()
 def test_image_branch_equals_reference_loop_with_frames_in_batch(pipe, clean_latents):
-    cond = pipe.encode_text("", pipe.tokenizer, pipe.text_encoder, "cpu")
+    cond = pipe.encode_prompt("", "cpu")[0]
     ours = pipe.invert_image_branch(clean_latents, cond, num_steps=5, frame_batch_size=2)
     alphas = pipe.scheduler.alphas_cumprod
     expected = reference_inversion(pipe.unet, clean_latents, cond, alphas, 5, fold=True)
@@ -61,7 +61,7 @@ def test_image_branch_equals_reference_loop_with_frames_in_batch(pipe, clean_lat
 
 @torch.no_grad()
 def test_video_branch_equals_reference_loop_on_whole_clip(pipe, clean_latents):
-    cond = pipe.encode_text("", pipe.video_tokenizer, pipe.video_text_encoder, "cpu")
+    cond = pipe.encode_video_prompt("", "cpu")[0]
     ours = pipe.invert_video_branch(clean_latents, cond, num_steps=5)
     expected = reference_inversion(pipe.video_unet, clean_latents, cond, pipe.scheduler.alphas_cumprod, 5, fold=False)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
@@ -69,7 +69,7 @@ def test_video_branch_equals_reference_loop_on_whole_clip(pipe, clean_latents):
 
 @torch.no_grad()
 def test_smoothing_equals_reference_ddim_cfg_loop(pipe, clean_latents):
-    neg, pos = pipe.encode_video_prompt("a cat", "blurry", "cpu")
+    pos, neg = pipe.encode_video_prompt("a cat", "cpu", negative_prompt="blurry")
     ours = pipe.temporal_smoothing(clean_latents, pos, neg, num_inference_steps=4, guidance_scale=5.0)
     expected = reference_smoothing(pipe.video_unet, clean_latents, pos, neg, pipe.scheduler.alphas_cumprod, 4, 5.0)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
@@ -77,7 +77,7 @@ def test_smoothing_equals_reference_ddim_cfg_loop(pipe, clean_latents):
 
 @torch.no_grad()
 def test_smoothing_runs_cfg_as_one_batched_call(pipe, clean_latents):
-    neg, pos = pipe.encode_video_prompt("a cat", None, "cpu")
+    pos, neg = pipe.encode_video_prompt("a cat", "cpu")
     with count_forward_calls(video_unet=pipe.video_unet) as calls:
         pipe.temporal_smoothing(clean_latents, pos, neg, num_inference_steps=4, guidance_scale=7.5)
     assert calls["video_unet"] == 4
@@ -86,8 +86,8 @@ def test_smoothing_runs_cfg_as_one_batched_call(pipe, clean_latents):
 @pytest.mark.parametrize("ratio, image_calls, video_calls", [(0.0, 0, 4), (0.5, 8, 4), (1.0, 8, 0)])
 @torch.no_grad()
 def test_branches_run_only_when_weighted(pipe, clean_latents, ratio, image_calls, video_calls):
-    img = pipe.encode_text("", pipe.tokenizer, pipe.text_encoder, "cpu")
-    vid = pipe.encode_text("", pipe.video_tokenizer, pipe.video_text_encoder, "cpu")
+    img = pipe.encode_prompt("", "cpu")[0]
+    vid = pipe.encode_video_prompt("", "cpu")[0]
     with count_forward_calls(unet=pipe.unet, video_unet=pipe.video_unet) as calls:
         pipe.mixed_inversion(clean_latents, ratio, 4, frame_batch_size=2, image_cond=img, video_cond=vid)
     # 3 frames in chunks of 2 -> 2 image-UNet calls per step.
@@ -96,8 +96,8 @@ def test_branches_run_only_when_weighted(pipe, clean_latents, ratio, image_calls
 
 @torch.no_grad()
 def test_mix_is_linear_without_renormalisation(pipe, clean_latents):
-    img = pipe.encode_text("", pipe.tokenizer, pipe.text_encoder, "cpu")
-    vid = pipe.encode_text("", pipe.video_tokenizer, pipe.video_text_encoder, "cpu")
+    img = pipe.encode_prompt("", "cpu")[0]
+    vid = pipe.encode_video_prompt("", "cpu")[0]
     z_img = pipe.invert_image_branch(clean_latents, img, 3, 8)
     z_vid = pipe.invert_video_branch(clean_latents, vid, 3)
     mixed = pipe.mixed_inversion(clean_latents, 0.3, 3, 8, img, vid)
@@ -111,7 +111,7 @@ def test_invert_then_denoise_reconstructs_and_error_shrinks_with_steps(clean_lat
     # A gentler random UNet keeps the noise prediction in the range a trained model has.
     pipe.video_unet.conv_out.weight.mul_(0.1)
     pipe.video_unet.conv_out.bias.mul_(0.1)
-    neg, _ = pipe.encode_video_prompt("", None, "cpu")
+    neg = pipe.encode_video_prompt("", "cpu")[0]
     errors = []
     for steps in (10, 25, 50, 100):
         noise = pipe.invert_video_branch(clean_latents, neg, steps)
@@ -124,12 +124,14 @@ def test_invert_then_denoise_reconstructs_and_error_shrinks_with_steps(clean_lat
 @torch.no_grad()
 def test_vae_encoding_uses_posterior_mean_without_generator(pipe):
     frames = torch.rand(3, 3, 32, 32)
-    a = pipe.encode_frames(frames, 32, 32, chunk_size=2)
-    b = pipe.encode_frames(frames, 32, 32, chunk_size=3)
+    a = pipe.encode_frames(pipe.source_pixels(frames, 32, 32), chunk_size=2)
+    b = pipe.encode_frames(pipe.source_pixels(frames, 32, 32), chunk_size=3)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     expected = pipe.vae.encode(frames * 2 - 1).latent_dist.mode() * pipe.vae.config.scaling_factor
     torch.testing.assert_close(a[0].permute(1, 0, 2, 3), expected, atol=1e-5, rtol=0)
-    sampled = pipe.encode_frames(frames, 32, 32, chunk_size=2, generator=torch.Generator().manual_seed(0))
+    sampled = pipe.encode_frames(
+        pipe.source_pixels(frames, 32, 32), chunk_size=2, generators=generators(3)
+    )
     assert not torch.allclose(sampled, a)
 
 
@@ -144,3 +146,54 @@ def test_smoothing_never_clips_latents_whatever_the_stage1_sampler():
     assert smoothing.config.clip_sample is False and smoothing.config.set_alpha_to_one is False
     assert smoothing.config.steps_offset == 1
     torch.testing.assert_close(smoothing.alphas_cumprod, pipe.inverse_scheduler.alphas_cumprod)
+
+
+def test_fold_and_unfold_keep_each_video_and_frame_in_place():
+    from bivdiff.pipelines.mixed_inversion import fold_frames, unfold_frames
+
+    videos = torch.randn(2, 4, 3, 5, 6, generator=torch.Generator().manual_seed(0))
+    folded = fold_frames(videos)
+    assert folded.shape == (6, 4, 5, 6)
+    for i in range(6):
+        assert folded[i].equal(videos[i // 3, :, i % 3])
+    assert unfold_frames(folded, 3).equal(videos)
+
+
+@torch.no_grad()
+def test_decoding_divides_by_the_scaling_factor_in_chunks(pipe):
+    latents = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    ours = pipe.decode_latents(latents, chunk_size=2)
+    for b in range(2):
+        for f in range(3):
+            expected = pipe.vae.decode(latents[b : b + 1, :, f] / pipe.vae.config.scaling_factor).sample[0]
+            torch.testing.assert_close(ours[b, :, f], expected, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_inversion_state_stays_fp32_between_steps_with_a_half_precision_unet():
+    pipe = BIVDiffPipeline(**bivdiff_components())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.to(torch.bfloat16)
+    pipe.video_unet.to(torch.bfloat16)
+    seen = []
+    step = pipe.inverse_scheduler.step
+    pipe.inverse_scheduler.step = lambda eps, t, z, **kw: seen.append(z.dtype) or step(eps, t, z, **kw)
+    latents = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = torch.zeros(1, 77, 32, dtype=torch.bfloat16)
+    image = pipe.invert_image_branch(latents, cond, 3, 8)
+    video = pipe.invert_video_branch(latents, torch.zeros(1, 77, 24), 3)
+    assert seen and set(seen) == {torch.float32}
+    assert image.dtype == video.dtype == torch.float32
+
+
+@torch.no_grad()
+def test_image_inversion_runs_one_clip_per_seam_call(pipe):
+    latents = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    shapes = []
+    seam = pipe.image_inversion_noise
+    pipe.image_inversion_noise = lambda frames, *a: shapes.append(tuple(frames.shape)) or seam(frames, *a)
+    try:
+        pipe.invert_image_branch(latents, pipe.encode_prompt(["", ""], "cpu")[0], 2, 8)
+    finally:
+        del pipe.image_inversion_noise
+    assert shapes == [(3, 4, 8, 8)] * 4

@@ -5,7 +5,7 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import MultiAdapter, StableDiffusionAdapterPipeline
-from pipeline_helpers import HEIGHT, NUM_FRAMES, WIDTH, bivdiff_components, control_video, generators
+from pipeline_helpers import HEIGHT, NUM_FRAMES, WIDTH, bivdiff_components, control_video, generators, stage1
 
 from bivdiff import BIVDiffControllablePipeline
 from bivdiff.tiny_models import tiny_adapter
@@ -29,8 +29,10 @@ def pipe():
 @torch.no_grad()
 def test_batched_stage1_equals_stock_adapter_pipeline_per_frame(pipe):
     frames = pil_frames()
-    neg, pos = pipe.encode_image_prompt("a red car", None, "cpu")
-    ours = pipe.generate_frames([frames], pos, neg, HEIGHT, WIDTH, 3, 7.5, 1.0, 2, generators(), None, None)
+    ours = stage1(
+        pipe, prompt="a red car", conditioning_frames=frames, num_inference_steps=3, frame_batch_size=2,
+        generator=generators(),
+    )  # fmt: skip
     stock = StableDiffusionAdapterPipeline(
         **{k: getattr(pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "adapter", "scheduler")},
         safety_checker=None,
@@ -53,10 +55,10 @@ def test_batched_stage1_equals_stock_adapter_pipeline_per_frame(pipe):
 def test_condition_arrays_are_read_in_zero_one_like_images(pipe):
     frames = pil_frames()
     as_array = np.stack([np.asarray(f) for f in frames]).astype(np.float32) / 255.0
-    neg, pos = pipe.encode_image_prompt("a red car", None, "cpu")
-    run = lambda video: pipe.generate_frames(
-        [video], pos, neg, HEIGHT, WIDTH, 2, 7.5, 1.0, 3, generators(), None, None
-    )  # noqa: E731
+    run = lambda video: stage1(  # noqa: E731
+        pipe, prompt="a red car", conditioning_frames=video, num_inference_steps=2, frame_batch_size=3,
+        generator=generators(),
+    )  # fmt: skip
     torch.testing.assert_close(run(frames), run(list(as_array)), atol=1e-5, rtol=0)
     # A [-1, 1] condition (the original's mistake) must give something else.
     assert not torch.allclose(run(frames), run(list(as_array * 2 - 1)), atol=1e-3)
@@ -64,7 +66,7 @@ def test_condition_arrays_are_read_in_zero_one_like_images(pipe):
 
 def test_single_channel_canny_condition():
     pipe = make_pipe(adapter=tiny_adapter(in_channels=1))
-    out = pipe(prompt="a car", control_frames=pil_frames(mode="L"), num_inference_steps=2, generator=generators())
+    out = pipe(prompt="a car", conditioning_frames=pil_frames(mode="L"), num_inference_steps=2, generator=generators())
     assert out.frames.shape == (1, NUM_FRAMES, HEIGHT, WIDTH, 3)
 
 
@@ -73,7 +75,7 @@ def test_multi_adapter_end_to_end():
     assert isinstance(pipe.adapter, MultiAdapter)
     out = pipe(
         prompt="a car",
-        control_frames=[pil_frames(1), pil_frames(2)],
+        conditioning_frames=[pil_frames(1), pil_frames(2)],
         adapter_conditioning_scale=[1.0, 0.5],
         num_inference_steps=2,
         mixing_ratio=0.5,
@@ -87,4 +89,4 @@ def test_controlnet_and_adapter_together_are_refused():
 
     pipe = make_pipe(controlnet=tiny_controlnet())
     with pytest.raises(ValueError, match="got both"):
-        pipe(prompt="a car", control_frames=pil_frames(), num_inference_steps=2)
+        pipe(prompt="a car", conditioning_frames=pil_frames(), num_inference_steps=2)

@@ -17,6 +17,7 @@ from pipeline_helpers import (
     count_forward_calls,
     generators,
     pipeline_file,
+    stage1,
 )
 
 from bivdiff import BIVDiffControllablePipeline, BIVDiffDDIMInverseScheduler
@@ -34,7 +35,7 @@ def make_pipe(**overrides):
 def inputs(**overrides):
     args = dict(
         prompt="a red car",
-        control_frames=control_video(),
+        conditioning_frames=control_video(),
         num_inference_steps=2,
         mixing_ratio=0.5,
         generator=generators(),
@@ -53,10 +54,10 @@ def pipe():
 @pytest.mark.parametrize("frame_batch_size", [1, 2, 8])
 def test_batched_stage1_equals_stock_pipeline_per_frame(pipe, frame_batch_size):
     frames = control_video()
-    neg, pos = pipe.encode_image_prompt("a red car", "ugly", "cpu")
-    ours = pipe.generate_frames(
-        [list(frames)], pos, neg, HEIGHT, WIDTH, 3, 7.5, 1.0, frame_batch_size, generators(), None, None
-    )
+    ours = stage1(
+        pipe, prompt="a red car", negative_prompt="ugly", conditioning_frames=frames, num_inference_steps=3,
+        frame_batch_size=frame_batch_size, generator=generators(),
+    )  # fmt: skip
     stock = StableDiffusionControlNetPipeline(
         **{k: getattr(pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "controlnet", "scheduler")},
         safety_checker=None,
@@ -138,7 +139,7 @@ def test_save_load_restores_every_component_and_output(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["inverse_scheduler"] == [
-        "bivdiff.schedulers.scheduling_bivdiff_ddim_inverse",
+        "bivdiff.pipelines.mixed_inversion",
         "BIVDiffDDIMInverseScheduler",
     ]
     assert index["inversion_unet"] == [None, None] and index["adapter"] == [None, None]
@@ -166,7 +167,7 @@ def test_multi_controlnet_takes_one_video_per_net():
     assert isinstance(pipe.controlnet, MultiControlNetModel)
     out = pipe(
         **inputs(
-            control_frames=[control_video(seed=1), control_video(seed=2)], controlnet_conditioning_scale=[1.0, 0.5]
+            conditioning_frames=[control_video(seed=1), control_video(seed=2)], controlnet_conditioning_scale=[1.0, 0.5]
         )
     )
     assert out.frames.shape == (1, NUM_FRAMES, HEIGHT, WIDTH, 3)
@@ -240,8 +241,45 @@ def test_bfloat16_run_stays_close_to_float32():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="model CPU offload needs an accelerator")
 def test_model_cpu_offload_gives_the_same_video():
     pipe = make_pipe().to("cuda")
-    reference = pipe(**inputs(generator=[torch.Generator("cuda").manual_seed(i) for i in range(NUM_FRAMES)])).frames
+    reference = pipe(**inputs(generator=[[torch.Generator("cuda").manual_seed(i) for i in range(NUM_FRAMES)]])).frames
     pipe = make_pipe()
     pipe.enable_model_cpu_offload()
-    out = pipe(**inputs(generator=[torch.Generator("cuda").manual_seed(i) for i in range(NUM_FRAMES)])).frames
+    out = pipe(**inputs(generator=[[torch.Generator("cuda").manual_seed(i) for i in range(NUM_FRAMES)]])).frames
     np.testing.assert_allclose(out, reference, atol=1e-4)
+
+
+@torch.no_grad()
+def test_each_frames_noise_follows_its_documented_derivation(pipe):
+    # Independently of the pipeline: F seeds drawn from the video's generator, one randn per frame from each seed.
+    seeds = torch.randint(0, 2**62, (NUM_FRAMES,), generator=torch.Generator().manual_seed(5)).tolist()
+    noise = torch.stack(
+        [torch.randn(1, 4, HEIGHT // 2, WIDTH // 2, generator=torch.Generator().manual_seed(s))[0] for s in seeds],
+        dim=1,
+    )[None]
+    for a in range(NUM_FRAMES):
+        for b in range(a + 1, NUM_FRAMES):
+            assert not torch.allclose(noise[:, :, a], noise[:, :, b])
+    from_generator = stage1(pipe, **inputs(generator=torch.Generator().manual_seed(5)))
+    from_noise = stage1(pipe, **inputs(generator=None, latents=noise))
+    torch.testing.assert_close(from_generator, from_noise, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_a_lora_changes_stage1_and_unloading_restores_it(tmp_path):
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = make_pipe()
+    before = stage1(pipe, **inputs(generator=torch.Generator().manual_seed(0)))
+    # A LoRA trained elsewhere, saved in diffusers' format; random B matrices so that it changes the UNet.
+    donor = make_pipe().unet
+    donor.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    BIVDiffControllablePipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(donor))
+
+    pipe.load_lora_weights(tmp_path)
+    with_lora = stage1(pipe, **inputs(generator=torch.Generator().manual_seed(0)))
+    assert not torch.allclose(with_lora, before, atol=1e-4)
+    pipe.unload_lora_weights()
+    after = stage1(pipe, **inputs(generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)

@@ -6,6 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from bivdiff.pipelines.pipeline_bivdiff_inpaint import feather_mask, mask_frames, outpaint_mask
 from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline
 from pipeline_helpers import (
     HEIGHT,
@@ -17,10 +18,10 @@ from pipeline_helpers import (
     count_forward_calls,
     generators,
     pipeline_file,
+    stage1,
 )
 
 from bivdiff import BIVDiffDDIMInverseScheduler, BIVDiffInpaintPipeline
-from bivdiff.pipelines.pipeline_bivdiff_inpaint import feather_mask, mask_frames, outpaint_mask
 from bivdiff.tiny_models import tiny_unet
 
 PIPELINE_FILE = pipeline_file("pipeline_bivdiff_inpaint.py")
@@ -146,20 +147,10 @@ def test_feathered_weights_ramp_outside_the_mask_only():
 @pytest.mark.parametrize("frame_batch_size", [1, 2, 8])
 def test_batched_stage1_equals_stock_pipeline_per_frame(pipe, frame_batch_size):
     frames, masks = control_video(), mask_video() * 0.4 + 0.3  # soft masks: 0.3 keeps, 0.7 regenerates
-    neg, pos = pipe.encode_image_prompt("", "ugly", "cpu")
-    ours = pipe.generate_frames(
-        pipe.source_pixels(frames, HEIGHT, WIDTH),
-        mask_frames(masks, NUM_FRAMES),
-        pos,
-        neg,
-        HEIGHT,
-        WIDTH,
-        3,
-        7.5,
-        frame_batch_size,
-        generators(),
-        None,
-    )
+    ours = stage1(
+        pipe, video=frames, mask=masks, prompt="", negative_prompt="ugly", num_inference_steps=3,
+        frame_batch_size=frame_batch_size, generator=generators(),
+    )  # fmt: skip
     stock = StableDiffusionInpaintPipeline(
         **{k: getattr(pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
         safety_checker=None,
@@ -183,21 +174,8 @@ def test_batched_stage1_equals_stock_pipeline_per_frame(pipe, frame_batch_size):
 
 def test_outpainting_runs_the_stock_pipeline_on_the_band_mask(pipe):
     out = pipe(**inputs(mask=None, outpaint="vertical", output_type="latent"))
-    neg, pos = pipe.encode_image_prompt("", None, "cpu")
-    band = [torch.from_numpy(outpaint_mask(HEIGHT, WIDTH, "vertical"))[None]] * NUM_FRAMES
-    idm = pipe.generate_frames(
-        pipe.source_pixels(control_video(), HEIGHT, WIDTH),
-        band,
-        pos,
-        neg,
-        HEIGHT,
-        WIDTH,
-        2,
-        7.5,
-        8,
-        generators(),
-        None,
-    )
+    band = np.stack([outpaint_mask(HEIGHT, WIDTH, "vertical")] * NUM_FRAMES)
+    idm = stage1(pipe, **{k: v for k, v in inputs(mask=band).items() if k != "output_type"})
     torch.testing.assert_close(out.idm_frames, idm, atol=1e-5, rtol=0)
 
 
@@ -273,7 +251,7 @@ def test_save_load_restores_every_component_and_output(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["inverse_scheduler"] == [
-        "bivdiff.schedulers.scheduling_bivdiff_ddim_inverse",
+        "bivdiff.pipelines.mixed_inversion",
         "BIVDiffDDIMInverseScheduler",
     ]
     assert index["inversion_unet"] == ["diffusers", "UNet2DConditionModel"]

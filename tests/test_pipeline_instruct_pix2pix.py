@@ -17,6 +17,7 @@ from pipeline_helpers import (
     count_forward_calls,
     generators,
     pipeline_file,
+    stage1,
 )
 
 from bivdiff import BIVDiffDDIMInverseScheduler, BIVDiffInstructPix2PixPipeline
@@ -56,10 +57,10 @@ def pipe():
 @pytest.mark.parametrize("frame_batch_size", [1, 2, 8])
 def test_batched_stage1_equals_stock_pipeline_per_frame(pipe, frame_batch_size):
     frames = control_video()
-    neg, pos = pipe.encode_image_prompt("make it red", "ugly", "cpu")
-    ours = pipe.generate_frames(
-        pipe.source_pixels(frames, HEIGHT, WIDTH), pos, neg, 3, 7.5, 1.5, frame_batch_size, generators(), None
-    )
+    ours = stage1(
+        pipe, video=frames, prompt="make it red", video_prompt="a red video", negative_prompt="ugly",
+        num_inference_steps=3, frame_batch_size=frame_batch_size, generator=generators(),
+    )  # fmt: skip
     stock = StableDiffusionInstructPix2PixPipeline(
         **{k: getattr(pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
         safety_checker=None,
@@ -154,7 +155,7 @@ def test_save_load_restores_every_component_and_output(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["inverse_scheduler"] == [
-        "bivdiff.schedulers.scheduling_bivdiff_ddim_inverse",
+        "bivdiff.pipelines.mixed_inversion",
         "BIVDiffDDIMInverseScheduler",
     ]
     assert index["inversion_unet"] == ["diffusers", "UNet2DConditionModel"]

@@ -8,6 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 import torch
+from bivdiff.pipelines.prompt2prompt_control import P2PAttnProcessor, make_controller
 from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from pipeline_helpers import (
     HEIGHT,
@@ -21,7 +22,6 @@ from pipeline_helpers import (
 )
 
 from bivdiff import BIVDiffDDIMInverseScheduler, BIVDiffPrompt2PromptPipeline, BIVDiffPrompt2PromptPipelineOutput
-from bivdiff.pipelines.prompt2prompt_control import P2PAttnProcessor, make_controller
 
 PIPELINE_FILE = pipeline_file("pipeline_bivdiff_prompt2prompt.py")
 STEPS = 2
@@ -69,8 +69,8 @@ def stock_ddim_pipeline(pipe):
 @torch.no_grad()
 def source_noise(pipe):
     """The source video's inverted noise, as the pipeline makes it: posterior mean, image UNet on the "" prompt."""
-    latents = pipe.encode_frames(control_video(), HEIGHT, WIDTH, NUM_FRAMES)
-    cond = pipe.encode_text("", pipe.tokenizer, pipe.text_encoder, "cpu")
+    latents = pipe.encode_frames(pipe.source_pixels(control_video(), HEIGHT, WIDTH), NUM_FRAMES)
+    cond = pipe.encode_prompt("", "cpu")[0]
     return pipe.invert_source(latents, cond, STEPS, NUM_FRAMES)
 
 
@@ -111,11 +111,13 @@ def test_without_attention_edits_the_edit_branch_is_the_stock_pipeline_on_the_ed
 @pytest.mark.parametrize("frame_batch_size", [1, 2])
 def test_stage1_batched_equals_per_frame(pipe, frame_batch_size):
     noise = source_noise(pipe)
-    embeds = pipe.encode_text(["", SOURCE, EDIT], pipe.tokenizer, pipe.text_encoder, "cpu")
+    (source, edit), (negative, _) = pipe.encode_prompt([SOURCE, EDIT], "cpu")
 
     def stage1(chunk):
         controller = make_controller(pipe.tokenizer, SOURCE, EDIT, "replace", STEPS, local_blend_words=("cat", "dog"))
-        return pipe.edit_frames(noise, controller, embeds[1:3], embeds[:1], HEIGHT, WIDTH, STEPS, 7.5, chunk)
+        return pipe.edit_frames(
+            noise, controller, torch.stack([source, edit]), negative[None], HEIGHT, WIDTH, STEPS, 7.5, chunk
+        )
 
     (src_all, edit_all), (src, edit) = stage1(NUM_FRAMES), stage1(frame_batch_size)
     assert (edit - edit_all).abs().max().item() <= 1e-5 and (src - src_all).abs().max().item() <= 1e-5
@@ -193,7 +195,7 @@ def test_save_load_restores_every_component_and_output(pipe, edited, tmp_path):
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["inverse_scheduler"] == [
-        "bivdiff.schedulers.scheduling_bivdiff_ddim_inverse",
+        "bivdiff.pipelines.mixed_inversion",
         "BIVDiffDDIMInverseScheduler",
     ]
     assert index["inversion_unet"] == [None, None]
@@ -258,3 +260,23 @@ def test_bad_input_fails_before_any_model_runs(pipe, overrides, message):
         with pytest.raises(ValueError, match=message):
             pipe(**inputs(**overrides))
     assert sum(calls.values()) == 0
+
+
+def test_stage1_ddim_from_another_samplers_config_neither_clips_nor_sets_alpha_to_one():
+    from diffusers import PNDMScheduler
+
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    pipe = BIVDiffPrompt2PromptPipeline(**bivdiff_components(scheduler=scheduler))
+    pipe.set_progress_bar_config(disable=True)
+    built = []
+    stock = pipe.stock_pipeline
+
+    def spy(*args, **kwargs):
+        if "scheduler" in kwargs:
+            built.append(kwargs["scheduler"])
+        return stock(*args, **kwargs)
+
+    pipe.stock_pipeline = spy
+    pipe(**inputs(mixing_ratio=1.0, return_idm_frames=False))
+    assert len(built) == 1
+    assert not built[0].config.clip_sample and not built[0].config.set_alpha_to_one

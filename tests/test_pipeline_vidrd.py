@@ -24,7 +24,7 @@ def pipe():
 def inputs():
     return dict(
         prompt="a red car",
-        control_frames=control_video(),
+        conditioning_frames=control_video(),
         num_inference_steps=2,
         mixing_ratio=0.5,
         generator=generators(),
@@ -57,7 +57,7 @@ def test_saved_pipeline_names_the_vidrd_class_and_reloads_it(pipe, tmp_path, mod
 @torch.no_grad()
 def test_vidrd_inversion_uses_the_whole_clip(pipe):
     latents = torch.randn(1, 4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    cond = pipe.encode_text("", pipe.video_tokenizer, pipe.video_text_encoder, "cpu")
+    cond = pipe.encode_video_prompt("", "cpu")[0]
     whole = pipe.invert_video_branch(latents, cond, 2)
     # Temporal layers couple the frames: inverting frame 0 alone gives something else.
     alone = pipe.invert_video_branch(latents[:, :, :1], cond, 2)

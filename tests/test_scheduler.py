@@ -86,3 +86,18 @@ def test_save_and_reload(tmp_path, scheduler):
     public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
     assert public(again.config) == public(scheduler.config)
     torch.testing.assert_close(again.alphas_cumprod, scheduler.alphas_cumprod)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", [1, 10, 50])
+def test_every_step_moves_towards_noise_along_the_given_timesteps(spacing, steps):
+    scheduler = BIVDiffDDIMInverseScheduler(**{**sd15_scheduler_config(), "timestep_spacing": spacing})
+    assert scheduler.timesteps[0] < scheduler.timesteps[-1]  # ascending before set_timesteps too
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps.tolist()
+    assert timesteps == sorted(timesteps)
+    for i, t in enumerate(timesteps):
+        following = scheduler.next_timestep(t)
+        assert following >= t
+        if i + 1 < len(timesteps):
+            assert following == timesteps[i + 1]

@@ -57,7 +57,7 @@ def test_windowed_smoothing_equals_whole_clip_for_a_framewise_model_and_bounds_t
     pipe.set_progress_bar_config(disable=True)
     pipe.register_modules(video_unet=FrameWiseVideoUNet(pipe.video_unet.config))
     latents = torch.randn(1, 4, 10, 8, 8, generator=torch.Generator().manual_seed(0))
-    neg, pos = pipe.encode_video_prompt("a cat", None, "cpu")
+    pos, neg = pipe.encode_video_prompt("a cat", "cpu")
     whole = pipe.temporal_smoothing(latents, pos, neg, 3, 7.5)
     pipe.enable_video_windows(size=4, overlap=2)
     widths = []
@@ -72,7 +72,7 @@ def test_windowed_inversion_runs_one_call_per_window_with_the_real_video_unet():
     pipe = BIVDiffPipeline(**bivdiff_components())
     pipe.set_progress_bar_config(disable=True)
     latents = torch.randn(1, 4, 6, 8, 8, generator=torch.Generator().manual_seed(0))
-    cond = pipe.encode_text("", pipe.video_tokenizer, pipe.video_text_encoder, "cpu")
+    cond = pipe.encode_video_prompt("", "cpu")[0]
     pipe.enable_video_windows(size=4, overlap=2)
     with count_forward_calls(video_unet=pipe.video_unet) as calls:
         windowed = pipe.invert_video_branch(latents, cond, 2)

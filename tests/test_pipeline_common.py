@@ -1,0 +1,253 @@
+"""What every BIVDiff pipeline must do as a diffusers pipeline, checked on each one (in the spirit of diffusers'
+PipelineTesterMixin): save/load, optional components, dict vs tuple, batches of prompts and videos, encode_prompt,
+callbacks, dtype, progress bars, early refusals and the CPU-offload order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from pipeline_helpers import all_models, bivdiff_components, control_video, count_forward_calls
+
+from bivdiff import (
+    BIVDiffControllablePipeline,
+    BIVDiffDDIMInverseScheduler,
+    BIVDiffInpaintPipeline,
+    BIVDiffInstructPix2PixPipeline,
+    BIVDiffPipeline,
+    BIVDiffPrompt2PromptPipeline,
+)
+from bivdiff.tiny_models import tiny_controlnet, tiny_unet
+
+
+def mask_video() -> np.ndarray:
+    mask = np.zeros((3, 32, 32), dtype=np.float32)
+    mask[:, 8:24, 8:24] = 1.0
+    return mask
+
+
+# name -> (class, extra components, call inputs, per-video inputs that take one entry per prompt)
+CASES = {
+    "bivdiff": (BIVDiffPipeline, {}, dict(video=control_video(), mixing_ratio=0.5), {"prompt": ["a dog", "a cat"]}),
+    "controllable": (
+        BIVDiffControllablePipeline,
+        dict(controlnet=tiny_controlnet()),
+        dict(conditioning_frames=control_video(), mixing_ratio=0.5),
+        {"prompt": ["a red car", "a blue boat"]},
+    ),
+    "instruct_pix2pix": (
+        BIVDiffInstructPix2PixPipeline,
+        dict(unet=tiny_unet(8), inversion_unet=tiny_unet()),
+        dict(video=control_video(), mixing_ratio=0.5),
+        {"prompt": ["make it red", "make it blue"], "video_prompt": ["a red car", "a blue car"]},
+    ),
+    "inpaint": (
+        BIVDiffInpaintPipeline,
+        dict(unet=tiny_unet(9), inversion_unet=tiny_unet()),
+        dict(video=control_video(), mask=mask_video(), mixing_ratio=0.5),
+        {"prompt": ["a cat", "a dog"]},
+    ),
+    "prompt2prompt": (
+        BIVDiffPrompt2PromptPipeline,
+        {},
+        dict(video=control_video(), cross_replace_steps=0.5, self_replace_steps=0.5),
+        {"source_prompt": ["a cat sits", "a dog runs"], "prompt": ["a dog sits", "a cat runs"]},
+    ),
+}
+NAMES = list(CASES)
+# Prompt2Prompt's stage 1 is deterministic (DDIM from the inverted source): its generator samples the VAE posterior.
+
+
+def make_pipe(name, **overrides):
+    cls, extra, _, _ = CASES[name]
+    pipe = cls(**bivdiff_components(**{**extra, **overrides}))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def inputs(name, video_index=0, **overrides):
+    """Call inputs for one video: entry `video_index` of each per-video list."""
+    _, _, args, per_video = CASES[name]
+    args = dict(args, num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0))
+    args.update({key: values[video_index] for key, values in per_video.items()})
+    args.update(overrides)
+    return args
+
+
+def batch_inputs(name, **overrides):
+    _, _, args, per_video = CASES[name]
+    return {**inputs(name), **per_video, **overrides}
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def case(request):
+    return request.param, make_pipe(request.param)
+
+
+def seeded(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+@torch.no_grad()
+def test_dict_and_tuple_outputs_agree(case):
+    name, pipe = case
+    as_dict = pipe(**inputs(name))
+    as_tuple = pipe(**inputs(name), return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(type(as_dict).__dataclass_fields__)
+    torch.testing.assert_close(as_tuple[0], as_dict.frames, atol=0, rtol=0)
+    assert as_dict.frames.shape == (1, 4, 3, 16, 16)
+
+
+@torch.no_grad()
+def test_a_list_of_two_prompts_equals_two_single_calls_with_matching_generators(case):
+    name, pipe = case
+    batched = pipe(**batch_inputs(name, generator=seeded(1, 2))).frames
+    singles = [pipe(**inputs(name, i, generator=torch.Generator().manual_seed(s))).frames for i, s in ((0, 1), (1, 2))]
+    assert batched.shape[0] == 2
+    torch.testing.assert_close(batched, torch.cat(singles), atol=1e-4, rtol=0)
+    assert not torch.allclose(batched[0], batched[1], atol=1e-3)
+
+
+@torch.no_grad()
+def test_num_videos_per_prompt_gives_one_video_per_generator(case):
+    name, pipe = case
+    out = pipe(**inputs(name, num_videos_per_prompt=2, generator=seeded(3, 4))).frames
+    singles = [pipe(**inputs(name, generator=torch.Generator().manual_seed(s))).frames for s in (3, 4)]
+    torch.testing.assert_close(out, torch.cat(singles), atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_encode_prompt_is_the_stock_pipelines_and_embeddings_replace_prompts(case):
+    name, pipe = case
+    stock = StableDiffusionPipeline(
+        vae=None,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=None,
+        scheduler=pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    ours = pipe.encode_prompt(["a cat", "a dog"], "cpu", 2, "ugly")
+    expected = stock.encode_prompt(["a cat", "a dog"], "cpu", 2, True, ["ugly", "ugly"])
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert ours[0].shape[0] == 4
+
+    if name in ("bivdiff", "prompt2prompt"):
+        return  # BIVDiffPipeline's prompt is the video model's; Prompt2Prompt needs the words to align
+    args = inputs(name)
+    embeds, negative = pipe.encode_prompt(args["prompt"], "cpu")
+    video_prompt = args.get("video_prompt", args["prompt"])
+    video_embeds, video_negative = pipe.encode_video_prompt(video_prompt, "cpu")
+    with_embeds = {k: v for k, v in args.items() if k not in ("prompt", "video_prompt")}
+    out = pipe(
+        **with_embeds,
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative,
+        video_prompt_embeds=video_embeds,
+        negative_video_prompt_embeds=video_negative,
+    ).frames
+    torch.testing.assert_close(out, pipe(**inputs(name)).frames, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_a_callback_changing_the_guidance_scale_takes_effect(case):
+    name, pipe = case
+
+    def set_guidance(value):
+        def callback(pipeline, step, timestep, callback_kwargs):
+            pipeline._guidance_scale = value
+            return callback_kwargs
+
+        return callback
+
+    plain = pipe(**inputs(name)).frames
+    unchanged = pipe(**inputs(name, callback_on_step_end=set_guidance(7.5))).frames
+    changed = pipe(**inputs(name, callback_on_step_end=set_guidance(1.0))).frames
+    torch.testing.assert_close(unchanged, plain, atol=0, rtol=0)
+    assert not torch.allclose(changed, plain, atol=1e-4)
+
+
+@torch.no_grad()
+def test_saved_pipeline_reloads_without_the_optional_inverse_scheduler(case, tmp_path):
+    name, pipe = case
+    expected = pipe(**inputs(name)).frames
+    pipe.save_pretrained(tmp_path / "full")
+    reloaded = type(pipe).from_pretrained(tmp_path / "full")
+    reloaded.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(reloaded(**inputs(name)).frames, expected, atol=1e-5, rtol=0)
+
+    # Without `inverse_scheduler` the pipeline builds the original's step from `scheduler.config`.
+    bare = make_pipe(name, inverse_scheduler=None)
+    bare.save_pretrained(tmp_path / "bare")
+    loaded = type(pipe).from_pretrained(tmp_path / "bare")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.inverse_scheduler is None
+    assert isinstance(loaded.inversion_scheduler, BIVDiffDDIMInverseScheduler)
+    torch.testing.assert_close(loaded(**inputs(name)).frames, expected, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_to_dtype_moves_every_model_and_still_runs(case):
+    name, _ = case
+    pipe = make_pipe(name).to(torch.bfloat16)
+    assert {m.dtype for m in all_models(pipe).values()} == {torch.bfloat16}
+    out = pipe(**inputs(name)).frames
+    assert torch.isfinite(out.float()).all()
+
+
+@torch.no_grad()
+def test_progress_bar_config_silences_every_stage(case, capsys):
+    name, pipe = case
+    pipe.set_progress_bar_config(disable=False)
+    pipe(**inputs(name))
+    assert "Temporal smoothing" in capsys.readouterr().err
+    pipe.set_progress_bar_config(disable=True)
+    pipe(**inputs(name))
+    assert "%|" not in capsys.readouterr().err  # no tqdm bar at all
+
+
+BAD_OPTIONS = [
+    (dict(num_inversion_steps=0), "num_inversion_steps"),
+    (dict(num_inference_steps=0), "num_inference_steps"),
+    (dict(frame_batch_size=0), "frame_batch_size"),
+    (dict(decode_chunk_size=0), "decode_chunk_size"),
+    (dict(num_videos_per_prompt=0), "num_videos_per_prompt"),
+    (dict(generator=seeded(0, 1, 2)), "one per video"),
+    (dict(generator=[seeded(0, 1)]), "one per frame"),
+    (dict(output_type="jpg"), "output_type"),
+    (dict(resize_mode="stretch"), "resize_mode"),
+    (dict(mixing_ratio=2.0), "mixing_ratio"),
+    (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_OPTIONS)
+def test_bad_call_options_are_refused_before_any_model_runs(case, overrides, message):
+    name, pipe = case
+    with count_forward_calls(**all_models(pipe)) as calls:
+        with pytest.raises(ValueError, match=message):
+            pipe(**inputs(name, **overrides))
+    assert sum(calls.values()) == 0
+
+
+@torch.no_grad()
+def test_cpu_offload_order_is_the_order_models_first_run(case):
+    name, _ = case
+    pipe = make_pipe(name)
+    models = {k: v for k, v in all_models(pipe).items() if k in pipe.model_cpu_offload_seq.split("->")}
+    order = []
+    hooks = [
+        module.register_forward_pre_hook(lambda *_, n=key: order.append(n) if n not in order else None)
+        for key, module in models.items()
+    ]
+    try:
+        pipe(**inputs(name, output_type="np", mixing_ratio=0.5))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    declared = [m for m in pipe.model_cpu_offload_seq.split("->") if m in order]
+    assert order == declared
