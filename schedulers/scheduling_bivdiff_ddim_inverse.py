@@ -111,7 +111,8 @@ class BIVDiffDDIMInverseScheduler(SchedulerMixin, ConfigMixin):
             grid = np.arange(num_inference_steps) * ratio + self.config.steps_offset
             levels = np.append(grid, grid[-1] + ratio)
         elif spacing == "trailing":
-            levels = np.append(0, np.round(np.arange(T, 0, -T / num_inference_steps))[::-1] - 1)
+            # T - i * T / N rather than np.arange(T, 0, -T / N), whose float steps can add a level below 0.
+            levels = np.append(0, np.round(T - np.arange(num_inference_steps)[::-1] * T / num_inference_steps) - 1)
         else:
             levels = np.linspace(0, T - 1, num_inference_steps + 1).round()
         # The original stops at T - 2: alphas_cumprod[T - 1] is the one level it never reaches.

@@ -199,7 +199,7 @@ def test_prompt2prompt_pipeline_default_threshold_is_the_originals():
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
-@pytest.mark.parametrize("num_steps", [1, 7, 50, 999, 1000])
+@pytest.mark.parametrize("num_steps", [1, 7, 50, 217, 999, 1000])
 def test_every_inversion_step_moves_to_a_noisier_existing_level(spacing, num_steps):
     scheduler = BIVDiffDDIMInverseScheduler(**{**sd15_scheduler_config(), "timestep_spacing": spacing})
     scheduler.set_timesteps(num_steps)

@@ -20,15 +20,26 @@ ROOT = Path(__file__).resolve().parents[2]
 STAGE = ROOT / ".mutation"
 # Installed name -> folder in the repository (pyproject's [tool.setuptools.package-dir]).
 PACKAGE_DIRS = {"bivdiff": "bivdiff", "pipelines": "pipelines", "schedulers": "schedulers", "models": "models"}
-# Mutants run: whole files, and the mask and blend functions of the two task modules (mutmut's name globs).
+# The numerical core, as mutmut name globs: the inversion scheduler, stages 2 and 3, the pixel metrics, the outpaint
+# and feather masks, and Prompt2Prompt's local blend. Input checks, messages and progress bars are left out.
+MIXED = "bivdiff.pipelines.mixed_inversion."
 CORE = [
     "bivdiff.schedulers.*",
-    "bivdiff.pipelines.mixed_inversion.*",
-    "bivdiff.evaluation.*",
+    *(f"bivdiff.evaluation.x_{name}__*" for name in ("frame_difference", "warp_error", "_float_frames", "_warp")),
+    *(f"bivdiff.evaluation.x_{name}__*" for name in ("_consistent", "_gray_uint8", "_flow")),
     "bivdiff.pipelines.pipeline_bivdiff_inpaint.x_outpaint_mask__*",
     "bivdiff.pipelines.pipeline_bivdiff_inpaint.x_feather_mask__*",
     "bivdiff.pipelines.prompt2prompt_control.xǁLocalBlendǁ*",
     "bivdiff.pipelines.prompt2prompt_control.x__map_hw__*",
+    *(MIXED + f"x_{name}__*" for name in ("fold_frames", "unfold_frames", "frame_generators")),
+    *(MIXED + f"x_{name}__*" for name in ("temporal_windows", "window_weights")),
+    *(
+        MIXED + f"xǁMixedInversionMixinǁ{name}__*"
+        for name in (
+            "video_noise_prediction", "encode_frames", "decode_latents", "invert_image_branch", "invert_video_branch",
+            "mixed_inversion", "smoothing_scheduler", "temporal_smoothing", "invert_and_smooth",
+        )
+    ),
 ]
 
 
