@@ -6,10 +6,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 from pipeline_helpers import bivdiff_components
-from synthetic_videos import texture
+from synthetic_videos import HEIGHT, NUM_FRAMES, STEP, WIDTH, texture
 
 from bivdiff import BIVDiffDDIMInverseScheduler, BIVDiffPipeline
-from bivdiff.evaluation import warp_error
+from bivdiff import evaluation
+from bivdiff.evaluation import frame_difference, warp_error
 from bivdiff.pipelines import prompt2prompt_control as p2p
 from bivdiff.tiny_models import sd15_scheduler_config
 
@@ -136,6 +137,47 @@ def test_warp_error_skips_occluded_pixels():
     # strip) the warped pixel is the square's, not the background's: counting those would give about 0.18.
     brighter = np.round((source + np.array([0.0, 0.1])[:, None, None, None]) * 255) / 255
     assert warp_error(brighter, source) == pytest.approx(0.1, abs=0.015)
+
+
+def falling_video():
+    """A window sliding STEP px up per frame over a texture: content moves STEP px down."""
+    image = texture()
+    top = NUM_FRAMES * STEP
+    return np.stack([image[top - STEP * t : top - STEP * t + HEIGHT, 10 : 10 + WIDTH] for t in range(NUM_FRAMES)])
+
+
+def test_warp_error_follows_vertical_motion_and_ignores_rows_that_leave():
+    video = falling_video()
+    assert warp_error(video) < 0.003  # each frame is its predecessor moved down; a wrong flow axis gives ~0.07
+    leaving = video.copy()
+    leaving[0, HEIGHT - STEP :] = 1.0 - leaving[0, HEIGHT - STEP :]  # frame 0's bottom rows have no successor
+    assert warp_error(leaving, source=video) == pytest.approx(warp_error(video, source=video), abs=2e-4)
+
+
+def test_warp_error_sees_the_motion_of_saturated_content():
+    # A pure white square moving 4 px right on black: the flow must see white as white (255, not wrapped to 0).
+    video = np.zeros((4, 64, 96, 3), np.float32)
+    for t in range(4):
+        video[t, 16:40, 10 + 4 * t : 34 + 4 * t] = 1.0
+    assert frame_difference(video) == pytest.approx(2 * 4 * 24 / (64 * 96))  # two 4 x 24 strips change per pair
+    assert warp_error(video) < 0.001
+
+
+@pytest.mark.parametrize("backward_x, consistent", [(-18.0, True), (-16.0, False)])
+def test_occlusion_tolerance_grows_with_the_flow(backward_x, consistent):
+    # Ruder et al.: |f + b|^2 < 0.01 (|f|^2 + |b|^2) + 0.5. With f = 20 px: b = -18 gives 4 < 7.74, b = -16 gives
+    # 16 > 7.06; a fixed tolerance of 0.5 would call both occluded.
+    forward = np.zeros((4, 64, 2), np.float32)
+    forward[..., 0] = 20.0
+    backward = np.zeros_like(forward)
+    backward[..., 0] = backward_x
+    assert evaluation._consistent(forward, backward)[:, :40].all() == consistent
+
+
+@pytest.mark.parametrize("metric", [warp_error, frame_difference])
+def test_a_one_frame_error_names_the_metric(metric):
+    with pytest.raises(ValueError, match=f"^{metric.__name__} compares consecutive frames"):
+        metric(np.zeros((1, 8, 8, 3), np.float32))
 
 
 # ---------------------------------------------------------------------------------------------------------------
