@@ -116,6 +116,17 @@ def test_image_branch_inverts_on_the_negative_prompt_or_the_inversion_prompt(
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
+@torch.no_grad()
+def test_decoded_video_is_the_vae_decode_of_the_unscaled_latents(pipe):
+    args = dict(frames=np.random.default_rng(2).random((3, 32, 32, 3)).astype(np.float32), prompt=PROMPT)
+    args.update(mixing_ratio=0.5, num_inference_steps=2, decode_chunk_size=2)
+    latents = pipe(**args, output_type="latent").frames
+    video = pipe(**args, output_type="pt").frames
+    folded = latents[0].permute(1, 0, 2, 3) / pipe.vae.config.scaling_factor
+    expected = (pipe.vae.decode(folded).sample / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(video[0], expected, atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Warp error with an occluder
 # ---------------------------------------------------------------------------------------------------------------

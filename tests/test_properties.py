@@ -3,8 +3,9 @@
 import types
 
 import numpy as np
+import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from bivdiff import BIVDiffDDIMInverseScheduler, MixedInversionMixin
@@ -73,6 +74,24 @@ def test_band_outpaint_masks_regenerate_the_outer_quarters(height, width, direct
 
 
 @FAST
+@given(size=st.integers(1, 16), data=st.data())
+def test_window_weights_ramp_linearly_over_the_overlaps(size, data):
+    overlap = data.draw(st.integers(0, size - 1), label="overlap")
+    first, last = data.draw(st.booleans(), label="first"), data.draw(st.booleans(), label="last")
+    # Ramps that meet (2 * overlap > size, in a middle window) overwrite each other rather than forming a tent;
+    # the blend stays a convex combination, so only the plain case is pinned here.
+    assume(first or last or 2 * overlap <= size)
+    weights = window_weights(size, overlap, first, last)
+    expected = torch.ones(size)
+    for i in range(size):
+        if not first:
+            expected[i] = min(expected[i], (i + 1) / (overlap + 1))
+        if not last:
+            expected[i] = min(expected[i], (size - i) / (overlap + 1))
+    torch.testing.assert_close(weights, expected)
+
+
+@FAST
 @given(data=st.data())
 def test_margin_outpaint_masks_regenerate_exactly_the_margins(data):
     height, width = data.draw(st.integers(2, 64), label="height"), data.draw(st.integers(2, 64), label="width")
@@ -105,3 +124,23 @@ def test_inversion_always_moves_to_a_noisier_level(spacing, num_steps, steps_off
     targets = [scheduler.next_timestep(t) for t in timesteps]
     assert all(t < target <= 999 for t, target in zip(timesteps, targets))
     assert targets[:-1] == timesteps[1:]  # each step starts where the one before ended
+
+
+@pytest.mark.parametrize(
+    "margins, fails",
+    [
+        ((0, 0, 1, 1), False),
+        ((1, 1, 0, 0), False),
+        ((0, 0, 2, 1), False),
+        ((0, 0, 5, 3), True),  # left + right == width
+        ((0, 0, 8, 0), True),
+        ((4, 4, 0, 0), True),  # top + bottom == height
+        ((0, 0, 0, 0), True),
+    ],
+)
+def test_margins_must_leave_something_and_regenerate_something(margins, fails):
+    if fails:
+        with pytest.raises(ValueError, match="outpaint"):
+            outpaint_mask(8, 8, margins)
+    else:
+        assert 0 < outpaint_mask(8, 8, margins).sum() < 64
