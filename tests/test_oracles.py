@@ -127,6 +127,16 @@ def test_decoded_video_is_the_vae_decode_of_the_unscaled_latents(pipe):
     torch.testing.assert_close(video[0], expected, atol=1e-5, rtol=0)
 
 
+@torch.no_grad()
+def test_frames_are_resized_to_the_output_size_and_chunks_do_not_matter(pipe):
+    frames = np.random.default_rng(3).random((5, 36, 44, 3)).astype(np.float32)
+    args = dict(frames=frames, prompt=PROMPT, mixing_ratio=0.5, num_inference_steps=2, output_type="latent")
+    assert pipe(**args).frames.shape[-2:] == (16, 20)  # 36x44 rounds down to 32x40 pixels
+    assert pipe(**args, height=24, width=32).frames.shape[-2:] == (12, 16)
+    chunked, whole = pipe(**args, frame_batch_size=2).frames, pipe(**args, frame_batch_size=5).frames
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Warp error with an occluder
 # ---------------------------------------------------------------------------------------------------------------
