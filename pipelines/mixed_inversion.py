@@ -138,29 +138,40 @@ class BIVDiffDDIMInverseScheduler(SchedulerMixin, ConfigMixin):
         return sample
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
-        """The timesteps `DDIMScheduler` would denoise over, in ascending order."""
+        """The timesteps `DDIMScheduler` would denoise over, in ascending order, and the level each step moves to.
+
+        Leading spacing (SD-1.5's) is the original's: step i moves from t_i to t_{i+1}, the last to
+        min(t + T // N, T - 2). Trailing and linspace spacings, whose denoising starts at T - 1, invert from level
+        0 up to T - 1 through the same grid. Every step moves to a strictly noisier level; a grid too fine for that
+        (N close to T) loses its repeated levels, so it has fewer than N steps.
+        """
         T = self.config.num_train_timesteps
         if not 0 < num_inference_steps <= T:
             raise ValueError(f"num_inference_steps must be in [1, {T}], got {num_inference_steps}")
         self.num_inference_steps = num_inference_steps
         spacing = self.config.timestep_spacing
         if spacing == "leading":
-            timesteps = np.arange(num_inference_steps) * (T // num_inference_steps) + self.config.steps_offset
+            ratio = T // num_inference_steps
+            grid = np.arange(num_inference_steps) * ratio + self.config.steps_offset
+            levels = np.append(grid, grid[-1] + ratio)
         elif spacing == "trailing":
-            timesteps = np.round(np.arange(T, 0, -T / num_inference_steps))[::-1] - 1
+            # T - i * T / N rather than np.arange(T, 0, -T / N), whose float steps can add a level below 0.
+            levels = np.append(0, np.round(T - np.arange(num_inference_steps)[::-1] * T / num_inference_steps) - 1)
         else:
-            timesteps = np.linspace(0, T - 1, num_inference_steps).round()
-        self.timesteps = torch.from_numpy(timesteps.astype(np.int64)).to(device)
+            levels = np.linspace(0, T - 1, num_inference_steps + 1).round()
+        # The original stops at T - 2: alphas_cumprod[T - 1] is the one level it never reaches.
+        top = T - 2 if spacing == "leading" else T - 1
+        levels = np.unique(np.minimum(levels, top).astype(np.int64))
+        self._next_levels = dict(zip(levels[:-1].tolist(), levels[1:].tolist()))
+        self.timesteps = torch.from_numpy(levels[:-1]).to(device)
 
     def next_timestep(self, timestep: int) -> int:
-        """The level a step from `timestep` lands on: the next of `timesteps`, or after the last one the
-        original's min(t + T // N, T - 2), never below `timestep` (trailing and linspace schedules end above it)."""
+        """The noisier level a step from `timestep` moves to."""
         t = int(timestep)
-        later = self.timesteps[self.timesteps > t]
-        if len(later) > 0:
-            return int(later.min())
+        if t in self._next_levels:
+            return self._next_levels[t]
         T = self.config.num_train_timesteps
-        return max(t, min(t + T // self.num_inference_steps, T - 2))
+        return min(t + T // self.num_inference_steps, T - 1)
 
     def step(
         self,

@@ -82,10 +82,22 @@ def test_model_card_names_task_models_licences_and_usage(assemble, tmp_path):
     assert yaml.safe_load((folder / "bivdiff_config.yaml").read_text()) == config.data
 
 
-def test_usage_snippet_runs_as_python(assemble):
+def test_usage_snippet_runs_as_python(assemble, tmp_path, modules_cache, monkeypatch):
+    from diffusers.utils import export_to_video
+
     config = tiny_config()
     pipe = tiny_pipeline()
-    compile(assemble.usage_snippet(pipe, config, "pipeline_bivdiff_controllable"), "usage", "exec")
+    folder = assemble.write_model_folder(pipe, tmp_path / "model", config)
+    snippet = assemble.usage_snippet(pipe, config, "pipeline_bivdiff_controllable")
+    # The snippet as a user on a CPU would run it: this folder for the Hub id, float32 on the CPU.
+    snippet = snippet.replace("PATH_OR_REPO_ID", str(folder)).replace('.to("cuda")', "")
+    snippet = snippet.replace("torch_dtype=torch.float16", "torch_dtype=torch.float32")
+    monkeypatch.chdir(tmp_path)
+    export_to_video(list(np.random.default_rng(0).random((8, 48, 40, 3))), "input.mp4", fps=8)
+    namespace = {}
+    exec(compile(snippet, "usage", "exec"), namespace)
+    assert np.asarray(namespace["video"]).shape == (2, 32, 32, 3)
+    assert (tmp_path / "bivdiff.mp4").stat().st_size > 0
 
 
 def test_model_table_lists_resolved_models_with_licences(assemble, tmp_path):

@@ -184,9 +184,27 @@ def test_checkpoint_without_text_encoder_or_vae_uses_sd21_text_encoder(tmp_path,
         assert torch.equal(text_encoder.state_dict()[key].float(), value.half().float()), key
 
 
-def test_verify_in_half_precision(tmp_path, sd21, unet_weights):
+def test_verify_in_half_precision(tmp_path, sd21, unet_weights, monkeypatch):
     ckpt = _lightning_checkpoint(tmp_path / "ModelT2V.pth", unet_weights)
     conv.convert(ckpt, sd21, tmp_path / "vidrd", dtype="fp16", verify=True)
+
+    # A save that silently changes one weight (a disk or serialisation fault) must abort the conversion.
+    from safetensors.torch import save_file
+
+    save = VidRDUNet3DConditionModel.save_pretrained
+
+    def corrupting_save(self, folder, **kwargs):
+        save(self, folder, **kwargs)
+        path = Path(folder) / "diffusion_pytorch_model.safetensors"
+        tensors = load_file(path)
+        tensors["conv_in.weight"] = tensors["conv_in.weight"] + 0.5
+        save_file(tensors, path)
+
+    monkeypatch.setattr(VidRDUNet3DConditionModel, "save_pretrained", corrupting_save)
+    with pytest.raises(conv.ConversionError, match=r"differ[\s\S]*conv_in.weight"):
+        conv.convert(ckpt, sd21, tmp_path / "corrupt", dtype="fp16", verify=True)
+    _no_leftovers(tmp_path, tmp_path / "corrupt")
+    conv.convert(ckpt, sd21, tmp_path / "unchecked", dtype="fp16")  # without --verify nothing notices
 
 
 def test_missing_and_unexpected_tensors_abort_with_their_names(tmp_path, sd21, unet_weights):

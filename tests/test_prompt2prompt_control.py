@@ -271,8 +271,14 @@ def test_local_blend_masks_have_latent_size_and_are_binary(pipe, latent_hw):
     mask = controller.local_blend.last_mask
     assert mask.shape == (2, 1, *latent_hw)
     assert set(mask.unique().tolist()) <= {0.0, 1.0} and mask.sum() > 0
-    keep = (mask == 0).expand_as(out[:, 0])
-    assert torch.equal(out[:, 1][keep], out[:, 0][keep])  # outside the mask the edit is the source
+    # Random tiny attention covers the whole latent at 0.3; nothing passes a threshold of 1.0 (maps are normalised
+    # to a maximum of 1), so there every pixel is outside the mask and the edit must equal the source.
+    controller = p2p.make_controller(
+        pipe.tokenizer, source, edit, "replace", STEPS, local_blend_words=("cat", "dog"), local_blend_threshold=1.0
+    )
+    out = run(pipe, controller, source, edit, frame_noise(2, *latent_hw))
+    assert controller.local_blend.last_mask.sum() == 0
+    assert torch.equal(out[:, 1], out[:, 0])  # outside the mask the edit is the source
 
 
 def test_local_blend_mask_from_hand_placed_maps():
