@@ -305,8 +305,6 @@ def run_config(
     `progress(step, total)` is called after each denoising step of temporal smoothing. Bad input raises the
     UserError subclasses whose messages `bivdiff run` prints, before any model loads.
     """
-    from bivdiff.run_folder import new_run_folder, write_json, write_outputs, write_text
-
     started = time.perf_counter()
     overrides = [*overrides, *([f"Model.output_path={output_dir}"] if output_dir is not None else [])]
     plan = plan_run(config, overrides, tiny, checkpoints, offline, cache_dir, download=not dry_run)
@@ -314,9 +312,58 @@ def run_config(
     if dry_run:
         log("Dry run: the config, the inputs and the models are all in place; nothing was run.")
         return None
+    return run_plan(plan, progress=progress, log=log, started=started)
+
+
+class PipelineCache:
+    """The pipeline of the last model set built, kept for the next plan with the same `Plan.model_set`; a plan
+    with another set replaces it (one model set in memory at a time)."""
+
+    def __init__(self):
+        self.key, self.pipe, self.builds = None, None, 0
+
+    def get(self, plan: Plan, device, dtype):
+        key = (plan.model_set, str(device), str(dtype))
+        if key != self.key:
+            self.clear()
+            self.pipe, self.key = build_pipeline(plan, device, dtype), key
+            self.builds += 1
+        return self.pipe
+
+    def clear(self):
+        if self.pipe is not None:
+            import gc
+
+            import torch
+
+            self.key = self.pipe = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def run_plan(
+    plan: Plan,
+    *,
+    output_root: str | os.PathLike | None = None,
+    name: str | None = None,
+    pipelines: PipelineCache | None = None,
+    device=None,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] = lambda text: None,
+    started: float | None = None,
+) -> Path:
+    """Run a checked plan into a new run folder `<output_root>/<name>-<timestamp>/` (default: Model.output_path and
+    the config's name), written under a staging name and renamed when complete; returns the folder.
+
+    `pipelines` keeps a built pipeline for the next plan with the same model set (a batch passes one). A failed
+    run's folder holds error.txt with the traceback, and the exception carries it as `run_folder`.
+    """
+    from bivdiff.run_folder import publish_run_folder, staging_folder, write_json, write_outputs, write_text
+
+    started = time.perf_counter() if started is None else started
     config = plan.config
-    folder = new_run_folder(config.model["output_path"], config.name)
-    log(f"output: {folder}")
+    folder = staging_folder(output_root or config.model["output_path"], name or config.name)
     header = [f"# Resolved config of this run of {config.name}. Rerun it with:", f"#   {config.rerun_command()}"]
     header += ["# A --tiny run: random weights, the pictures are noise."] if config.tiny else []
     write_text(folder / "config.yaml", "\n".join(header) + "\n" + config.to_yaml())
@@ -332,25 +379,44 @@ def run_config(
         plan.inputs = plan.task.annotate(config, plan.inputs, plan.models)
         lap("conditions")
         log("Building tiny models ..." if config.tiny else "Loading models ...")
-        device, dtype = pick_device(config.model["device"]), pick_dtype(config)
-        pipe = build_pipeline(plan, device, dtype)
-        lap("load_models")
-        result, calls = run_job(pipe, plan, progress)
+        device, dtype = device or pick_device(config.model["device"]), pick_dtype(config)
+        try:
+            pipe = (pipelines or PipelineCache()).get(plan, device, dtype)
+            lap("load_models")
+            result, calls = run_job(pipe, plan, progress)
+        except MemoryError as err:
+            raise UserError(out_of_memory_message(plan, device, err)) from err
+        except RuntimeError as err:
+            if "out of memory" not in str(err).lower():  # torch.OutOfMemoryError, MPS's plain RuntimeError
+                raise
+            raise UserError(out_of_memory_message(plan, device, err)) from err
         lap("pipeline")
         log("Writing videos ...")
         files = write_outputs(folder, plan, result)
         lap("write_outputs")
+        seconds["total"] = time.perf_counter() - started
+        write_json(folder / "stats.json", run_stats(plan, pipe, result, calls, seconds, files, device, dtype))
     except BaseException as err:
         write_text(folder / "error.txt", "".join(traceback.format_exception(err)))
+        err.run_folder = folder = publish_run_folder(folder)
         log(f"The run failed; details in {folder / 'error.txt'}")
         raise
-    seconds["total"] = time.perf_counter() - started
-    write_json(folder / "stats.json", run_stats(plan, pipe, result, calls, seconds, files, device, dtype))
+    folder = publish_run_folder(folder)
     log(f"Done in {seconds['total']:.1f} s: {folder / 'video_by_bivdiff.mp4'}")
     log(f"Compare: {folder / 'comparison.mp4'}   Stats: {folder / 'stats.json'}")
     if config.tiny:
         log(TINY_NOTE)
     return folder
+
+
+def out_of_memory_message(plan: Plan, device, err: BaseException) -> str:
+    model = plan.config.model
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return (
+        f"Out of memory on {device} ({first_line}). Lower Model.frame_batch_size (now {model['frame_batch_size']}) "
+        f"and Model.decode_chunk_size (now {model['decode_chunk_size']}), turn on model offload with "
+        f"Model.cpu_offload=true, or smooth long videos in video windows with Model.video_window=8."
+    )
 
 
 def run_stats(plan: Plan, pipe, result, calls, seconds, files, device, dtype) -> dict:

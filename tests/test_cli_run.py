@@ -13,7 +13,7 @@ from cli_helpers import FAST, only_run_folder, run_cli, stats
 
 from bivdiff import configs as shipped
 from bivdiff.config import load_config
-from bivdiff.run_folder import new_run_folder
+from bivdiff.run_folder import publish_run_folder, staging_folder
 from bivdiff.video_io import read_video, read_video_clip
 
 CONTROLNET_ZEROSCOPE = "controllable_video_generation_with_controlnet_and_zeroscope"
@@ -92,16 +92,29 @@ def test_tiny_depth_config_stands_canny_in_for_the_annotator(tmp_path, capsys):
 # Run folders
 
 
+def staged_run(root, name, now):
+    folder = staging_folder(root, name, now)
+    (folder / "config.yaml").write_text("")
+    return folder
+
+
+def test_staging_folder_is_hidden_until_published(tmp_path):
+    folder = staging_folder(tmp_path, "task")
+    assert folder.name.startswith(".task-") and oct(folder.stat().st_mode & 0o777) != oct(0o700)
+    (folder / "stats.json").write_text("{}")
+    published = publish_run_folder(folder)
+    assert [p.name for p in tmp_path.iterdir()] == [published.name] and (published / "stats.json").exists()
+
+
 def test_two_runs_in_the_same_second_get_two_folders(tmp_path):
     now = datetime(2024, 6, 1, 12, 0, 0)
-    first = new_run_folder(tmp_path, "task", now)
-    second = new_run_folder(tmp_path, "task", now)
+    first, second = (publish_run_folder(staged_run(tmp_path, "task", now)) for _ in range(2))
     assert first != second and first.name == "task-20240601-120000" and second.name == "task-20240601-120000-1"
 
 
 def test_concurrent_runs_never_share_a_folder(tmp_path):
     now, folders = datetime(2024, 6, 1, 12, 0, 0), []
-    threads = [threading.Thread(target=lambda: folders.append(new_run_folder(tmp_path, "t", now))) for _ in range(8)]
+    threads = [threading.Thread(target=lambda: folders.append(publish_run_folder(staged_run(tmp_path, "t", now)))) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -198,7 +211,7 @@ def test_list_shows_every_config_with_its_description(capsys):
 
 def test_unknown_command_is_refused(capsys):
     code, _, err = run_cli(capsys, "render")
-    assert code == 2 and "run, list or eval" in err
+    assert code == 2 and "run, batch, list or eval" in err
 
 
 def test_console_script_runs(tmp_path):
