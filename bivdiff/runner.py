@@ -19,7 +19,7 @@ from bivdiff.config import RunConfig, load_config
 from bivdiff.errors import ConfigError, UserError
 from bivdiff.models_resolution import ResolvedModel, is_offline, resolve
 from bivdiff.tasks import Inputs, Task, task_for
-from bivdiff.video_io import VideoClip, default_clip_path, default_mask_path, read_video_clip
+from bivdiff.video_io import TooFewFramesError, VideoClip, default_clip_path, default_mask_path, read_video_clip
 
 FIRST_TRY = "controllable_video_generation_with_controlnet_and_zeroscope"
 TINY_NOTE = (
@@ -97,9 +97,9 @@ def read_input(config: RunConfig, dotted: str, as_mask: bool = False) -> tuple[V
         clip = read_video_clip(
             path, length, stride, start, model["height"], model["width"], model["resize_mode"], as_mask=as_mask
         )
-    except FileNotFoundError as err:
-        raise ConfigError(f"{dotted}: {err}") from err
-    except ValueError as err:
+    except (FileNotFoundError, ValueError) as err:
+        if not isinstance(err, TooFewFramesError):
+            raise ConfigError(f"{dotted}: {err}") from err
         raise ConfigError(
             f"{dotted}: {err}\nIn config terms: Model.video_length={length} frames at Model.frame_rate={stride} "
             f"(the frame stride) from Model.start_frame={start} need {start + (length - 1) * stride + 1} source "

@@ -164,6 +164,14 @@ def test_missing_input_video_is_named(tmp_path, capsys):
     assert code == 2 and "Model.video_path: no file or folder at" in err
 
 
+def test_unreadable_input_video_is_named_in_one_line(tmp_path, capsys):
+    (tmp_path / "broken.mp4").write_bytes(b"\x00not a video" * 100)
+    code, _, err = run_cli(capsys, "run", "--tiny", CONTROLNET_ZEROSCOPE, f"Model.video_path={tmp_path}/broken.mp4")
+    assert code == 2 and err.startswith("error: Model.video_path: Cannot read video frames from")
+    assert "Check that the file is a complete video" in err and len(err.splitlines()) == 1
+    assert "ffmpeg version" not in err and "In config terms" not in err
+
+
 def test_unknown_config_name_suggests_the_shipped_one(capsys):
     code, _, err = run_cli(capsys, "run", "--tiny", "--config-name", "controlnet_and_zeroscope")
     assert code == 2 and CONTROLNET_ZEROSCOPE in err
