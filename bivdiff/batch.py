@@ -43,7 +43,7 @@ def read_jobs(path: str | os.PathLike) -> list[Job]:
     `KEY=VALUE` or a mapping) and optional `id` (default `job-001`, ...). Every problem is reported at once."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"JOBS: no file at {path}: give a YAML or JSON-lines file of jobs (see bivdiff batch --help).")
+        raise ConfigError(f"JOBS: no file at {path}: give a YAML or JSON-lines file of jobs (bivdiff batch --help).")
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix in (".jsonl", ".ndjson"):

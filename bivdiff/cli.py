@@ -51,13 +51,15 @@ examples:
 """
 
 
-def build_run_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bivdiff run",
-        description=RUN_DESCRIPTION,
-        epilog=RUN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def command_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    """A parser whose description and epilog keep their line breaks."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    parser = command_parser("bivdiff run", RUN_DESCRIPTION, RUN_EPILOG)
     parser.add_argument(
         "items",
         nargs="*",
@@ -126,12 +128,7 @@ examples:
 
 
 def build_batch_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bivdiff batch",
-        description=BATCH_DESCRIPTION,
-        epilog=BATCH_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser("bivdiff batch", BATCH_DESCRIPTION, BATCH_EPILOG)
     parser.add_argument("jobs", metavar="JOBS", help="a YAML or JSON-lines file of jobs")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every job")
     parser.add_argument("--output-dir", metavar="DIR", required=True, help="the batch folder: run folders, ledger")
@@ -257,18 +254,9 @@ def batch_command(argv: list[str]) -> int:
     bad = [item for item in args.overrides if "=" not in item]
     if bad:
         raise ConfigError(f"Unexpected argument(s) {', '.join(bad)}: give one JOBS file, then KEY=VALUE overrides.")
-    return run_batch(
-        args.jobs,
-        args.output_dir,
-        args.overrides,
-        tiny=args.tiny,
-        checkpoints=args.checkpoints,
-        offline=args.offline,
-        resume=args.resume,
-        retry_failed=args.retry_failed,
-        dry_run=args.dry_run,
-        log=lambda text: print(text, flush=True),
-    )
+    options = {name: getattr(args, name) for name in ("tiny", "checkpoints", "offline", "resume", "retry_failed")}
+    return run_batch(args.jobs, args.output_dir, args.overrides, **options, dry_run=args.dry_run,
+                     log=lambda text: print(text, flush=True))
 
 
 COMMANDS = {"run": run_command, "batch": batch_command, "list": list_command, "eval": eval_command}
@@ -298,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS.get(argv[0])
     if command is None:
         build_main_parser().print_usage(sys.stderr)
-        print(f"bivdiff: error: unknown command {argv[0]!r}: use run, batch, list or eval (bivdiff --help).", file=sys.stderr)
+        print(
+            f"bivdiff: error: unknown command {argv[0]!r}: use run, batch, list or eval (bivdiff --help).",
+            file=sys.stderr,
+        )
         return 2
     try:
         return command(argv[1:])

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_jobs(path: Path, jobs) -> Path:
-    path.write_text(yaml.safe_dump(jobs, sort_keys=False) if path.suffix != ".jsonl" else "".join(json.dumps(j) + "\n" for j in jobs))
+    lines = "".join(json.dumps(job) + "\n" for job in jobs)
+    path.write_text(lines if path.suffix == ".jsonl" else yaml.safe_dump(jobs, sort_keys=False))
     return path
 
 

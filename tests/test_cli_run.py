@@ -114,7 +114,10 @@ def test_two_runs_in_the_same_second_get_two_folders(tmp_path):
 
 def test_concurrent_runs_never_share_a_folder(tmp_path):
     now, folders = datetime(2024, 6, 1, 12, 0, 0), []
-    threads = [threading.Thread(target=lambda: folders.append(publish_run_folder(staged_run(tmp_path, "t", now)))) for _ in range(8)]
+    def run():
+        folders.append(publish_run_folder(staged_run(tmp_path, "t", now)))
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -166,7 +169,8 @@ def test_missing_input_video_is_named(tmp_path, capsys):
 
 def test_unreadable_input_video_is_named_in_one_line(tmp_path, capsys):
     (tmp_path / "broken.mp4").write_bytes(b"\x00not a video" * 100)
-    code, _, err = run_cli(capsys, "run", "--tiny", CONTROLNET_ZEROSCOPE, f"Model.video_path={tmp_path}/broken.mp4")
+    video = f"Model.video_path={tmp_path}/broken.mp4"
+    code, _, err = run_cli(capsys, "run", "--tiny", CONTROLNET_ZEROSCOPE, video)
     assert code == 2 and err.startswith("error: Model.video_path: Cannot read video frames from")
     assert "Check that the file is a complete video" in err and len(err.splitlines()) == 1
     assert "ffmpeg version" not in err and "In config terms" not in err
