@@ -44,20 +44,15 @@ def read_jobs(path: str | os.PathLike) -> list[Job]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"JOBS: no file at {path}: give a YAML or JSON-lines file of jobs (bivdiff batch --help).")
+    import yaml
+
+    json_lines = path.suffix in (".jsonl", ".ndjson")
     try:
         text = path.read_text(encoding="utf-8")
-        if path.suffix in (".jsonl", ".ndjson"):
-            entries = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            import yaml
-
-            entries = yaml.safe_load(text)
-    except (ValueError, UnicodeDecodeError) as err:  # json and yaml errors are ValueErrors or YAMLErrors
-        raise ConfigError(f"JOBS: {path} is not valid {_format(path)}: {err}") from err
-    except Exception as err:
-        if type(err).__module__.startswith("yaml"):
-            raise ConfigError(f"JOBS: {path} is not valid YAML: {err}".rstrip()) from err
-        raise
+        lines = [line for line in text.splitlines() if line.strip()]
+        entries = [json.loads(line) for line in lines] if json_lines else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:  # UnicodeDecodeError and json's errors are ValueErrors
+        raise ConfigError(f"JOBS: {path} is not valid {'JSON lines' if json_lines else 'YAML'}: {err}") from err
     if isinstance(entries, dict) and set(entries) == {"jobs"}:
         entries = entries["jobs"]
     if not isinstance(entries, list) or not entries:
@@ -77,11 +72,7 @@ def read_jobs(path: str | os.PathLike) -> list[Job]:
     return jobs
 
 
-def _format(path: Path) -> str:
-    return "JSON lines" if path.suffix in (".jsonl", ".ndjson") else "YAML"
-
-
-def _job(entry, number: int) -> tuple[Job | None, list[str]]:
+def _job(entry, number: int) -> tuple[Job, list[str]]:
     if not isinstance(entry, dict):
         return Job(f"job-{number:03d}", ""), [f"{entry!r} is not a mapping with a `config` key."]
     problems = [f"unknown key {key!r}: a job has only {', '.join(JOB_KEYS)}." for key in entry if key not in JOB_KEYS]
@@ -302,7 +293,7 @@ def summary(jobs: list[Job], final: dict, earlier: dict, rerun: set) -> str:
         if skipped:
             why = "finished earlier" if record["status"] == "done" else "failed earlier (--retry-failed reruns it)"
         else:
-            why = record.get("run_folder") or "" if status == "done" else one_line(record.get("error"))
+            why = (record.get("run_folder") or "") if status == "done" else one_line(record.get("error"))
         rows.append((job.id, status, f"{record.get('seconds', 0):.1f}", why))
     width = max(len("job"), *(len(row[0]) for row in rows))
     lines = [f"{'job':<{width}}  {'status':<7}  {'seconds':>7}  run folder / reason"]
@@ -334,6 +325,9 @@ def evaluate_batch(folder: str | os.PathLike, clip_path: str | os.PathLike | Non
     rows = []
     for record in done:
         run = folder / record["run_folder"]
+        if not (run / "video_by_bivdiff.mp4").is_file():
+            log(f"{record['id']}: no video in {run}; left out")
+            continue
         stats = json.loads((run / "stats.json").read_text())
         config = yaml.safe_load((run / "config.yaml").read_text())
         log(f"{record['id']}: scoring {run.name}")
@@ -341,6 +335,8 @@ def evaluate_batch(folder: str | os.PathLike, clip_path: str | os.PathLike | Non
                                 prompt=config["Model"].get("vdm_prompt") or None, clip_path=clip_path)
         rows.append({"id": record["id"], "task": stats["task"], "config": stats["config"],
                      "run_folder": record["run_folder"], **{m: scores.get(m) for m in METRICS}})
+    if not rows:
+        raise UserError(f"None of the finished jobs in {folder} still has its video: nothing to score.")
     metrics = [m for m in METRICS if any(row[m] is not None for row in rows)]
     columns = ["id", "task", "config", *metrics, "run_folder"]
     csv_path, md_path = folder / "eval.csv", folder / "eval.md"
