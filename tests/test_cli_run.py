@@ -100,7 +100,10 @@ def staged_run(root, name, now):
 
 def test_staging_folder_is_hidden_until_published(tmp_path):
     folder = staging_folder(tmp_path, "task")
-    assert folder.name.startswith(".task-") and oct(folder.stat().st_mode & 0o777) != oct(0o700)
+    umask = os.umask(0)
+    os.umask(umask)
+    # As readable as any folder the user makes, not private as tempfile makes it.
+    assert folder.name.startswith(".task-") and folder.stat().st_mode & 0o777 == 0o777 & ~umask
     (folder / "stats.json").write_text("{}")
     published = publish_run_folder(folder)
     assert [p.name for p in tmp_path.iterdir()] == [published.name] and (published / "stats.json").exists()
