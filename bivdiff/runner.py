@@ -168,9 +168,10 @@ def make_scheduler(name: str, config: dict):
     return getattr(diffusers, class_name).from_config(config)
 
 
-def build_pipeline(plan: Plan, device=None, dtype=None):
+def build_pipeline(plan: Plan, device=None, dtype=None, loaded: dict | None = None):
     """The task's pipeline on `device`: tiny random components, or the resolved models through the pipeline's
-    own `from_pretrained(SD-1.5, component=...)`, the video model and the task's models passed as components."""
+    own `from_pretrained(SD-1.5, component=...)`, every model passed as a component. `loaded` maps (location,
+    subfolder, class, dtype) to models loaded before, which are reused rather than read again, and gains the new."""
     import torch
 
     config, task = plan.config, plan.task
@@ -192,7 +193,7 @@ def build_pipeline(plan: Plan, device=None, dtype=None):
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
-        pipe = _load_pipeline(plan, dtype)
+        pipe = _load_pipeline(plan, dtype, {} if loaded is None else loaded)
     if config.model["video_window"]:
         pipe.enable_video_windows(size=config.model["video_window"], overlap=config.model["video_window_overlap"])
     if config.model["cpu_offload"]:
@@ -202,8 +203,8 @@ def build_pipeline(plan: Plan, device=None, dtype=None):
     return pipe
 
 
-def _load_pipeline(plan: Plan, dtype):
-    from diffusers import DDIMScheduler, UNet3DConditionModel
+def _load_pipeline(plan: Plan, dtype, loaded: dict):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet3DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from bivdiff.models import VidRDUNet3DConditionModel
@@ -214,9 +215,13 @@ def _load_pipeline(plan: Plan, dtype):
     where = dict(local_files_only=True, cache_dir=plan.cache_dir)
 
     def load(key: str, subfolder: str, cls):
-        args = {} if cls is CLIPTokenizer else {"dtype" if cls is CLIPTextModel else "torch_dtype": dtype}
-        return cls.from_pretrained(plan.models[key].location, **({"subfolder": subfolder} if subfolder else {}),
-                                   **where, **args)
+        location = plan.models[key].location
+        known = (location, subfolder, cls.__name__, str(dtype))
+        if known not in loaded:
+            args = {} if cls is CLIPTokenizer else {"dtype" if cls is CLIPTextModel else "torch_dtype": dtype}
+            loaded[known] = cls.from_pretrained(location, **({"subfolder": subfolder} if subfolder else {}), **where,
+                                                **args)
+        return loaded[known]
 
     def scheduler_config(key: str) -> dict:
         return dict(DDIMScheduler.load_config(plan.models[key].location, subfolder="scheduler", **where))
@@ -236,7 +241,10 @@ def _load_pipeline(plan: Plan, dtype):
         video_unet=load(key, unet, unet_class),
         video_text_encoder=load(key, text_encoder, CLIPTextModel),
         video_tokenizer=load(key, tokenizer, CLIPTokenizer),
-        **task.components(config, load),
+        vae=load("sd15", "vae", AutoencoderKL),
+        text_encoder=load("sd15", "text_encoder", CLIPTextModel),
+        tokenizer=load("sd15", "tokenizer", CLIPTokenizer),
+        **{"unet": load("sd15", "unet", UNet2DConditionModel), **task.components(config, load)},
         torch_dtype=dtype,
         **where,
     )
@@ -316,18 +324,25 @@ def run_config(
 
 
 class PipelineCache:
-    """The pipeline of the last model set built, kept for the next plan with the same `Plan.model_set`; a plan
-    with another set replaces it (one model set in memory at a time)."""
+    """The pipeline of the last model set built, kept for the next plan with the same `Plan.model_set`. A plan with
+    another set gets a new pipeline that reuses the models both sets share (only what differs is loaded), and the
+    models only the old set used are let go: one model set in memory at a time."""
 
     def __init__(self):
-        self.key, self.pipe, self.builds = None, None, 0
+        self.key, self.pipe, self.loaded = None, None, {}
 
     def get(self, plan: Plan, device, dtype):
         key = (plan.model_set, str(device), str(dtype))
         if key != self.key:
+            # Offload hooks are attached to the models themselves, so offloaded models are not shared; models the
+            # new set does not name are let go before it loads.
+            locations = {resolved.location for resolved in plan.models.values()}
+            offload = plan.config.model["cpu_offload"]
+            loaded = {known: model for known, model in self.loaded.items() if known[0] in locations and not offload}
             self.clear()
-            self.pipe, self.key = build_pipeline(plan, device, dtype), key
-            self.builds += 1
+            self.pipe, self.key = build_pipeline(plan, device, dtype, loaded), key
+            in_use = [id(component) for component in self.pipe.components.values()]
+            self.loaded = {known: model for known, model in loaded.items() if id(model) in in_use}
         return self.pipe
 
     def clear(self):
@@ -337,6 +352,7 @@ class PipelineCache:
             import torch
 
             self.key = self.pipe = None
+            self.loaded = {}
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from cli_helpers import FAST, run_cli
+from cli_helpers import FAST, run_cli, save_tiny_checkpoints
 
 import bivdiff.runner as runner
 from bivdiff.batch import Ledger, read_jobs
@@ -200,6 +200,29 @@ def test_a_job_on_a_reused_pipeline_equals_its_own_run(batch, tmp_path, capsys):
     second = {r["id"]: r for r in records(batch["folder"])}["second"]["run_folder"]
     in_batch = read_video(batch["folder"] / second / "video_by_bivdiff.gif")
     assert np.array_equal(np.stack(in_batch), np.stack(read_video(alone / "video_by_bivdiff.gif")))
+
+
+def test_a_new_model_set_loads_only_the_models_it_does_not_share(tmp_path, capsys, monkeypatch):
+    """Two jobs on one set of saved models, whose model sets differ by the stage-1 sampler: the second pipeline is
+    built from the first one's models, none read again."""
+    checkpoints = save_tiny_checkpoints(tmp_path / "checkpoints")
+    built, build = [], runner.build_pipeline
+
+    def keep(*args):
+        built.append(build(*args))
+        return built[-1]
+
+    monkeypatch.setattr(runner, "build_pipeline", keep)
+    other_sampler = {"config": CONTROLNET, "overrides": ["IDM.ControlNet.scheduler=EulerAncestral"]}
+    jobs = write_jobs(tmp_path / "jobs.yaml", [{"config": CONTROLNET}, other_sampler])
+    code, out, err = run_cli(capsys, "batch", jobs, "--output-dir", tmp_path / "out", "--checkpoints", checkpoints,
+                             "--offline", *FAST)
+    assert code == 0, out + err
+    first, second = built
+    samplers = [type(pipe.scheduler).__name__ for pipe in built]
+    assert samplers == ["DDIMScheduler", "EulerAncestralDiscreteScheduler"]
+    for name in ("vae", "text_encoder", "unet", "controlnet", "video_unet", "video_text_encoder"):
+        assert getattr(second, name) is getattr(first, name), name
 
 
 def test_a_second_batch_in_the_same_folder_needs_resume(batch, capsys):
