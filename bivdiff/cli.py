@@ -1,4 +1,5 @@
-"""The `bivdiff` command line: `run` a task config, `list` the configs, `eval` a video."""
+"""The `bivdiff` command line: `run` a task config, `batch` a file of runs, `list` the configs, `eval` a video or a
+batch."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ model (VidRD, ZeroScope) make the result temporally coherent.
 
 commands:
   run    run a task config on a video (the shipped demo clip by default); see: bivdiff run --help
+  batch  run a file of jobs (configs and overrides), models loaded once, resumable, on many GPUs with accelerate
   list   list the task configs, one line each
-  eval   temporal-consistency (and with a CLIP model, CLIP) scores of a video, as JSON
+  eval   temporal-consistency (and with a CLIP model, CLIP) scores of a video as JSON, or of a batch as CSV
   demo   open the web demo in the browser (pip install "bivdiff[demo]"); see: bivdiff demo --help
 
 first try (no download, no video of your own, about a minute on a CPU; tiny random models, the pictures are noise):
@@ -50,13 +52,15 @@ examples:
 """
 
 
-def build_run_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bivdiff run",
-        description=RUN_DESCRIPTION,
-        epilog=RUN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def command_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    """A parser whose description and epilog keep their line breaks."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    parser = command_parser("bivdiff run", RUN_DESCRIPTION, RUN_EPILOG)
     parser.add_argument(
         "items",
         nargs="*",
@@ -97,14 +101,59 @@ def build_run_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BATCH_DESCRIPTION = """\
+Run every job of JOBS, a YAML file (a list of jobs) or a JSON-lines file (.jsonl, one job per line). A job has a
+`config` (a shipped name or a YAML path), optional `overrides` (a list of KEY=VALUE, or a mapping) and an optional
+`id` naming its run folder <output-dir>/<id>-<timestamp>/ (default job-001, job-002, ...). KEY=VALUE after JOBS
+apply to every job (a job's own overrides win).
+
+Every job is checked before any model loads; a job with bad input is recorded as failed and the others run.
+Jobs sharing models run back to back on one loaded pipeline. Each job that finishes or fails is appended to
+<output-dir>/ledger.jsonl; a summary table ends the batch, and the exit code is 1 if any job failed."""
+
+BATCH_EPILOG = """\
+example JOBS file (YAML):
+  - id: bear-canny
+    config: controllable_video_generation_with_controlnet_and_zeroscope
+    overrides: {Model.video_path: bear.mp4, "Model.idm_prompt": "a bear, oil painting"}
+  - config: video_editing_with_instruct_pix2pix_and_zeroscope
+    overrides: ["Model.seed=1"]
+
+examples:
+  bivdiff batch jobs.yaml --output-dir runs/
+  bivdiff batch jobs.yaml --output-dir runs/ --resume          # after a crash: skip the finished jobs
+  bivdiff batch jobs.yaml --output-dir runs/ --retry-failed    # rerun the failed ones too
+  accelerate launch --num_processes 4 -m bivdiff batch jobs.yaml --output-dir runs/   # 4 GPUs, one per process
+  bivdiff eval runs/                                           # runs/eval.csv and runs/eval.md
+"""
+
+
+def build_batch_parser() -> argparse.ArgumentParser:
+    parser = command_parser("bivdiff batch", BATCH_DESCRIPTION, BATCH_EPILOG)
+    parser.add_argument("jobs", metavar="JOBS", help="a YAML or JSON-lines file of jobs")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every job")
+    parser.add_argument("--output-dir", metavar="DIR", required=True, help="the batch folder: run folders, ledger")
+    parser.add_argument("--resume", action="store_true", help="skip the jobs the ledger lists as finished or failed")
+    parser.add_argument("--retry-failed", action="store_true", help="as --resume, and rerun the failed jobs")
+    parser.add_argument("--tiny", action="store_true", help="tiny random-weight models (see bivdiff run --help)")
+    parser.add_argument("--checkpoints", metavar="DIR", default="checkpoints", help="as for bivdiff run")
+    parser.add_argument("--offline", action="store_true", help="as for bivdiff run")
+    parser.add_argument("--dry-run", action="store_true", help="check every job and the models, and stop")
+    return parser
+
+
 def build_eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bivdiff eval",
         description="Scores of one video as JSON: frame_difference and warp_error (optical-flow warping error, "
         "[0, 1] intensity units; lower is more temporally consistent), and with --clip the CLIP frame consistency "
-        "and, with --prompt, CLIP text alignment.",
+        "and, with --prompt, CLIP text alignment. Given a batch folder, the scores of every finished job (the warp "
+        "following the source's motion, CLIP text alignment against the job's video prompt) go to eval.csv and "
+        "eval.md there, with the means per task.",
     )
-    parser.add_argument("video", help="an MP4, a GIF or a folder of images (e.g. a run's video_by_bivdiff.mp4)")
+    parser.add_argument(
+        "video", help="an MP4, a GIF or a folder of images (e.g. a run's video_by_bivdiff.mp4), or a batch folder"
+    )
     parser.add_argument(
         "--source", help="the source video: the warp then follows the source's motion instead of the video's own"
     )
@@ -123,7 +172,7 @@ def build_main_parser() -> argparse.ArgumentParser:
         prog="bivdiff", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    parser.add_argument("command", nargs="?", choices=COMMANDS, help="run, list, eval or demo")
+    parser.add_argument("command", nargs="?", choices=COMMANDS, help="run, batch, list, eval or demo")
     return parser
 
 
@@ -169,6 +218,15 @@ def eval_command(argv: list[str]) -> int:
     from bivdiff.evaluation import evaluate_video
 
     args = build_eval_parser().parse_args(argv)
+    if (Path(args.video).expanduser() / "ledger.jsonl").is_file():
+        from bivdiff.batch import evaluate_batch
+
+        if args.clip and not Path(args.clip).expanduser().exists():
+            raise UserError(f"--clip: nothing at {args.clip}: give an existing path.")
+        for path in evaluate_batch(args.video, args.clip, log=lambda text: print(text, flush=True)):
+            print(f"wrote {path}")
+        print((Path(args.video).expanduser() / "eval.md").read_text())
+        return 0
     for label, value in (("video", args.video), ("--source", args.source), ("--clip", args.clip)):
         if value is not None and not Path(value).expanduser().exists():
             raise UserError(f"{label}: nothing at {value}: give an existing path.")
@@ -196,7 +254,25 @@ def demo_command(argv: list[str]) -> int:
     return demo_main(argv)
 
 
-COMMANDS = {"run": run_command, "list": list_command, "eval": eval_command, "demo": demo_command}
+def batch_command(argv: list[str]) -> int:
+    from bivdiff.batch import run_batch
+
+    args = build_batch_parser().parse_intermixed_args(argv)
+    bad = [item for item in args.overrides if "=" not in item]
+    if bad:
+        raise ConfigError(f"Unexpected argument(s) {', '.join(bad)}: give one JOBS file, then KEY=VALUE overrides.")
+    options = {name: getattr(args, name) for name in ("tiny", "checkpoints", "offline", "resume", "retry_failed")}
+    return run_batch(args.jobs, args.output_dir, args.overrides, **options, dry_run=args.dry_run,
+                     log=lambda text: print(text, flush=True))
+
+
+COMMANDS = {
+    "run": run_command,
+    "batch": batch_command,
+    "list": list_command,
+    "eval": eval_command,
+    "demo": demo_command,
+}
 
 
 def quiet_torchvision_notice():
@@ -223,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS.get(argv[0])
     if command is None:
         build_main_parser().print_usage(sys.stderr)
-        print(f"bivdiff: error: unknown command {argv[0]!r}: use run, list, eval or demo (bivdiff --help).", file=sys.stderr)
+        print(
+            f"bivdiff: error: unknown command {argv[0]!r}: use run, batch, list, eval or demo (bivdiff --help).",
+            file=sys.stderr,
+        )
         return 2
     try:
         return command(argv[1:])

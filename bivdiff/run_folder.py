@@ -1,12 +1,16 @@
 """The folder each run writes: a new `<output_root>/<config>-<timestamp>/` (never an earlier run's), holding every
-video as MP4 and GIF, a labelled side-by-side comparison, the resolved config and the run's statistics.
+video as MP4 and GIF, a labelled side-by-side comparison, the resolved config and the run's statistics. It is
+written under a hidden staging name and renamed when complete.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
+import shutil
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -22,23 +26,54 @@ MIN_TILE_WIDTH = 256
 LABEL_BAR = 0.11  # label bar height, as a fraction of the tile width
 
 
-def new_run_folder(output_root: str | os.PathLike, config_name: str, now: datetime | None = None) -> Path:
-    """Create and return a new folder `<config>-<YYYYmmdd-HHMMSS>` under `output_root`.
+STAGING = ".partial-"
 
-    `os.mkdir` fails if the name exists, so two runs (even in the same second, even in two processes) never share
-    a folder: the second takes the next free `-1`, `-2`, ... suffix.
-    """
+
+def staging_folder(output_root: str | os.PathLike, name: str, now: datetime | None = None) -> Path:
+    """A new hidden folder `.<name>-<YYYYmmdd-HHMMSS>.partial-XXXXXXXX` under `output_root` to write a run into;
+    `publish_run_folder` gives it its final name once complete, so a process killed mid-run leaves no folder that
+    looks like a run."""
     root = Path(output_root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
-    base = f"{config_name}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
+    base = f"{name}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
+    # mkdtemp makes the folder private (0700); a run folder is as readable as any other.
+    folder = Path(tempfile.mkdtemp(prefix=f".{base}{STAGING}", dir=root))
+    folder.chmod(0o777 & ~_umask())
+    return folder
+
+
+def publish_run_folder(staging: Path) -> Path:
+    """Rename a staging folder to `<name>-<timestamp>`, or the next free `-1`, `-2`, ... suffix.
+
+    A rename onto an existing run folder (never empty) fails, so two runs, even in two processes in the same
+    second, never share a folder.
+    """
+    base = staging.name[1:].rsplit(STAGING, 1)[0]
     for index in itertools.count():
-        folder = root / (base if index == 0 else f"{base}-{index}")
-        try:
-            os.mkdir(folder)
-            return folder
-        except FileExistsError:
+        folder = staging.with_name(base if index == 0 else f"{base}-{index}")
+        if folder.exists():
             continue
+        try:
+            os.rename(staging, folder)
+            return folder
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
     raise AssertionError("unreachable")
+
+
+def remove_staging_folders(output_root: Path) -> list[Path]:
+    """Delete the staging folders of runs that were killed; only safe while no run writes under `output_root`."""
+    stale = [p for p in Path(output_root).glob(f".*{STAGING}*") if p.is_dir()]
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: Path, text: str) -> None:

@@ -19,7 +19,7 @@ from bivdiff.config import RunConfig, load_config
 from bivdiff.errors import ConfigError, UserError
 from bivdiff.models_resolution import ResolvedModel, is_offline, resolve
 from bivdiff.tasks import Inputs, Task, task_for
-from bivdiff.video_io import VideoClip, default_clip_path, default_mask_path, read_video_clip
+from bivdiff.video_io import TooFewFramesError, VideoClip, default_clip_path, default_mask_path, read_video_clip
 
 FIRST_TRY = "controllable_video_generation_with_controlnet_and_zeroscope"
 TINY_NOTE = (
@@ -97,9 +97,9 @@ def read_input(config: RunConfig, dotted: str, as_mask: bool = False) -> tuple[V
         clip = read_video_clip(
             path, length, stride, start, model["height"], model["width"], model["resize_mode"], as_mask=as_mask
         )
-    except FileNotFoundError as err:
-        raise ConfigError(f"{dotted}: {err}") from err
-    except ValueError as err:
+    except (FileNotFoundError, ValueError) as err:
+        if not isinstance(err, TooFewFramesError):
+            raise ConfigError(f"{dotted}: {err}") from err
         raise ConfigError(
             f"{dotted}: {err}\nIn config terms: Model.video_length={length} frames at Model.frame_rate={stride} "
             f"(the frame stride) from Model.start_frame={start} need {start + (length - 1) * stride + 1} source "
@@ -168,9 +168,10 @@ def make_scheduler(name: str, config: dict):
     return getattr(diffusers, class_name).from_config(config)
 
 
-def build_pipeline(plan: Plan, device=None, dtype=None):
+def build_pipeline(plan: Plan, device=None, dtype=None, loaded: dict | None = None):
     """The task's pipeline on `device`: tiny random components, or the resolved models through the pipeline's
-    own `from_pretrained(SD-1.5, component=...)`, the video model and the task's models passed as components."""
+    own `from_pretrained(SD-1.5, component=...)`, every model passed as a component. `loaded` maps (location,
+    subfolder, class, dtype) to models loaded before, which are reused rather than read again, and gains the new."""
     import torch
 
     config, task = plan.config, plan.task
@@ -192,7 +193,7 @@ def build_pipeline(plan: Plan, device=None, dtype=None):
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
-        pipe = _load_pipeline(plan, dtype)
+        pipe = _load_pipeline(plan, dtype, {} if loaded is None else loaded)
     if config.model["video_window"]:
         pipe.enable_video_windows(size=config.model["video_window"], overlap=config.model["video_window_overlap"])
     if config.model["cpu_offload"]:
@@ -202,8 +203,8 @@ def build_pipeline(plan: Plan, device=None, dtype=None):
     return pipe
 
 
-def _load_pipeline(plan: Plan, dtype):
-    from diffusers import DDIMScheduler, UNet3DConditionModel
+def _load_pipeline(plan: Plan, dtype, loaded: dict):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet3DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from bivdiff.models import VidRDUNet3DConditionModel
@@ -214,9 +215,13 @@ def _load_pipeline(plan: Plan, dtype):
     where = dict(local_files_only=True, cache_dir=plan.cache_dir)
 
     def load(key: str, subfolder: str, cls):
-        args = {} if cls is CLIPTokenizer else {"dtype" if cls is CLIPTextModel else "torch_dtype": dtype}
-        return cls.from_pretrained(plan.models[key].location, **({"subfolder": subfolder} if subfolder else {}),
-                                   **where, **args)
+        location = plan.models[key].location
+        known = (location, subfolder, cls.__name__, str(dtype))
+        if known not in loaded:
+            args = {} if cls is CLIPTokenizer else {"dtype" if cls is CLIPTextModel else "torch_dtype": dtype}
+            loaded[known] = cls.from_pretrained(location, **({"subfolder": subfolder} if subfolder else {}), **where,
+                                                **args)
+        return loaded[known]
 
     def scheduler_config(key: str) -> dict:
         return dict(DDIMScheduler.load_config(plan.models[key].location, subfolder="scheduler", **where))
@@ -236,7 +241,10 @@ def _load_pipeline(plan: Plan, dtype):
         video_unet=load(key, unet, unet_class),
         video_text_encoder=load(key, text_encoder, CLIPTextModel),
         video_tokenizer=load(key, tokenizer, CLIPTokenizer),
-        **task.components(config, load),
+        vae=load("sd15", "vae", AutoencoderKL),
+        text_encoder=load("sd15", "text_encoder", CLIPTextModel),
+        tokenizer=load("sd15", "tokenizer", CLIPTokenizer),
+        **{"unet": load("sd15", "unet", UNet2DConditionModel), **task.components(config, load)},
         torch_dtype=dtype,
         **where,
     )
@@ -305,8 +313,6 @@ def run_config(
     `progress(step, total)` is called after each denoising step of temporal smoothing. Bad input raises the
     UserError subclasses whose messages `bivdiff run` prints, before any model loads.
     """
-    from bivdiff.run_folder import new_run_folder, write_json, write_outputs, write_text
-
     started = time.perf_counter()
     overrides = [*overrides, *([f"Model.output_path={output_dir}"] if output_dir is not None else [])]
     plan = plan_run(config, overrides, tiny, checkpoints, offline, cache_dir, download=not dry_run)
@@ -314,9 +320,66 @@ def run_config(
     if dry_run:
         log("Dry run: the config, the inputs and the models are all in place; nothing was run.")
         return None
+    return run_plan(plan, progress=progress, log=log, started=started)
+
+
+class PipelineCache:
+    """The pipeline of the last model set built, kept for the next plan with the same `Plan.model_set`. A plan with
+    another set gets a new pipeline that reuses the models both sets share (only what differs is loaded), and the
+    models only the old set used are let go: one model set in memory at a time."""
+
+    def __init__(self):
+        self.key, self.pipe, self.loaded = None, None, {}
+
+    def get(self, plan: Plan, device, dtype):
+        key = (plan.model_set, str(device), str(dtype))
+        if key != self.key:
+            # Offload hooks are attached to the models themselves, so offloaded models are not shared; models the
+            # new set does not name are let go before it loads.
+            locations = {resolved.location for resolved in plan.models.values()}
+            offload = plan.config.model["cpu_offload"]
+            loaded = {known: model for known, model in self.loaded.items() if known[0] in locations and not offload}
+            self.clear()
+            self.pipe, self.key = build_pipeline(plan, device, dtype, loaded), key
+            in_use = [id(component) for component in self.pipe.components.values()]
+            self.loaded = {known: model for known, model in loaded.items() if id(model) in in_use}
+        return self.pipe
+
+    def clear(self):
+        if self.pipe is not None:
+            import gc
+
+            import torch
+
+            self.key = self.pipe = None
+            self.loaded = {}
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def run_plan(
+    plan: Plan,
+    *,
+    output_root: str | os.PathLike | None = None,
+    name: str | None = None,
+    pipelines: PipelineCache | None = None,
+    device=None,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] = lambda text: None,
+    started: float | None = None,
+) -> Path:
+    """Run a checked plan into a new run folder `<output_root>/<name>-<timestamp>/` (default: Model.output_path and
+    the config's name), written under a staging name and renamed when complete; returns the folder.
+
+    `pipelines` keeps a built pipeline for the next plan with the same model set (a batch passes one). A failed
+    run's folder holds error.txt with the traceback, and the exception carries it as `run_folder`.
+    """
+    from bivdiff.run_folder import publish_run_folder, staging_folder, write_json, write_outputs, write_text
+
+    started = time.perf_counter() if started is None else started
     config = plan.config
-    folder = new_run_folder(config.model["output_path"], config.name)
-    log(f"output: {folder}")
+    folder = staging_folder(output_root or config.model["output_path"], name or config.name)
     header = [f"# Resolved config of this run of {config.name}. Rerun it with:", f"#   {config.rerun_command()}"]
     header += ["# A --tiny run: random weights, the pictures are noise."] if config.tiny else []
     write_text(folder / "config.yaml", "\n".join(header) + "\n" + config.to_yaml())
@@ -332,25 +395,44 @@ def run_config(
         plan.inputs = plan.task.annotate(config, plan.inputs, plan.models)
         lap("conditions")
         log("Building tiny models ..." if config.tiny else "Loading models ...")
-        device, dtype = pick_device(config.model["device"]), pick_dtype(config)
-        pipe = build_pipeline(plan, device, dtype)
-        lap("load_models")
-        result, calls = run_job(pipe, plan, progress)
+        device, dtype = device or pick_device(config.model["device"]), pick_dtype(config)
+        try:
+            pipe = (pipelines or PipelineCache()).get(plan, device, dtype)
+            lap("load_models")
+            result, calls = run_job(pipe, plan, progress)
+        except MemoryError as err:
+            raise UserError(out_of_memory_message(plan, device, err)) from err
+        except RuntimeError as err:
+            if "out of memory" not in str(err).lower():  # torch.OutOfMemoryError, MPS's plain RuntimeError
+                raise
+            raise UserError(out_of_memory_message(plan, device, err)) from err
         lap("pipeline")
         log("Writing videos ...")
         files = write_outputs(folder, plan, result)
         lap("write_outputs")
+        seconds["total"] = time.perf_counter() - started
+        write_json(folder / "stats.json", run_stats(plan, pipe, result, calls, seconds, files, device, dtype))
     except BaseException as err:
         write_text(folder / "error.txt", "".join(traceback.format_exception(err)))
+        err.run_folder = folder = publish_run_folder(folder)
         log(f"The run failed; details in {folder / 'error.txt'}")
         raise
-    seconds["total"] = time.perf_counter() - started
-    write_json(folder / "stats.json", run_stats(plan, pipe, result, calls, seconds, files, device, dtype))
+    folder = publish_run_folder(folder)
     log(f"Done in {seconds['total']:.1f} s: {folder / 'video_by_bivdiff.mp4'}")
     log(f"Compare: {folder / 'comparison.mp4'}   Stats: {folder / 'stats.json'}")
     if config.tiny:
         log(TINY_NOTE)
     return folder
+
+
+def out_of_memory_message(plan: Plan, device, err: BaseException) -> str:
+    model = plan.config.model
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return (
+        f"Out of memory on {device} ({first_line}). Lower Model.frame_batch_size (now {model['frame_batch_size']}) "
+        f"and Model.decode_chunk_size (now {model['decode_chunk_size']}), turn on model offload with "
+        f"Model.cpu_offload=true, or smooth long videos in video windows with Model.video_window=8."
+    )
 
 
 def run_stats(plan: Plan, pipe, result, calls, seconds, files, device, dtype) -> dict:

@@ -122,8 +122,15 @@ def _frame_stream(path: Path, mode: str):
                 yield float(file.metadata()["fps"]) or None
             yield from ((lambda frame=frame: frame) for frame in file.iter(**options))
     except (OSError, RuntimeError, ValueError, SyntaxError, IndexError) as err:
-        raise ValueError(f"Cannot read video frames from {path}: {err}\nCheck that the file is a complete video.") \
-            from err
+        raise ValueError(f"Cannot read video frames from {path}: {_reason(err)}. Check that the file is a complete "
+                         "video.") from err
+
+
+def _reason(err: BaseException) -> str:
+    """imageio's message without ffmpeg's banner: its first part and ffmpeg's last line, the one naming the cause."""
+    head, _, stderr = str(err).partition("=== stderr ===")
+    last = [line.strip() for line in stderr.splitlines() if line.strip()][-1:]
+    return " ".join([head.strip().rstrip("."), *(f"({line})" for line in last)])
 
 
 def _open_image(file: Path, mode: str) -> np.ndarray:
@@ -133,6 +140,10 @@ def _open_image(file: Path, mode: str) -> np.ndarray:
         return iio.imread(file, plugin="pillow", mode=mode)
     except (OSError, ValueError) as err:
         raise ValueError(f"Cannot read the frame {file}: {err}. Replace or remove the file.") from err
+
+
+class TooFewFramesError(ValueError):
+    """A readable video with fewer frames than the selection needs."""
 
 
 def select_frames(loaders, path, num_frames: int | None, stride: int, start: int) -> list:
@@ -150,7 +161,7 @@ def select_frames(loaders, path, num_frames: int | None, stride: int, start: int
             raise ValueError(f"{path} holds no video frames: give a video with frames in it.")
         if num_frames is None:
             raise ValueError(f"{path} has {available} frames, none at or after start={start}. Lower start.")
-        raise ValueError(
+        raise TooFewFramesError(
             f"{path} has {available} frames, but num_frames={num_frames} at stride={stride} from start={start} "
             f"needs {stop}. Lower num_frames or stride: at stride {stride}, {fitting} frames fit from start {start}."
         )

@@ -13,7 +13,7 @@ from cli_helpers import FAST, only_run_folder, run_cli, stats
 
 from bivdiff import configs as shipped
 from bivdiff.config import load_config
-from bivdiff.run_folder import new_run_folder
+from bivdiff.run_folder import publish_run_folder, staging_folder
 from bivdiff.video_io import read_video, read_video_clip
 
 CONTROLNET_ZEROSCOPE = "controllable_video_generation_with_controlnet_and_zeroscope"
@@ -92,16 +92,35 @@ def test_tiny_depth_config_stands_canny_in_for_the_annotator(tmp_path, capsys):
 # Run folders
 
 
+def staged_run(root, name, now):
+    folder = staging_folder(root, name, now)
+    (folder / "config.yaml").write_text("")
+    return folder
+
+
+def test_staging_folder_is_hidden_until_published(tmp_path):
+    folder = staging_folder(tmp_path, "task")
+    umask = os.umask(0)
+    os.umask(umask)
+    # As readable as any folder the user makes, not private as tempfile makes it.
+    assert folder.name.startswith(".task-") and folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    (folder / "stats.json").write_text("{}")
+    published = publish_run_folder(folder)
+    assert [p.name for p in tmp_path.iterdir()] == [published.name] and (published / "stats.json").exists()
+
+
 def test_two_runs_in_the_same_second_get_two_folders(tmp_path):
     now = datetime(2024, 6, 1, 12, 0, 0)
-    first = new_run_folder(tmp_path, "task", now)
-    second = new_run_folder(tmp_path, "task", now)
+    first, second = (publish_run_folder(staged_run(tmp_path, "task", now)) for _ in range(2))
     assert first != second and first.name == "task-20240601-120000" and second.name == "task-20240601-120000-1"
 
 
 def test_concurrent_runs_never_share_a_folder(tmp_path):
     now, folders = datetime(2024, 6, 1, 12, 0, 0), []
-    threads = [threading.Thread(target=lambda: folders.append(new_run_folder(tmp_path, "t", now))) for _ in range(8)]
+    def run():
+        folders.append(publish_run_folder(staged_run(tmp_path, "t", now)))
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -151,6 +170,15 @@ def test_missing_input_video_is_named(tmp_path, capsys):
     assert code == 2 and "Model.video_path: no file or folder at" in err
 
 
+def test_unreadable_input_video_is_named_in_one_line(tmp_path, capsys):
+    (tmp_path / "broken.mp4").write_bytes(b"\x00not a video" * 100)
+    video = f"Model.video_path={tmp_path}/broken.mp4"
+    code, _, err = run_cli(capsys, "run", "--tiny", CONTROLNET_ZEROSCOPE, video)
+    assert code == 2 and err.startswith("error: Model.video_path: Cannot read video frames from")
+    assert "Check that the file is a complete video" in err and len(err.splitlines()) == 1
+    assert "ffmpeg version" not in err and "In config terms" not in err
+
+
 def test_unknown_config_name_suggests_the_shipped_one(capsys):
     code, _, err = run_cli(capsys, "run", "--tiny", "--config-name", "controlnet_and_zeroscope")
     assert code == 2 and CONTROLNET_ZEROSCOPE in err
@@ -198,7 +226,7 @@ def test_list_shows_every_config_with_its_description(capsys):
 
 def test_unknown_command_is_refused(capsys):
     code, _, err = run_cli(capsys, "render")
-    assert code == 2 and "run, list, eval or demo" in err
+    assert code == 2 and "run, batch, list, eval or demo" in err
 
 
 def test_demo_without_gradio_says_how_to_install_it(capsys, monkeypatch):

@@ -193,6 +193,17 @@ def test_bad_input_fails_before_any_model_runs(pipe, overrides, message):
     assert sum(calls.values()) == 0
 
 
+def test_video_model_of_another_latent_space_is_named():
+    from diffusers import UNet3DConditionModel
+
+    eight_channels = UNet3DConditionModel.from_config({**tiny_video_unet().config, "in_channels": 8})
+    pipe = make_pipe(video_unet=eight_channels)
+    with count_forward_calls(**all_models(pipe)) as calls:
+        with pytest.raises(ValueError, match="8-channel latents but the VAE makes 4.*latent space"):
+            pipe(**inputs())
+    assert sum(calls.values()) == 0
+
+
 def test_mismatched_video_text_encoder_is_named():
     pipe = make_pipe(video_text_encoder=tiny_text_encoder(hidden_size=32))
     with count_forward_calls(**all_models(pipe)) as calls:
