@@ -165,7 +165,10 @@ def make_scheduler(name: str, config: dict):
 
     class_name = SCHEDULER_CLASSES.get(name, name) + "Scheduler"
     class_name = config.get("_class_name", "DDIMScheduler") if name == "default" else class_name
-    return getattr(diffusers, class_name).from_config(config)
+    # SD-1.5's own PNDM config skips the Runge-Kutta warm-up; a config without the key (DDIM's) would turn it on,
+    # which is another sampler and breaks below 4 steps.
+    extra = {"skip_prk_steps": config.get("skip_prk_steps", True)} if class_name == "PNDMScheduler" else {}
+    return getattr(diffusers, class_name).from_config(config, **extra)
 
 
 def build_pipeline(plan: Plan, device=None, dtype=None, loaded: dict | None = None):

@@ -293,3 +293,20 @@ def test_run_config_raises_the_command_lines_errors(tmp_path, capsys):
     code, _, printed = run_cli(capsys, "run", "--tiny", CONTROLNET_ZEROSCOPE, "Model.num_inference_step=3")
     assert code == 2 and printed == f"error: {err.value}\n"
     assert not any(tmp_path.iterdir())
+
+
+def test_pndm_from_a_ddim_config_samples_like_sd15s_own_pndm():
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    from bivdiff.runner import make_scheduler
+
+    ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    pndm = make_scheduler("PNDM", dict(ddim.config))
+    sd15 = PNDMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, skip_prk_steps=True
+    )
+    assert isinstance(pndm, PNDMScheduler) and pndm.config.skip_prk_steps
+    for steps in (2, 50):
+        pndm.set_timesteps(steps)
+        sd15.set_timesteps(steps)
+        assert pndm.timesteps.tolist() == sd15.timesteps.tolist()
