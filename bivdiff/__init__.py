@@ -22,12 +22,13 @@ _EXPORTS = {
     "MixedInversionMixin": "bivdiff.pipelines",
     "BIVDiffDDIMInverseScheduler": "bivdiff.schedulers",
     "VidRDUNet3DConditionModel": "bivdiff.models",
+    "motion_unet_sharing_weights": "bivdiff.models",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from bivdiff.models import VidRDUNet3DConditionModel
+    from bivdiff.models import VidRDUNet3DConditionModel, motion_unet_sharing_weights
     from bivdiff.pipelines import (
         BIVDiffControllablePipeline,
         BIVDiffInpaintPipeline,
