@@ -119,15 +119,16 @@ def video_seconds(result: dict) -> float:
     return sum(e["seconds"] or 0 for e in stage_summary(result["stage_log"], {}) if e["stage"] in VIDEO_STAGES)
 
 
-def print_report(results: list[dict]) -> None:
-    for result in results:
-        print(f"\n{result['model']} ({result['attention']}):")
-        if "error" in result:
-            print(f"  not run: {result['error']}")
-            continue
-        print_stage_table(result["stage_log"], result["calls"], indent="  ")
-        print(f"  {'total':<24}{result['seconds']:10.3f}{mib(result['peak']):>10}")
+def print_stages(result: dict) -> None:
+    print(f"\n{result['model']} ({result['attention']}):")
+    if "error" in result:
+        print(f"  not run: {result['error']}")
+        return
+    print_stage_table(result["stage_log"], result["calls"], indent="  ")
+    print(f"  {'total':<24}{result['seconds']:10.3f}{mib(result['peak']):>10}", flush=True)
 
+
+def print_summary(results: list[dict]) -> None:
     ran = [r for r in results if "error" not in r]
     base = ran[0] if ran else None
     header = f"{'total s':>10}{'video s':>10}{'x total':>9}{'x video':>9}{'peak MiB':>10}{'weights MiB':>13}"
@@ -187,7 +188,8 @@ def main(argv=None):
     for name in args.models:
         print(f"running {name} ...", flush=True)
         results.append(benchmark_model(name, image, call, device, dtype, args.xformers))
-    print_report(results)
+        print_stages(results[-1])  # as soon as it is known, so a run cut short still reports the models it ran
+    print_summary(results)
     if device.type != "cuda":
         print(f"process peak RSS: {mib(peak_rss_bytes())} MiB (all models together)")
 
