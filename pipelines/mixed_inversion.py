@@ -1167,3 +1167,60 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
 
     def extra_outputs(self, call) -> dict:
         return {}
+
+# ---------------------------------------------------------------------- native clip lengths of the video models
+# Frames per clip each video model was trained on. AnimateDiff's motion modules accept up to
+# `motion_max_seq_length` (32) frames but were trained on 16; ZeroScope v2 576w was tuned from ModelScope on 24.
+NATIVE_NUM_FRAMES = {"animatediff": 16, "modelscope": 16, "zeroscope": 24, "vidrd": 8}
+
+
+def video_model_family(video_unet, name_hint: str | None = None) -> str | None:
+    """Which known video model `video_unet` is: a key of `NATIVE_NUM_FRAMES`, or None for an unknown model.
+
+    ModelScope and ZeroScope are both `UNet3DConditionModel`s with the same config (ZeroScope is a fine-tune), so
+    only a name tells them apart: `name_hint` (a Hub id or folder), else the `_name_or_path` that `from_pretrained`
+    records in the config; a `UNet3DConditionModel` without "zeroscope" in either is taken for ModelScope.
+    Classes are compared by name because this module never imports the project's own models.
+    """
+    kind = type(video_unet).__name__
+    if kind == "UNetMotionModel":
+        return "animatediff"
+    if kind == "VidRDUNet3DConditionModel":
+        return "vidrd"
+    if kind == "UNet3DConditionModel":
+        config = getattr(video_unet, "config", {})
+        names = f"{name_hint or ''} {config.get('_name_or_path', '') or ''}".lower()
+        return "zeroscope" if "zeroscope" in names else "modelscope"
+    return None
+
+
+def native_num_frames(video_unet, name_hint: str | None = None) -> int | None:
+    """The clip length `video_unet` was trained on, None when unknown.
+
+    A `native_num_frames` entry in the model's config wins (set it with
+    `video_unet.register_to_config(native_num_frames=24)`; it is saved with the model), then the model's family.
+    """
+    configured = getattr(video_unet, "config", {}).get("native_num_frames")
+    if configured is not None:
+        return int(configured)
+    family = video_model_family(video_unet, name_hint)
+    return NATIVE_NUM_FRAMES.get(family)
+
+
+def video_windows_for_clip(
+    num_frames: int,
+    native: int | None,
+    user_windows: tuple[int, int] | None | str = "native",
+    overlap: int = 4,
+) -> tuple[int, int] | None:
+    """(size, overlap) of the video UNet's temporal windows for a clip of `num_frames`, or None to run it whole.
+
+    `user_windows` is what the user chose: a (size, overlap) pair, None for the whole clip at once, or "native"
+    (nothing chosen): then a clip longer than the model's native length runs in windows of that length,
+    overlapping by `overlap` frames (at most half a window), and a clip no longer than it runs whole.
+    """
+    if user_windows != "native":
+        return user_windows
+    if native is None or num_frames <= native:
+        return None
+    return native, min(overlap, native // 2)

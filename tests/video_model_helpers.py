@@ -1,0 +1,36 @@
+"""Pipeline components with each kind of video model: ZeroScope/ModelScope, AnimateDiff and VidRD, all tiny."""
+
+from __future__ import annotations
+
+from pipeline_helpers import bivdiff_components
+
+from bivdiff.tiny_models import (
+    VIDEO_TEXT_DIM,
+    tiny_animatediff_components,
+    tiny_image_components,
+    tiny_modelscope_unet,
+    tiny_text_encoder,
+    tiny_tokenizer,
+    tiny_vidrd_unet,
+)
+
+VIDEO_MODELS = ("zeroscope", "modelscope", "animatediff", "vidrd")
+
+
+def video_model_components(video_model: str, **overrides) -> dict:
+    """Every component of a BIVDiff pipeline, the video side being `video_model`'s."""
+    if video_model == "animatediff":
+        image = tiny_image_components()
+        video = tiny_animatediff_components(image["unet"], image["text_encoder"], image["tokenizer"])
+        return {**image, **video, **overrides}
+    video_unets = {"modelscope": tiny_modelscope_unet, "vidrd": tiny_vidrd_unet}
+    if video_model in video_unets:
+        video = dict(
+            video_unet=video_unets[video_model](),
+            video_text_encoder=tiny_text_encoder(VIDEO_TEXT_DIM, seed=1),
+            video_tokenizer=tiny_tokenizer(),
+        )
+        return bivdiff_components(**video, **overrides)
+    if video_model == "zeroscope":
+        return bivdiff_components(**overrides)
+    raise ValueError(f"unknown video model {video_model!r}")
