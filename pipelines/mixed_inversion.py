@@ -481,6 +481,8 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
         self._video_windows = (size, overlap)
 
     def disable_video_windows(self):
+        """Run the video UNet on the whole clip, however long. Until either call, a clip longer than the video
+        model's native length (`native_num_frames`) runs in windows of that length."""
         self._video_windows = None
 
     # ------------------------------------------------------------------ the two model seams
@@ -510,7 +512,9 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
         self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
         """The video UNet's output on (B, C, F, h, w), whole clip or blended over temporal windows."""
-        size, overlap = getattr(self, "_video_windows", None) or (None, 0)
+        chosen = getattr(self, "_video_windows", "native")
+        native = native_num_frames(self.video_unet)
+        size, overlap = video_windows_for_clip(sample.shape[2], native, chosen) or (None, 0)
         windows = temporal_windows(sample.shape[2], size, overlap)
         if len(windows) == 1:
             return self.video_unet_noise(sample, timestep, encoder_hidden_states)
@@ -824,16 +828,23 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
             else:
                 negative = as_list(call.negative_prompt or "", call.num_prompts)
                 embeds.image_cond = self.encode_prompt(negative, device, k, lora_scale=lora_scale)[0]
-        embeds.video, embeds.video_negative = self.encode_video_prompt(
-            call.video_prompt,
-            device,
-            k,
-            call.negative_prompt,
-            call.video_prompt_embeds,
-            call.negative_video_prompt_embeds,
-        )
+        # AnimateDiff reads the image model's own CLIP: with the same encoder and the same words, the image
+        # embeddings are the video ones, so they are not encoded twice.
+        shared = self.video_text_encoder is self.text_encoder and self.video_tokenizer is self.tokenizer
+        if shared and embeds.image is not None and call.video_prompt == call.prompt and call.prompt is not None:
+            embeds.video, embeds.video_negative = embeds.image, embeds.image_negative
+        else:
+            embeds.video, embeds.video_negative = self.encode_video_prompt(
+                call.video_prompt,
+                device,
+                k,
+                call.negative_prompt,
+                call.video_prompt_embeds,
+                call.negative_video_prompt_embeds,
+            )
         if inversion_prompt is not None and call.mixing_ratio < 1:
-            embeds.video_cond = self.encode_video_prompt(inversion_prompt, device, k)[0]
+            reuse = shared and embeds.image_cond is not None
+            embeds.video_cond = embeds.image_cond if reuse else self.encode_video_prompt(inversion_prompt, device, k)[0]
         else:
             embeds.video_cond = embeds.video_negative
         return embeds
