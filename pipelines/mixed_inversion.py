@@ -843,8 +843,10 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
                 call.negative_video_prompt_embeds,
             )
         if inversion_prompt is not None and call.mixing_ratio < 1:
-            reuse = shared and embeds.image_cond is not None
-            embeds.video_cond = embeds.image_cond if reuse else self.encode_video_prompt(inversion_prompt, device, k)[0]
+            if shared and embeds.image_cond is not None:
+                embeds.video_cond = embeds.image_cond
+            else:
+                embeds.video_cond = self.encode_video_prompt(inversion_prompt, device, k)[0]
         else:
             embeds.video_cond = embeds.video_negative
         return embeds
@@ -1178,6 +1180,7 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
 
     def extra_outputs(self, call) -> dict:
         return {}
+
 
 # ---------------------------------------------------------------------- native clip lengths of the video models
 # Frames per clip each video model was trained on. AnimateDiff's motion modules accept up to

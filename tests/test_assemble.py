@@ -127,7 +127,8 @@ def test_script_refuses_to_overwrite(assemble, tmp_path, capsys):
 def test_animatediff_config_assembles_into_a_folder_with_a_motion_unet(assemble, tmp_path, modules_cache):
     name = "controllable_video_generation_with_controlnet_and_animatediff"
     overrides = ["Model.width=32", "Model.height=32", "Model.video_length=2"]
-    code = assemble.main(["--config-name", name, "--tiny", "--dtype", "fp32", "--output", str(tmp_path / "model"), *overrides])
+    output = ["--output", str(tmp_path / "model")]
+    code = assemble.main(["--config-name", name, "--tiny", "--dtype", "fp32", *output, *overrides])
     assert code == 0
     index = json.loads((tmp_path / "model" / "model_index.json").read_text())
     assert index["video_unet"] == ["diffusers", "UNetMotionModel"]

@@ -119,7 +119,7 @@ def test_new_video_models_are_listed_with_their_hub_ids_and_download_hints(tmp_p
         assert text.format(root=tmp_path / "checkpoints") in str(err.value), text
 
 
-def test_animatediff_is_built_on_the_image_models_own_sd15(tmp_path):
+def test_animatediff_is_built_on_the_image_models_own_sd15_and_zeroscope_knows_its_length(tmp_path):
     from bivdiff.runner import build_pipeline, plan_run
     from bivdiff.tiny_models import tiny_motion_adapter
 
@@ -131,6 +131,10 @@ def test_animatediff_is_built_on_the_image_models_own_sd15(tmp_path):
     # One SD-1.5 in memory: the motion UNet's spatial layers are the image UNet's, its text encoder the image one.
     assert pipe.video_unet.down_blocks[0].resnets is pipe.unet.down_blocks[0].resnets
     assert pipe.video_text_encoder is pipe.text_encoder and pipe.video_tokenizer is pipe.tokenizer
+
+    # ZeroScope has ModelScope's class and config: its 24-frame training length is written into the loaded config.
+    zeroscope = build_pipeline(plan_run(CONTROLNET_ZEROSCOPE, FAST, checkpoints=checkpoints, offline=True))
+    assert zeroscope.video_unet.config.native_num_frames == 24
 
 
 def test_annotator_weights_are_listed_when_an_annotator_is_used(tmp_path, monkeypatch):
