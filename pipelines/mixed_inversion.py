@@ -513,8 +513,9 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
     ) -> torch.Tensor:
         """The video UNet's output on (B, C, F, h, w), whole clip or blended over temporal windows."""
         chosen = getattr(self, "_video_windows", "native")
-        native = native_num_frames(self.video_unet)
-        size, overlap = video_windows_for_clip(sample.shape[2], native, chosen) or (None, 0)
+        if chosen == "native":  # nothing chosen: windows of the video model's training length for longer clips
+            chosen = video_windows_for_clip(sample.shape[2], native_num_frames(self.video_unet))
+        size, overlap = chosen or (None, 0)
         windows = temporal_windows(sample.shape[2], size, overlap)
         if len(windows) == 1:
             return self.video_unet_noise(sample, timestep, encoder_hidden_states)

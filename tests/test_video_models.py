@@ -18,7 +18,7 @@ STEPS = 2
 
 def make(name: str, video_model: str, **overrides):
     cls, extra, _, _ = CASES[name]
-    pipe = cls(**video_model_components(video_model, **{**extra, **overrides}))
+    pipe = cls(**video_model_components(video_model, **{**copy.deepcopy(extra), **overrides}))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
