@@ -21,26 +21,30 @@ from bivdiff import tiny_models as tiny
 from bivdiff.profiling import NetworkCallCounter, stage_summary
 
 
-def full_size_components() -> dict:
-    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel, UNet3DConditionModel
+def clip_text_encoder(hidden: int, layers: int, heads: int):
+    """A CLIP text tower with random weights: 768/12/12 is SD-1.5's CLIP-L, 1024/23/16 the OpenCLIP-H tower of
+    SD-2.x, ModelScope, ZeroScope and VidRD."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    def clip(hidden, layers, heads):
-        config = CLIPTextConfig(
-            hidden_size=hidden,
-            intermediate_size=4 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            vocab_size=49408,
-            max_position_embeddings=77,
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
-            hidden_act="quick_gelu" if hidden == 768 else "gelu",
-        )
-        return CLIPTextModel(config)
+    config = CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+        hidden_act="quick_gelu" if hidden == 768 else "gelu",
+    )
+    return CLIPTextModel(config)
 
-    sd_unet = dict(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+
+def full_size_image_components() -> dict:
+    """SD-1.5 UNet + ControlNet + VAE + CLIP-L at their real architectures, random weights."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+
     return dict(
         vae=AutoencoderKL(
             block_out_channels=(128, 256, 512, 512),
@@ -50,20 +54,38 @@ def full_size_components() -> dict:
             latent_channels=4,
             sample_size=512,
         ),
-        text_encoder=clip(768, 12, 12),
+        text_encoder=clip_text_encoder(768, 12, 12),
         tokenizer=tiny.tiny_tokenizer(),
-        unet=UNet2DConditionModel(**sd_unet),
+        unet=UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64),
         controlnet=ControlNetModel(cross_attention_dim=768, attention_head_dim=8),
-        video_unet=UNet3DConditionModel(),  # its defaults are ModelScope/ZeroScope's architecture
-        video_text_encoder=clip(1024, 23, 16),
-        video_tokenizer=tiny.tiny_tokenizer(),
         scheduler=tiny.tiny_scheduler(),
         inverse_scheduler=tiny.tiny_inverse_scheduler(),
     )
 
 
+def full_size_components() -> dict:
+    from diffusers import UNet3DConditionModel
+
+    return dict(
+        **full_size_image_components(),
+        video_unet=UNet3DConditionModel(),  # its defaults are ModelScope/ZeroScope's architecture
+        video_text_encoder=clip_text_encoder(1024, 23, 16),
+        video_tokenizer=tiny.tiny_tokenizer(),
+    )
+
+
 def tiny_components() -> dict:
     return {**tiny.tiny_image_components(), **tiny.tiny_video_components(), "controlnet": tiny.tiny_controlnet()}
+
+
+def print_stage_table(stage_log: list[dict], calls: dict[str, dict[str, int]], indent: str = "") -> None:
+    """Seconds, CUDA peak memory and network calls of each stage of one call."""
+    print(f"{indent}{'stage':<24}{'seconds':>10}{'peak MiB':>10}  model calls")
+    for entry in stage_summary(stage_log, calls):
+        peak = entry["peak_memory_bytes"]
+        models = ", ".join(f"{m} {n}" for m, n in sorted(entry["network_calls"].items()))
+        peak_text = f"{peak / 2**20:10.0f}" if peak is not None else f"{'-':>10}"
+        print(f"{indent}{entry['stage']:<24}{entry['seconds'] or 0:10.3f}{peak_text}  {models}")
 
 
 def synchronize(device):
@@ -119,12 +141,7 @@ def main(argv=None):
     # One full call with its per-stage breakdown.
     seconds, calls = timed(pipe, device, **{**call, "output_type": "np", "mixing_ratio": 0.5})
     print("\nper stage (mixing_ratio 0.5):")
-    print(f"{'stage':<24}{'seconds':>10}{'peak MiB':>10}  model calls")
-    for entry in stage_summary(pipe.stage_log, calls):
-        peak = entry["peak_memory_bytes"]
-        models = ", ".join(f"{m} {n}" for m, n in sorted(entry["network_calls"].items()))
-        peak_text = f"{peak / 2**20:10.0f}" if peak is not None else f"{'-':>10}"
-        print(f"{entry['stage']:<24}{entry['seconds'] or 0:10.3f}{peak_text}  {models}")
+    print_stage_table(pipe.stage_log, calls)
     print(f"{'total':<24}{seconds:10.3f}")
 
     # Ratios, each from runs made here, one after the other.

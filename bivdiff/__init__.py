@@ -21,9 +21,11 @@ _EXPORTS = {
     "MixedInversionMixin": "bivdiff.pipelines",
     "BIVDiffDDIMInverseScheduler": "bivdiff.schedulers",
     "VidRDUNet3DConditionModel": "bivdiff.models",
+    "motion_unet_sharing_weights": "bivdiff.models",
 }
 
 __all__ = sorted(_EXPORTS)
+
 
 def __getattr__(name: str):
     if name not in _EXPORTS:

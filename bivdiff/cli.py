@@ -14,7 +14,7 @@ from bivdiff.errors import ConfigError, UserError
 DESCRIPTION = """\
 BIVDiff (CVPR 2024): training-free video synthesis. An image diffusion model does the task on every frame
 (ControlNet, T2I-Adapter, InstructPix2Pix, Prompt2Prompt, SD Inpainting), Mixed Inversion and a text-to-video
-model (VidRD, ZeroScope) make the result temporally coherent.
+model (VidRD, ZeroScope, AnimateDiff, ModelScope) make the result temporally coherent.
 
 commands:
   run    run a task config on a video (the shipped demo clip by default); see: bivdiff run --help

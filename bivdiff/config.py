@@ -38,7 +38,7 @@ IDMS = (
     "StableDiffusionInpainting",
     "StableDiffusionOutpainting",
 )
-VDMS = ("VidRD", "ZeroScope")
+VDMS = ("VidRD", "ZeroScope", "AnimateDiff", "ModelScope")
 SCHEDULERS = ("default", "DDIM", "PNDM", "EulerAncestral", "Euler", "DPMSolverMultistep", "UniPC", "LMS")
 TINY_DEFAULTS = {"Model": {"width": 64, "height": 64, "video_length": 4, "num_inference_steps": 4}}
 
@@ -165,6 +165,17 @@ class ZeroScopeOptions:
 
 
 @dataclass
+class ModelScopeOptions:
+    ckpt_path: str = "./checkpoints/ModelScope/text-to-video-ms-1.7b"
+
+
+@dataclass
+class AnimateDiffOptions:
+    motion_adapter_path: str = "./checkpoints/AnimateDiff/animatediff-motion-adapter-v1-5-3"
+    pretrained_model_path: Optional[str] = None  # the SD-1.5-family base; None: the image model's own
+
+
+@dataclass
 class MixedInversionOptions:
     idm: str = one_of("SD-v15", "SD-v15")
     pretrained_model_path: str = "./checkpoints/stable-diffusion-v1-5"
@@ -172,7 +183,8 @@ class MixedInversionOptions:
 
 IDM_SCHEMAS = dict(zip(IDMS, (ControlNetOptions, T2IAdapterOptions, InstructPix2PixOptions, Prompt2PromptOptions,
                                InpaintingOptions, OutpaintingOptions)))
-VDM_SCHEMAS = {"VidRD": VidRDOptions, "ZeroScope": ZeroScopeOptions}
+VDM_SCHEMAS = {"VidRD": VidRDOptions, "ZeroScope": ZeroScopeOptions, "AnimateDiff": AnimateDiffOptions,
+               "ModelScope": ModelScopeOptions}
 SECTIONS = {"VDM": VDM_SCHEMAS, "IDM": IDM_SCHEMAS, "MixedInversion": MixedInversionOptions, "Model": ModelOptions}
 
 

@@ -55,11 +55,21 @@ CATALOGUE = {
                       True),
     "zeroscope": ("ZeroScope v2 576w", "ZeroScope/zeroscope_v2_576w", "cerspense/zeroscope_v2_576w", "CC-BY-NC-4.0",
                   False),
+    "modelscope": ("ModelScope text-to-video 1.7B", "ModelScope/text-to-video-ms-1.7b",
+                   "ali-vilab/text-to-video-ms-1.7b damo-vilab/text-to-video-ms-1.7b", "CC-BY-NC-4.0", False),
+    "animatediff": ("AnimateDiff motion adapter v1-5-3", "AnimateDiff/animatediff-motion-adapter-v1-5-3",
+                    "guoyww/animatediff-motion-adapter-v1-5-3 guoyww/animatediff-motion-adapter-v1-5-2", "Apache-2.0",
+                    True),
+    "animatediff-base": ("AnimateDiff's SD-1.5-family base model", "stable-diffusion-v1-5", "", _SD, True),
     "vidrd": ("VidRD (converted to diffusers)", "VidRD/diffusers", "",
               "the VidRD authors' terms (github.com/anonymous0x233/ReuseAndDiffuse)", False),
     "annotators": ("controlnet_aux annotator weights", "Annotators", "lllyasviel/Annotators",
                    "see lllyasviel/Annotators", False),
 }
+
+# Clip lengths a loaded model cannot tell by itself (ZeroScope has ModelScope's class and config), written into its
+# config as `native_num_frames`, which the pipelines read to choose default video windows.
+NATIVE_NUM_FRAMES = {"zeroscope": 24, "modelscope": 16}
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from bivdiff import configs as shipped
 from bivdiff.config import RunConfig, load_config
 from bivdiff.errors import ConfigError, UserError
-from bivdiff.models_resolution import ResolvedModel, is_offline, resolve
+from bivdiff.models_resolution import NATIVE_NUM_FRAMES, ResolvedModel, is_offline, resolve
 from bivdiff.tasks import Inputs, Task, task_for
 from bivdiff.video_io import TooFewFramesError, VideoClip, default_clip_path, default_mask_path, read_video_clip
 
@@ -186,8 +186,13 @@ def build_pipeline(plan: Plan, device=None, dtype=None, loaded: dict | None = No
         components = {**tiny.tiny_image_components(0, task.unet_in_channels), **tiny.tiny_video_components(0)}
         if task.unet_in_channels != 4:
             components["inversion_unet"] = tiny.tiny_unet(4, seed=1)
-        if config.vdm == "VidRD":
-            components["video_unet"] = tiny.tiny_vidrd_unet(seed=0)
+        video_unets = {"VidRD": tiny.tiny_vidrd_unet, "ModelScope": tiny.tiny_modelscope_unet}
+        if config.vdm in video_unets:
+            components["video_unet"] = video_unets[config.vdm](seed=0)
+        if config.vdm == "AnimateDiff":
+            base = components.get("inversion_unet") or components["unet"]
+            text = components["text_encoder"], components["tokenizer"]
+            components.update(tiny.tiny_animatediff_components(base, *text))
         components.update(task.tiny_components(config))
         components["scheduler"] = make_scheduler(config.idm_options["scheduler"], tiny.sd15_scheduler_config())
         pipe = task.pipeline_class()(**components)
@@ -229,10 +234,29 @@ def _load_pipeline(plan: Plan, dtype, loaded: dict):
     def scheduler_config(key: str) -> dict:
         return dict(DDIMScheduler.load_config(plan.models[key].location, subfolder="scheduler", **where))
 
-    key, unet, text_encoder, tokenizer, unet_class = {
-        "ZeroScope": ("zeroscope", "unet", "text_encoder", "tokenizer", UNet3DConditionModel),
-        "VidRD": ("vidrd", "video_unet", "video_text_encoder", "video_tokenizer", VidRDUNet3DConditionModel),
-    }[config.vdm]
+    # SD-1.5's parts go through `load` too, so a batch reuses them across model sets; a task's own UNet (8 or 9
+    # input channels) replaces SD-1.5's under `unet`.
+    extra = dict(
+        vae=load("sd15", "vae", AutoencoderKL),
+        text_encoder=load("sd15", "text_encoder", CLIPTextModel),
+        tokenizer=load("sd15", "tokenizer", CLIPTokenizer),
+        **{"unet": load("sd15", "unet", UNet2DConditionModel), **task.components(config, load)},
+    )
+    if config.vdm == "AnimateDiff":
+        video = _animatediff_components(config, load, extra)
+    else:
+        key, unet, text_encoder, tokenizer, unet_class = {
+            "ZeroScope": ("zeroscope", "unet", "text_encoder", "tokenizer", UNet3DConditionModel),
+            "ModelScope": ("modelscope", "unet", "text_encoder", "tokenizer", UNet3DConditionModel),
+            "VidRD": ("vidrd", "video_unet", "video_text_encoder", "video_tokenizer", VidRDUNet3DConditionModel),
+        }[config.vdm]
+        video = dict(
+            video_unet=load(key, unet, unet_class),
+            video_text_encoder=load(key, text_encoder, CLIPTextModel),
+            video_tokenizer=load(key, tokenizer, CLIPTokenizer),
+        )
+        if key in NATIVE_NUM_FRAMES:
+            video["video_unet"].register_to_config(native_num_frames=NATIVE_NUM_FRAMES[key])
     sd15_scheduler = scheduler_config("sd15")
     # Smoothing derives its DDIM schedule from stage 1's scheduler config, so SD-1.5's DDIM settings (no sample
     # clipping, alphas_cumprod[0] as the final alpha) lie under the IDM's own sampler keys.
@@ -241,16 +265,31 @@ def _load_pipeline(plan: Plan, dtype, loaded: dict):
         plan.models["sd15"].location,
         scheduler=make_scheduler(config.idm_options["scheduler"], idm_scheduler),
         inverse_scheduler=BIVDiffDDIMInverseScheduler.from_config(sd15_scheduler),
-        video_unet=load(key, unet, unet_class),
-        video_text_encoder=load(key, text_encoder, CLIPTextModel),
-        video_tokenizer=load(key, tokenizer, CLIPTokenizer),
-        vae=load("sd15", "vae", AutoencoderKL),
-        text_encoder=load("sd15", "text_encoder", CLIPTextModel),
-        tokenizer=load("sd15", "tokenizer", CLIPTokenizer),
-        **{"unet": load("sd15", "unet", UNet2DConditionModel), **task.components(config, load)},
+        **video,
+        **extra,
         torch_dtype=dtype,
         **where,
     )
+
+
+def _animatediff_components(config, load, extra: dict) -> dict:
+    """AnimateDiff's video side: a motion UNet on the base SD-1.5 UNet's own weights, and that model's CLIP as the
+    video text encoder. On the image model's own SD-1.5 (the default) they are the image side's objects, added to
+    `extra`: SD-1.5 is held once and each prompt encoded once."""
+    from diffusers import MotionAdapter, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from bivdiff.models import motion_unet_sharing_weights
+
+    own = config.vdm_options["pretrained_model_path"] is None
+    base, owner = ("sd15", extra) if own else ("animatediff-base", {})
+    slot = "inversion_unet" if "inversion_unet" in extra else "unet"  # SD-1.5's UNet beside an IDM's own
+    for name, subfolder, cls in ((slot, "unet", UNet2DConditionModel), ("text_encoder", "text_encoder",
+                                 CLIPTextModel), ("tokenizer", "tokenizer", CLIPTokenizer)):
+        if name not in owner:
+            owner[name] = load(base, subfolder, cls)
+    video_unet = motion_unet_sharing_weights(owner[slot], load("animatediff", "", MotionAdapter))
+    return dict(video_unet=video_unet, video_text_encoder=owner["text_encoder"], video_tokenizer=owner["tokenizer"])
 
 
 def call_arguments(plan: Plan, generator) -> dict:

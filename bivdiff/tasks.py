@@ -26,6 +26,12 @@ SD15_PARTS = (
 ZEROSCOPE_PARTS = (Part("unet", "model"), Part("text_encoder", "model"), Part("tokenizer", "tokenizer"))
 VIDRD_PARTS = (Part("video_unet", "model"), Part("video_text_encoder", "model"), Part("video_tokenizer", "tokenizer"))
 UNET_AND_SAMPLER = (Part("unet", "model"), Part("scheduler", "scheduler"))
+# Model.vdm -> (catalogue key, the VDM option naming its folder, the parts read); VidRD's folder is converted.
+VIDEO_MODELS = {
+    "ZeroScope": ("zeroscope", "ckpt_path", ZEROSCOPE_PARTS),
+    "ModelScope": ("modelscope", "ckpt_path", ZEROSCOPE_PARTS),
+    "AnimateDiff": ("animatediff", "motion_adapter_path", (Part("", "model"),)),
+}
 
 
 @dataclass
@@ -55,15 +61,18 @@ class Task:
     def model_specs(self, config: RunConfig, root: Path) -> list:
         sd15 = checkpoint_path(config.mixed_inversion["pretrained_model_path"], root, "stable-diffusion-v1-5")
         options = config.vdm_options
-        if config.vdm == "ZeroScope":
-            local = checkpoint_path(options["ckpt_path"], root, "ZeroScope/zeroscope_v2_576w")
-            video = spec("zeroscope", ZEROSCOPE_PARTS, local)
+        if config.vdm in VIDEO_MODELS:
+            key, option, parts = VIDEO_MODELS[config.vdm]
+            video = [spec(key, parts, checkpoint_path(options[option], root, CATALOGUE[key][1]))]
         else:
             folder = checkpoint_path(options["diffusers_path"], root, "VidRD/diffusers")
             checkpoint = checkpoint_path(options["ckpt_path"], root, "VidRD/ModelT2V.pth")
             sd21 = checkpoint_path(options["pretrained_model_path"], root, "stable-diffusion-2-1-base")
-            video = spec("vidrd", VIDRD_PARTS, folder, vidrd_instructions(checkpoint, sd21, folder))
-        return [spec("sd15", SD15_PARTS, sd15), video, *self.idm_specs(config, root)]
+            video = [spec("vidrd", VIDRD_PARTS, folder, vidrd_instructions(checkpoint, sd21, folder))]
+        if config.vdm == "AnimateDiff" and options["pretrained_model_path"] is not None:
+            base = checkpoint_path(options["pretrained_model_path"], root, "")
+            video.append(spec("animatediff-base", ZEROSCOPE_PARTS, base, f"a diffusers SD-1.5-family model in {base}"))
+        return [spec("sd15", SD15_PARTS, sd15), *video, *self.idm_specs(config, root)]
 
     def idm_specs(self, config: RunConfig, root: Path) -> list:
         if self.idm_model is None:

@@ -184,9 +184,58 @@ def tiny_vidrd_unet(seed: int = 0):
         cross_attention_dim=VIDEO_TEXT_DIM,
         attention_head_dim=(2, 2),
     )
-    # Zero-initialised temporal outputs would make the temporal layers idle; give them small random weights.
+    return _wake_temporal_layers(unet).eval()
+
+
+def _wake_temporal_layers(unet):
+    """Zero-initialised temporal outputs would make the temporal layers idle; give them small random weights."""
     with torch.no_grad():
         for name, param in unet.named_parameters():
             if "temp" in name and torch.count_nonzero(param) == 0:
                 param.normal_(0, 0.02)
-    return unet.eval()
+    return unet
+
+
+def tiny_modelscope_unet(seed: int = 0):
+    """ModelScope-shaped UNet3DConditionModel at ModelScope's GroupNorm width (32 groups, so 32 channels)
+    with its temporal layers awake, where `tiny_video_unet` keeps the narrow widths of the other tiny models."""
+    from diffusers import UNet3DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet3DConditionModel(
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        sample_size=16,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=VIDEO_TEXT_DIM,
+        attention_head_dim=8,
+    )
+    return _wake_temporal_layers(unet).eval()
+
+
+def tiny_motion_adapter(seed: int = 0):
+    """AnimateDiff MotionAdapter for `tiny_unet` (its widths, one layer per block, a mid-block motion module)."""
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(seed)
+    return MotionAdapter(
+        block_out_channels=(8, 16),
+        motion_layers_per_block=1,
+        motion_num_attention_heads=2,
+        motion_norm_num_groups=2,
+        motion_max_seq_length=32,
+        use_motion_mid_block=True,
+    ).eval()
+
+
+def tiny_animatediff_components(unet, text_encoder, tokenizer, seed: int = 0) -> dict:
+    """The AnimateDiff video side for an SD-1.5-family image side: a motion UNet on `unet`'s own spatial weights,
+    and the image text encoder and tokenizer as the video ones (AnimateDiff reads SD-1.5's CLIP embeddings)."""
+    from bivdiff.models import motion_unet_sharing_weights
+
+    return dict(
+        video_unet=motion_unet_sharing_weights(unet, tiny_motion_adapter(seed)),
+        video_text_encoder=text_encoder,
+        video_tokenizer=tokenizer,
+    )

@@ -481,6 +481,8 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
         self._video_windows = (size, overlap)
 
     def disable_video_windows(self):
+        """Run the video UNet on the whole clip, however long. Until either call, a clip longer than the video
+        model's native length (`native_num_frames`) runs in windows of that length."""
         self._video_windows = None
 
     # ------------------------------------------------------------------ the two model seams
@@ -510,7 +512,10 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
         self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
         """The video UNet's output on (B, C, F, h, w), whole clip or blended over temporal windows."""
-        size, overlap = getattr(self, "_video_windows", None) or (None, 0)
+        chosen = getattr(self, "_video_windows", "native")
+        if chosen == "native":  # nothing chosen: windows of the video model's training length for longer clips
+            chosen = video_windows_for_clip(sample.shape[2], native_num_frames(self.video_unet))
+        size, overlap = chosen or (None, 0)
         windows = temporal_windows(sample.shape[2], size, overlap)
         if len(windows) == 1:
             return self.video_unet_noise(sample, timestep, encoder_hidden_states)
@@ -824,16 +829,25 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
             else:
                 negative = as_list(call.negative_prompt or "", call.num_prompts)
                 embeds.image_cond = self.encode_prompt(negative, device, k, lora_scale=lora_scale)[0]
-        embeds.video, embeds.video_negative = self.encode_video_prompt(
-            call.video_prompt,
-            device,
-            k,
-            call.negative_prompt,
-            call.video_prompt_embeds,
-            call.negative_video_prompt_embeds,
-        )
+        # AnimateDiff reads the image model's own CLIP: with the same encoder and the same words, the image
+        # embeddings are the video ones, so they are not encoded twice.
+        shared = self.video_text_encoder is self.text_encoder and self.video_tokenizer is self.tokenizer
+        if shared and embeds.image is not None and call.video_prompt == call.prompt and call.prompt is not None:
+            embeds.video, embeds.video_negative = embeds.image, embeds.image_negative
+        else:
+            embeds.video, embeds.video_negative = self.encode_video_prompt(
+                call.video_prompt,
+                device,
+                k,
+                call.negative_prompt,
+                call.video_prompt_embeds,
+                call.negative_video_prompt_embeds,
+            )
         if inversion_prompt is not None and call.mixing_ratio < 1:
-            embeds.video_cond = self.encode_video_prompt(inversion_prompt, device, k)[0]
+            if shared and embeds.image_cond is not None:
+                embeds.video_cond = embeds.image_cond
+            else:
+                embeds.video_cond = self.encode_video_prompt(inversion_prompt, device, k)[0]
         else:
             embeds.video_cond = embeds.video_negative
         return embeds
@@ -1167,3 +1181,61 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
 
     def extra_outputs(self, call) -> dict:
         return {}
+
+
+# ---------------------------------------------------------------------- native clip lengths of the video models
+# Frames per clip each video model was trained on. AnimateDiff's motion modules accept up to
+# `motion_max_seq_length` (32) frames but were trained on 16; ZeroScope v2 576w was tuned from ModelScope on 24.
+NATIVE_NUM_FRAMES = {"animatediff": 16, "modelscope": 16, "zeroscope": 24, "vidrd": 8}
+
+
+def video_model_family(video_unet, name_hint: str | None = None) -> str | None:
+    """Which known video model `video_unet` is: a key of `NATIVE_NUM_FRAMES`, or None for an unknown model.
+
+    ModelScope and ZeroScope are both `UNet3DConditionModel`s with the same config (ZeroScope is a fine-tune), so
+    only a name tells them apart: `name_hint` (a Hub id or folder), else the `_name_or_path` that `from_pretrained`
+    records in the config; a `UNet3DConditionModel` without "zeroscope" in either is taken for ModelScope.
+    Classes are compared by name because this module never imports the project's own models.
+    """
+    kind = type(video_unet).__name__
+    if kind == "UNetMotionModel":
+        return "animatediff"
+    if kind == "VidRDUNet3DConditionModel":
+        return "vidrd"
+    if kind == "UNet3DConditionModel":
+        config = getattr(video_unet, "config", {})
+        names = f"{name_hint or ''} {config.get('_name_or_path', '') or ''}".lower()
+        return "zeroscope" if "zeroscope" in names else "modelscope"
+    return None
+
+
+def native_num_frames(video_unet, name_hint: str | None = None) -> int | None:
+    """The clip length `video_unet` was trained on, None when unknown.
+
+    A `native_num_frames` entry in the model's config wins (set it with
+    `video_unet.register_to_config(native_num_frames=24)`; it is saved with the model), then the model's family.
+    """
+    configured = getattr(video_unet, "config", {}).get("native_num_frames")
+    if configured is not None:
+        return int(configured)
+    family = video_model_family(video_unet, name_hint)
+    return NATIVE_NUM_FRAMES.get(family)
+
+
+def video_windows_for_clip(
+    num_frames: int,
+    native: int | None,
+    user_windows: tuple[int, int] | None | str = "native",
+    overlap: int = 4,
+) -> tuple[int, int] | None:
+    """(size, overlap) of the video UNet's temporal windows for a clip of `num_frames`, or None to run it whole.
+
+    `user_windows` is what the user chose: a (size, overlap) pair, None for the whole clip at once, or "native"
+    (nothing chosen): then a clip longer than the model's native length runs in windows of that length,
+    overlapping by `overlap` frames (at most half a window), and a clip no longer than it runs whole.
+    """
+    if user_windows != "native":
+        return user_windows
+    if native is None or num_frames <= native:
+        return None
+    return native, min(overlap, native // 2)

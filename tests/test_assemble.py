@@ -122,3 +122,22 @@ def test_script_refuses_to_overwrite(assemble, tmp_path, capsys):
     code = assemble.main(["--config-name", CONFIG, "--tiny", "--output", str(tmp_path / "model"), *OVERRIDES])
     assert code == 1 and "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "model" / "keep.txt").read_text() == "mine"
+
+
+def test_animatediff_config_assembles_into_a_folder_with_a_motion_unet(assemble, tmp_path, modules_cache):
+    name = "controllable_video_generation_with_controlnet_and_animatediff"
+    overrides = ["Model.width=32", "Model.height=32", "Model.video_length=2"]
+    output = ["--output", str(tmp_path / "model")]
+    code = assemble.main(["--config-name", name, "--tiny", "--dtype", "fp32", *output, *overrides])
+    assert code == 0
+    index = json.loads((tmp_path / "model" / "model_index.json").read_text())
+    assert index["video_unet"] == ["diffusers", "UNetMotionModel"]
+    loaded = BIVDiffControllablePipeline.from_pretrained(tmp_path / "model", trust_remote_code=True)
+    edges = np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32)
+    args = dict(prompt="a red car", num_inference_steps=2, mixing_ratio=0.5, output_type="np")
+
+    def run(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(conditioning_frames=edges, generator=torch.Generator().manual_seed(0), **args).frames
+
+    np.testing.assert_allclose(run(loaded), run(build_pipeline(plan_run(name, overrides, tiny=True))), atol=1e-5)

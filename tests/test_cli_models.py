@@ -88,6 +88,55 @@ def test_vidrd_is_explained_as_a_conversion(tmp_path):
     assert "stabilityai/stable-diffusion-2-1-base" in message
 
 
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        (
+            "controllable_video_generation_with_controlnet_and_animatediff",
+            (
+                "AnimateDiff motion adapter v1-5-3",
+                "guoyww/animatediff-motion-adapter-v1-5-3, guoyww/animatediff-motion-adapter-v1-5-2",
+                'hf download guoyww/animatediff-motion-adapter-v1-5-3 --include "*.json" --include "*.safetensors"',
+                "--local-dir {root}/AnimateDiff/animatediff-motion-adapter-v1-5-3",
+            ),
+        ),
+        (
+            "controllable_video_generation_with_controlnet_and_modelscope",
+            (
+                "ModelScope text-to-video 1.7B [unet, text_encoder, tokenizer]",
+                "ali-vilab/text-to-video-ms-1.7b, damo-vilab/text-to-video-ms-1.7b",
+                'hf download ali-vilab/text-to-video-ms-1.7b --include "unet/*"',
+                "--local-dir {root}/ModelScope/text-to-video-ms-1.7b",
+            ),
+        ),
+    ],
+)
+def test_new_video_models_are_listed_with_their_hub_ids_and_download_hints(tmp_path, name, expected):
+    config = load_config(shipped.config_path(name))
+    with pytest.raises(MissingModelsError) as err:
+        resolve(task_for(config).model_specs(config, tmp_path / "checkpoints"), offline=True)
+    for text in expected:
+        assert text.format(root=tmp_path / "checkpoints") in str(err.value), text
+
+
+def test_animatediff_is_built_on_the_image_models_own_sd15_and_zeroscope_knows_its_length(tmp_path):
+    from bivdiff.runner import build_pipeline, plan_run
+    from bivdiff.tiny_models import tiny_motion_adapter
+
+    checkpoints = save_tiny_checkpoints(tmp_path / "checkpoints")
+    tiny_motion_adapter().save_pretrained(checkpoints / "AnimateDiff" / "animatediff-motion-adapter-v1-5-3")
+    name = "controllable_video_generation_with_controlnet_and_animatediff"
+    pipe = build_pipeline(plan_run(name, FAST, checkpoints=checkpoints, offline=True))
+    assert type(pipe.video_unet).__name__ == "UNetMotionModel"
+    # One SD-1.5 in memory: the motion UNet's spatial layers are the image UNet's, its text encoder the image one.
+    assert pipe.video_unet.down_blocks[0].resnets is pipe.unet.down_blocks[0].resnets
+    assert pipe.video_text_encoder is pipe.text_encoder and pipe.video_tokenizer is pipe.tokenizer
+
+    # ZeroScope has ModelScope's class and config: its 24-frame training length is written into the loaded config.
+    zeroscope = build_pipeline(plan_run(CONTROLNET_ZEROSCOPE, FAST, checkpoints=checkpoints, offline=True))
+    assert zeroscope.video_unet.config.native_num_frames == 24
+
+
 def test_annotator_weights_are_listed_when_an_annotator_is_used(tmp_path, monkeypatch):
     import sys
     import types

@@ -70,7 +70,9 @@ def load(name=CONTROLNET_ZEROSCOPE, overrides=(), tiny=False):
 
 
 def test_every_original_config_is_shipped_under_its_name():
-    assert shipped.config_names() == sorted(ORIGINAL)
+    # Beside them, the same tasks with the newer video models.
+    newer = ("_animatediff", "_modelscope")
+    assert [n for n in shipped.config_names() if not n.endswith(newer)] == sorted(ORIGINAL)
     for name in ORIGINAL:
         assert shipped.config_description(name)
 

@@ -4,6 +4,8 @@ callbacks, dtype, progress bars, early refusals and the CPU-offload order."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -61,7 +63,8 @@ NAMES = list(CASES)
 
 def make_pipe(name, **overrides):
     cls, extra, _, _ = CASES[name]
-    pipe = cls(**bivdiff_components(**{**extra, **overrides}))
+    # Copies: a test that casts or offloads its pipeline must not change the models of the next one.
+    pipe = cls(**bivdiff_components(**{**copy.deepcopy(extra), **overrides}))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
