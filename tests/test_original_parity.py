@@ -9,6 +9,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel, UNet3DConditionModel
@@ -146,12 +147,13 @@ def test_decode_to_8bit_frames_matches(models, rec):
 
 @torch.no_grad()
 def test_reencode_matches_posterior_mean_and_sample(models, rec):
-    """8-bit frames -> [-1, 1] -> VAE encode: the mean, and the sample with the recorded noise (one draw, all frames)."""
+    """8-bit frames -> [-1, 1] -> VAE encode: the mean, and the sample with the recorded noise (one draw)."""
     vae = models["vae"]
     frames = [frame.numpy() for frame in rec["idm_frames_u8"]]
-    pixels = VaeImageProcessor(vae_scale_factor=2).preprocess(np.stack(frames).astype(np.float32) / 255.0)
+    pixels = VaeImageProcessor(vae_scale_factor=2).preprocess([PIL.Image.fromarray(f) for f in frames])
     # The original's conversion: uint8 / 255 in float32, then 2x - 1.
-    assert torch.equal(pixels, torch.from_numpy(np.stack(frames).astype(np.float32) / 255.0).permute(0, 3, 1, 2) * 2 - 1)
+    unit = torch.from_numpy(np.stack(frames).astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+    assert torch.equal(pixels, unit * 2 - 1)
     dist = vae.encode(pixels.to(DTYPE)).latent_dist
     scale = vae.config.scaling_factor
     # 1e-6, not float64 precision: diffusers 0.14's VAE attention took its softmax in float32.
