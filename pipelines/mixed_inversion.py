@@ -1156,3 +1156,63 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
 
     def extra_outputs(self, call) -> dict:
         return {}
+
+
+# ---------------------------------------------------------------------- frame-pooled normalisation
+# The original release inverted frames with an SD-1.5 UNet "inflated" to 5-D (Tune-A-Video style): its ResNet norms
+# and output norm saw (B, C, F, h, w) tensors, so their GroupNorm statistics span all F frames of a clip, while its
+# transformer norms and attention ran per frame. No library offers that on a stock 2-D UNet, so these hooks give a
+# `UNet2DConditionModel` the same statistics on frames folded into the batch, without a second copy of its weights.
+# Hooks rather than replaced `forward`s, so accelerate's offload wrappers, PEFT layers and dtype casts stay intact.
+
+
+def frame_pooled_norms(unet: torch.nn.Module) -> list[torch.nn.GroupNorm]:
+    """The GroupNorms the inflated UNet pooled over frames: every ResNet's `norm1` and `norm2`, and `conv_norm_out`.
+
+    Transformer blocks' input norms are left out on purpose: the original folded frames into the batch before them.
+    """
+    from diffusers.models.resnet import ResnetBlock2D
+
+    norms = []
+    for module in unet.modules():
+        if isinstance(module, ResnetBlock2D):
+            norms += [module.norm1, module.norm2]
+    norms.append(getattr(unet, "conv_norm_out", None))
+    return [norm for norm in norms if type(norm) is torch.nn.GroupNorm]
+
+
+@contextlib.contextmanager
+def pool_group_norms_over_frames(unet: torch.nn.Module, num_frames: int):
+    """Within the block, `unet` normalises its ResNets and output over each clip's frames, not each frame alone.
+
+    Inputs are frames folded into the batch, `(B * num_frames, C, h, w)`, frame-major within each clip (as
+    `fold_frames` makes them; a CFG batch of such clips works too). Pass a window's length to pool over a window.
+
+    ```py
+    >>> with pool_group_norms_over_frames(unet, num_frames=8):
+    ...     eps = unet(fold_frames(z), t, encoder_hidden_states=cond.expand(8, -1, -1)).sample
+    ```
+    """
+    if num_frames < 1:
+        raise ValueError(f"`num_frames` must be at least 1, got {num_frames}.")
+
+    def to_clips(module, args):
+        hidden, *rest = args
+        if hidden.shape[0] % num_frames:
+            raise ValueError(f"A batch of {hidden.shape[0]} frames does not split into clips of {num_frames} frames.")
+        # (B * F, C, ...) -> (B, C, F, ...): GroupNorm then reduces over F too, as on the original's 5-D input.
+        clips = hidden.unflatten(0, (-1, num_frames)).transpose(1, 2)
+        return (clips, *rest)
+
+    def to_frames(module, args, output):
+        return output.transpose(1, 2).flatten(0, 1)
+
+    handles = []
+    try:
+        for norm in frame_pooled_norms(unet):
+            handles.append(norm.register_forward_pre_hook(to_clips))
+            handles.append(norm.register_forward_hook(to_frames))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
