@@ -129,17 +129,19 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
     _optional_components = ["inversion_unet", "inverse_scheduler"]
     output_class = BIVDiffPrompt2PromptPipelineOutput
     always_inverts_with_image_unet = True
+    derives_frame_generators = False
 
     # ------------------------------------------------------------------ stage 0: the source video's noise
     def invert_source(
-        self, latents: torch.Tensor, cond: torch.Tensor, num_steps: int, frame_batch_size: int
+        self, latents: torch.Tensor, cond: torch.Tensor, num_steps: int, frame_batch_size: int, pooled: bool = True
     ) -> torch.Tensor:
-        """DDIM-invert the source latents (1, C, F, h, w) with the image UNet only (r = 1), frame by frame."""
+        """DDIM-invert the source latents (1, C, F, h, w) with the image UNet only (r = 1), frame-pooled norms as
+        the original's inflated UNet unless `pooled` is off."""
         # The mixin's image branch does exactly this; only the progress bar's label differs (a user label wins).
         config = getattr(self, "_progress_bar_config", {})
         self._progress_bar_config = {"desc": "Source inversion (image UNet)", **config}
         try:
-            return self.invert_image_branch(latents, cond, num_steps, frame_batch_size)
+            return self.invert_image_branch(latents, cond, num_steps, frame_batch_size, pooled)
         finally:
             self._progress_bar_config = config
 
@@ -214,8 +216,10 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         noise = call.latents
         if noise is None:
             pixels = self.source_pixels(call.video, call.height, call.width, call.resize_mode)
-            source = self.encode_frames(pixels, call.decode_chunk_size, call.frame_generators, call.batch_size)
-            noise = self.invert_source(source, embeds.image_cond, call.num_inference_steps, call.frame_batch_size)
+            source = self.encode_frames(pixels, call.decode_chunk_size, call.generator, call.batch_size)
+            noise = self.invert_source(
+                source, embeds.image_cond, call.num_inference_steps, call.frame_batch_size, call.pool_norms_over_frames
+            )
         # As the stock pipeline decides: guidance-distilled UNets (time_cond_proj_dim) run no CFG batch.
         cfg = self.do_classifier_free_guidance and self.unet.config.time_cond_proj_dim is None
         pairs = [p for p in zip(as_list(call.source_prompt, call.num_prompts), as_list(call.prompt, call.num_prompts))]
@@ -300,6 +304,8 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         local_blend_words: str | Sequence[str | Sequence[str]] | None = None,
         local_blend_threshold: float = 0.3,
         mixing_ratio: float = 0.25,
+        pool_norms_over_frames: bool = True,
+        reencode_frames: bool = True,
         height: int | None = None,
         width: int | None = None,
         resize_mode: str = "default",

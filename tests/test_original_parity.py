@@ -4,6 +4,7 @@ tolerances measure the algorithm, not float32 rounding (which alone moves a 5-st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import zlib
 from pathlib import Path
@@ -253,3 +254,151 @@ def test_pooling_in_lower_precision_behind_offload_hooks(models, meta, rec, dtyp
     cpu_offload(unet, execution_device="cpu")
     error = diff(pooled_eps(unet, z.to(dtype), cond.to(dtype), 8), reference)[0]
     assert error < (1e-5 if dtype == torch.float32 else per_frame_gap / 5)
+
+
+# ---------------------------------------------------------------------------------------- through the public pipeline
+class StopBeforeSmoothing(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def pipe(models):
+    from bivdiff import BIVDiffPipeline
+    from bivdiff.tiny_models import sd15_scheduler_config
+
+    pipe = BIVDiffPipeline(
+        vae=models["vae"],
+        text_encoder=models["text_encoder"],
+        tokenizer=models["tokenizer"],
+        unet=models["unet"],
+        video_unet=models["video_unet"],
+        video_text_encoder=models["video_text_encoder"],
+        video_tokenizer=models["tokenizer"],
+        scheduler=DDIMScheduler(**sd15_scheduler_config()),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_pipeline(pipe, meta, smooth: bool = False, **kwargs):
+    """BIVDiffPipeline on the fixture's prompts and settings; returns (mixed noise, smoothed latents or None).
+    Without `smooth` the call stops at smoothing's input, which keeps the float64 run short."""
+    seen = {}
+    smoothing = pipe.temporal_smoothing
+
+    def spy(noise, *args, **kw):
+        seen["noise"] = noise.clone()
+        if not smooth:
+            raise StopBeforeSmoothing
+        return smoothing(noise, *args, **kw)
+
+    pipe.temporal_smoothing = spy
+    arguments = dict(
+        prompt=meta["vdm_prompt"] + meta["pos_prompt"],
+        negative_prompt=meta["negative_prompt"],
+        num_inference_steps=meta["num_inference_steps"],
+        guidance_scale=meta["guidance_scale"],
+        output_type="latent",
+    )
+    try:
+        out = pipe(**arguments | kwargs).frames
+    except StopBeforeSmoothing:
+        out = None
+    finally:
+        del pipe.temporal_smoothing
+    return seen["noise"], out
+
+
+def fixture_frames(rec) -> list[PIL.Image.Image]:
+    return [PIL.Image.fromarray(frame.numpy()) for frame in rec["idm_frames_u8"]]
+
+
+def seeded(meta) -> torch.Generator:
+    return torch.Generator().manual_seed(meta["vae_sample_seed"])
+
+
+def test_pipeline_defaults_reproduce_the_original(pipe, meta, rec):
+    """The 8-bit frames in, defaults: frame-pooled image inversion, mix, smoothing as the original's r = 0.5."""
+    frames = fixture_frames(rec)
+    noise, smoothed = run_pipeline(pipe, meta, True, video=frames, mixing_ratio=0.5, generator=seeded(meta))
+    assert diff(noise, rec["mixed_r0.5"])[0] < 1e-5
+    assert diff(smoothed, rec["smoothed_r0.5"])[0] < 1e-3
+
+
+def test_pipeline_reencodes_image_model_latents_by_default(pipe, meta, rec):
+    """The image model's latents in: decoded to 8-bit frames, encoded again with one seeded draw, then inverted."""
+    latents = unfold_frames(rec["idm_latents"].to(DTYPE), 8)
+    noise, _ = run_pipeline(pipe, meta, video_latents=latents, mixing_ratio=1.0, generator=seeded(meta))
+    assert diff(noise, rec["mixed_r1.0"])[0] < 1e-5
+
+
+def test_pipeline_without_generator_inverts_the_posterior_mean(pipe, models, meta, rec):
+    noise, _ = run_pipeline(pipe, meta, video=fixture_frames(rec), mixing_ratio=1.0)
+    expected = invert_image(models, meta, rec["z0_mean"], rec["image_negative.embeds"])
+    assert diff(noise, expected)[0] < 1e-5
+
+
+def test_switch_reencode_frames_off_inverts_the_latents_directly(pipe, models, meta, rec):
+    latents = unfold_frames(rec["idm_latents"].to(DTYPE), 8)
+    noise, _ = run_pipeline(
+        pipe, meta, video_latents=latents, mixing_ratio=1.0, generator=seeded(meta), reencode_frames=False
+    )
+    assert diff(noise, invert_image(models, meta, latents, rec["image_negative.embeds"]))[0] < 1e-5
+    assert diff(noise, rec["mixed_r1.0"])[0] > 0.1
+
+
+def test_switch_pool_norms_over_frames_off_normalises_each_frame(pipe, models, meta, rec):
+    noise, _ = run_pipeline(
+        pipe, meta, video=fixture_frames(rec), mixing_ratio=1.0, generator=seeded(meta), pool_norms_over_frames=False
+    )
+    per_frame = invert_image(models, meta, rec["z0"], rec["image_negative.embeds"], pooled=False)
+    assert diff(noise, per_frame)[0] < 1e-5
+    assert diff(noise, rec["mixed_r1.0"])[0] > 0.1
+
+
+def test_pipeline_pools_each_video_window_and_blends_them(pipe, rec):
+    """With windows of 4 frames (no overlap) each window pools over its own frames in one UNet call."""
+    z, cond = fold_frames(rec["z0"]), rec["image_negative.embeds"]
+    pipe.enable_video_windows(4, 0)
+    try:
+        with count_calls(pipe.unet) as calls:
+            ours = pipe.image_inversion_noise(z, 401, cond, frame_batch_size=1)
+    finally:
+        pipe.disable_video_windows()
+    halves = torch.cat([pooled_eps(pipe.unet, z[:4], cond, 4), pooled_eps(pipe.unet, z[4:], cond, 4)])
+    # 1e-6: windows are blended in float32, as the video branch blends them.
+    assert diff(ours, halves)[0] < 1e-6 and calls == [4, 4]
+    assert diff(ours, pooled_eps(pipe.unet, z, cond, 8))[0] > 1e-3
+
+
+@contextlib.contextmanager
+def count_calls(unet):
+    sizes = []
+    handle = unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    try:
+        yield sizes
+    finally:
+        handle.remove()
+
+
+def test_pooling_with_a_peft_lora_loaded(models, meta, rec):
+    """A LoRA on the ResNet convolutions and attention leaves the hooked norms alone: the pipeline's pooled seam
+    equals the reference pooled call on the same adapted UNet, and the adapter changes the result."""
+    from peft import LoraConfig
+
+    from bivdiff import BIVDiffPipeline
+
+    unet = formula_weights_(UNet2DConditionModel(**meta["image_unet"]))
+    z, cond = fold_frames(rec["z0"]).float(), rec["image_negative.embeds"].float()
+    plain = pooled_eps(unet, z, cond, 8)
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    components = {k: v for k, v in models.items() if k not in ("unet", "text_encoder")}
+    pipe = BIVDiffPipeline(
+        **components, unet=unet, video_tokenizer=models["tokenizer"], text_encoder=models["text_encoder"],
+        scheduler=DDIMScheduler(),
+    )
+    with torch.no_grad():
+        ours = pipe.image_inversion_noise(z, 401, cond, frame_batch_size=1)
+    assert diff(ours, pooled_eps(unet, z, cond, 8))[0] < 1e-6
+    assert diff(ours, plain)[0] > 1e-3
