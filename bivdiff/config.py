@@ -168,6 +168,9 @@ class ZeroScopeOptions:
 class MixedInversionOptions:
     idm: str = one_of("SD-v15", "SD-v15")
     pretrained_model_path: str = "./checkpoints/stable-diffusion-v1-5"
+    # The pipelines' call arguments of the same names; True is the original's behaviour (README, Differences).
+    pool_norms_over_frames: bool = True
+    reencode_frames: bool = True
 
 
 IDM_SCHEMAS = dict(zip(IDMS, (ControlNetOptions, T2IAdapterOptions, InstructPix2PixOptions, Prompt2PromptOptions,

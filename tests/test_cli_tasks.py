@@ -47,6 +47,8 @@ class InstructPix2PixStandIn(Recorder):
         image_guidance_scale=1.5,
         guidance_scale=7.5,
         mixing_ratio=1.0,
+        pool_norms_over_frames=True,
+        reencode_frames=True,
         num_inference_steps=50,
         frame_batch_size=8,
         decode_chunk_size=8,
@@ -69,6 +71,8 @@ class InpaintStandIn(Recorder):
         outpaint=None,
         paste_back=False,
         mixing_ratio=0.1,
+        pool_norms_over_frames=True,
+        reencode_frames=True,
         negative_prompt=None,
         guidance_scale=7.5,
         num_inference_steps=50,
@@ -98,6 +102,8 @@ class Prompt2PromptStandIn(Recorder):
         local_blend_words=None,
         local_blend_threshold=0.3,
         mixing_ratio=0.25,
+        pool_norms_over_frames=True,
+        reencode_frames=True,
         negative_prompt=None,
         guidance_scale=7.5,
         num_inference_steps=50,
@@ -148,6 +154,15 @@ def test_instruct_pix2pix_gets_an_8_channel_unet_and_the_quality_prompts(recorde
     assert call["negative_prompt"] == QUALITY_NEGATIVE
     assert call["image_guidance_scale"] == 1.5 and call["mixing_ratio"] == 1.0 and call["num_inference_steps"] == 2
     assert len(call["video"]) == NUM_FRAMES and call["video"][0].size == (SIZE, SIZE)
+
+
+def test_the_original_s_inversion_is_the_default_and_each_switch_reaches_the_call(recorded, tmp_path, capsys):
+    name = "video_editing_with_instruct_pix2pix_and_zeroscope"
+    run_tiny(capsys, tmp_path / "a", name)
+    run_tiny(capsys, tmp_path / "b", name, "MixedInversion.pool_norms_over_frames=false")
+    run_tiny(capsys, tmp_path / "c", name, "MixedInversion.reencode_frames=false")
+    switches = [(call["pool_norms_over_frames"], call["reencode_frames"]) for call in recorded.calls]
+    assert switches == [(True, True), (False, True), (True, False)]
 
 
 def test_inpainting_gets_a_binary_mask_video_and_a_9_channel_unet(recorded, tmp_path, capsys):
