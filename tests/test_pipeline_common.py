@@ -4,6 +4,8 @@ callbacks, dtype, progress bars, early refusals and the CPU-offload order."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -61,6 +63,8 @@ NAMES = list(CASES)
 
 def make_pipe(name, **overrides):
     cls, extra, _, _ = CASES[name]
+    # Copies: a test that casts its pipeline (`.to(torch.bfloat16)`) must not cast the shared extra models.
+    extra = {key: copy.deepcopy(model) for key, model in extra.items()}
     pipe = cls(**bivdiff_components(**{**extra, **overrides}))
     pipe.set_progress_bar_config(disable=True)
     return pipe
