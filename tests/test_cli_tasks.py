@@ -99,6 +99,9 @@ class Prompt2PromptStandIn(Recorder):
         edit_type="refine",
         cross_replace_steps=0.4,
         self_replace_steps=0.4,
+        reweight=None,
+        edit_with_ddim=True,
+        upcast_editing=False,
         local_blend_words=None,
         local_blend_threshold=0.3,
         mixing_ratio=0.25,
@@ -231,6 +234,25 @@ def test_prompt2prompt_maps_the_original_keys(recorded, tmp_path, capsys):
     assert call["edit_type"] == "replace" and call["local_blend_words"] == ["car", "bus"]
     assert (call["cross_replace_steps"], call["self_replace_steps"], call["mixing_ratio"]) == (0.4, 0.4, 0.25)
     assert len(read_video(folder / "video_inverted_and_reconstructed.mp4")) == NUM_FRAMES
+
+
+def test_prompt2prompt_restores_the_original_sampler_and_precision_and_reweights(recorded, tmp_path, capsys):
+    run_tiny(capsys, tmp_path / "a", "video_editing_with_prompt2prompt_and_vidrd")
+    run_tiny(
+        capsys,
+        tmp_path / "b",
+        "video_editing_with_prompt2prompt_and_vidrd",
+        "IDM.Prompt2Prompt.scheduler=PNDM",
+        "IDM.Prompt2Prompt.upcast_editing=true",
+        "IDM.Prompt2Prompt.controller_type=AttentionReweight",
+        "IDM.Prompt2Prompt.prompts=[A car is moving on the road, A car is moving on the road]",
+        "IDM.Prompt2Prompt.reweight_words=[car, road]",
+        "IDM.Prompt2Prompt.reweight_strengths=[2, 0.5]",
+    )
+    default, original = recorded.calls
+    assert (default["edit_with_ddim"], default["upcast_editing"], default["reweight"]) == (True, False, None)
+    assert (original["edit_with_ddim"], original["upcast_editing"]) == (False, True)
+    assert original["edit_type"] == "reweight" and original["reweight"] == {"car": 2.0, "road": 0.5}
 
 
 def test_prompt2prompt_without_blend_words_passes_none(recorded, tmp_path, capsys):

@@ -229,6 +229,12 @@ def test_bad_values_fail_with_the_fix(override, message):
         load(overrides=[override])
 
 
+def test_reweight_needs_one_strength_per_word():
+    name = "video_editing_with_prompt2prompt_and_vidrd"
+    with pytest.raises(ConfigError, match="one strength per word"):
+        load(name, ["IDM.Prompt2Prompt.reweight_words=[car, road]", "IDM.Prompt2Prompt.reweight_strengths=[2]"])
+
+
 def test_all_bad_values_are_reported_together():
     with pytest.raises(ConfigError) as err:
         load(overrides=["Model.width=500", "Model.num_inference_steps=0"])
