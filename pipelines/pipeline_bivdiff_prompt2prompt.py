@@ -178,7 +178,10 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         # DDIM retraces the DDIM inversion of the source; its settings follow the smoothing scheduler's rule. The
         # scheduler is copied either way: a multistep sampler keeps state between calls.
         scheduler = ddim_sampler(self.scheduler) if ddim else type(self.scheduler).from_config(self.scheduler.config)
-        pipe = self.stock_pipeline(StableDiffusionPipeline, "Frame-wise editing (Prompt2Prompt)", scheduler=scheduler)
+        # No text encoder: the embeddings are given, and the stock pipeline would cast them to its dtype.
+        pipe = self.stock_pipeline(
+            StableDiffusionPipeline, "Frame-wise editing (Prompt2Prompt)", scheduler=scheduler, text_encoder=None
+        )
         dtype = self.unet.dtype
         if upcast:
             self.unet.to(torch.float32)
