@@ -122,12 +122,16 @@ class InstructPix2PixOptions(IDMOptions):
 class Prompt2PromptOptions(IDMOptions):
     mixing_ratio: float = mixing(0.25)
     scheduler: str = one_of("DDIM", *SCHEDULERS)
-    controller_type: str = one_of("AttentionRefine", "AttentionReplace", "AttentionRefine")
+    # scheduler: DDIM retraces the source's DDIM inversion; the original's PNDM ("default" or "PNDM") edits with it
+    controller_type: str = one_of("AttentionRefine", "AttentionReplace", "AttentionRefine", "AttentionReweight")
     prompts: Optional[List[str]] = None
     local_blend_words: Optional[List[str]] = field(default_factory=list)
     cross_replace_steps: float = bounded(0.4, 0.0, 1.0)
     self_replace_steps: float = bounded(0.4, 0.0, 1.0)
     local_blend_threshold: float = bounded(0.3, 0.0, 1.0)
+    reweight_words: List[str] = field(default_factory=list)  # words of the edited prompt, each with its strength
+    reweight_strengths: List[float] = field(default_factory=list)
+    upcast_editing: bool = False  # the original edited in fp32
 
 
 @dataclass
@@ -179,6 +183,9 @@ class AnimateDiffOptions:
 class MixedInversionOptions:
     idm: str = one_of("SD-v15", "SD-v15")
     pretrained_model_path: str = "./checkpoints/stable-diffusion-v1-5"
+    # The pipelines' call arguments of the same names; True is the original's behaviour (README, Differences).
+    pool_norms_over_frames: bool = True
+    reencode_frames: bool = True
 
 
 IDM_SCHEMAS = dict(zip(IDMS, (ControlNetOptions, T2IAdapterOptions, InstructPix2PixOptions, Prompt2PromptOptions,
@@ -402,6 +409,8 @@ def validate(config: RunConfig) -> None:
             f"{prefix}.prompts={prompts!r} must be two non-empty prompts, [source, edited], e.g. "
             f"{prefix}.prompts='[A car is moving on the road, A white car is moving on the road]'."
         )
+    if len(options.get("reweight_words", [])) != len(options.get("reweight_strengths", [])):
+        problems.append(f"{prefix}.reweight_words and {prefix}.reweight_strengths need one strength per word.")
     for dotted in ("Model.video_path", f"{prefix}.condition_video", f"{prefix}.video_mask_path"):
         section, key = dotted.rsplit(".", 1)
         value = (model if section == "Model" else options).get(key)

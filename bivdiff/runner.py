@@ -299,6 +299,8 @@ def call_arguments(plan: Plan, generator) -> dict:
         video_prompt=model["vdm_prompt"] + options["prompt_suffix"],
         negative_prompt=options["negative_prompt"],
         mixing_ratio=options["mixing_ratio"],
+        pool_norms_over_frames=plan.config.mixed_inversion["pool_norms_over_frames"],
+        reencode_frames=plan.config.mixed_inversion["reencode_frames"],
         num_inference_steps=model["num_inference_steps"],
         guidance_scale=model["guidance_scale"],
         frame_batch_size=model["frame_batch_size"],

@@ -354,7 +354,15 @@ SHARED_ARGS_DOC = """
                 `pipe._guidance_scale` at every smoothing step, so a step callback may change it.
             mixing_ratio (`float`): Weight r of the image-model inversion in `r * z_T(image) + (1 - r) *
                 z_T(video)`; r = 1 runs no video-UNet inversion, r = 0 no image-UNet one.
-            frame_batch_size (`int`, defaults to 8): Frames per image-model call (stage 1 and image inversion).
+            pool_norms_over_frames (`bool`, defaults to `True`): In the image-model inversion, the ResNet and output
+                GroupNorms take their statistics over all frames of the clip (of each window with
+                `enable_video_windows`), as the original's inflated UNet did; the clip then runs in one UNet call.
+                `False` normalises each frame on its own (frames independent, `frame_batch_size` per call).
+            reencode_frames (`bool`, defaults to `True`): Invert what the original inverted: stage 1's latents
+                decoded to rounded 8-bit frames and VAE-encoded again (a posterior sample, one draw per video from
+                `generator`; the mean without one). `False` inverts stage 1's latents directly (no VAE round trip).
+            frame_batch_size (`int`, defaults to 8): Frames per image-model call (stage 1, and the image inversion
+                when `pool_norms_over_frames=False`).
             decode_chunk_size (`int`, defaults to 8): Frames per VAE call (encoding and decoding).
             generator (`torch.Generator`, `list[torch.Generator]` or `list[list[torch.Generator]]`, *optional*):
                 One generator, one per video, or one per frame of every video. Each video's frames get generators
@@ -494,39 +502,61 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
         return self.video_unet(latents, timestep, encoder_hidden_states=text_embeds).sample
 
     def image_inversion_noise(
-        self, frames: torch.Tensor, timestep, text_embeds: torch.Tensor, frame_batch_size: int
+        self, frames: torch.Tensor, timestep, text_embeds: torch.Tensor, frame_batch_size: int, pooled: bool = True
     ) -> torch.Tensor:
-        """The image UNet's noise prediction for the latents of one clip (or one video window), frames folded into
-        the batch (F, C, h, w), conditioned on (1, L, D) text embeddings. Frames are independent here, so they run
-        `frame_batch_size` at a time."""
+        """The image UNet's noise prediction for the latents of one clip, frames folded into the batch (F, C, h, w),
+        conditioned on (1, L, D) text embeddings.
+
+        `pooled`: the ResNet and output norms take their statistics over the clip's frames, as the original's
+        inflated UNet did, so the clip (or each video window, blended as the video branch blends them) runs in one
+        call. Otherwise frames are independent and run `frame_batch_size` at a time.
+        """
         unet = self.image_inversion_unet
-        eps = []
-        for start in range(0, frames.shape[0], frame_batch_size):
-            chunk = frames[start : start + frame_batch_size].to(unet.dtype)
+        kwargs = {"cross_attention_kwargs": self.cross_attention_kwargs} if self.cross_attention_kwargs else {}
+
+        def predict(chunk):
             cond = text_embeds.to(unet.dtype).expand(chunk.shape[0], -1, -1)
-            kwargs = {"cross_attention_kwargs": self.cross_attention_kwargs} if self.cross_attention_kwargs else {}
-            eps.append(unet(chunk, timestep, encoder_hidden_states=cond, **kwargs).sample)
-        return torch.cat(eps)
+            return unet(chunk.to(unet.dtype), timestep, encoder_hidden_states=cond, **kwargs).sample
+
+        def predict_pooled(window):
+            with pool_group_norms_over_frames(unet, window.shape[0]):
+                return predict(window)
+
+        if pooled:
+            return self.blend_windows(frames, 0, predict_pooled)
+        return torch.cat([predict(frames[i : i + frame_batch_size]) for i in range(0, len(frames), frame_batch_size)])
+
+    def temporal_windows_for(self, num_frames: int) -> tuple[int | None, int]:
+        """(size, overlap) of the windows a clip of `num_frames` runs in; size None runs it whole."""
+        chosen = getattr(self, "_video_windows", "native")
+        if chosen == "native":  # nothing chosen: windows of the video model's training length for longer clips
+            chosen = video_windows_for_clip(num_frames, native_num_frames(self.video_unet))
+        return chosen or (None, 0)
+
+    def blend_windows(self, sample: torch.Tensor, frame_dim: int, predict) -> torch.Tensor:
+        """`predict(sample)`, or with video windows on, `predict` of each window of frames along `frame_dim`,
+        blended with linear ramps over the overlaps (memory then depends on the window size, not the clip)."""
+        num_frames = sample.shape[frame_dim]
+        size, overlap = self.temporal_windows_for(num_frames)
+        windows = temporal_windows(num_frames, size, overlap)
+        if len(windows) == 1:
+            return predict(sample)
+        shape = [1] * sample.ndim
+        shape[frame_dim] = -1
+        total = torch.zeros_like(sample, dtype=torch.float32)
+        norm = torch.zeros(num_frames, device=sample.device)
+        for i, (start, stop) in enumerate(windows):
+            weights = window_weights(stop - start, overlap, i == 0, i == len(windows) - 1).to(sample.device)
+            out = predict(sample.narrow(frame_dim, start, stop - start))
+            total.narrow(frame_dim, start, stop - start).add_(out.float() * weights.view(shape))
+            norm[start:stop] += weights
+        return (total / norm.view(shape)).to(sample.dtype)
 
     def video_noise_prediction(
         self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
         """The video UNet's output on (B, C, F, h, w), whole clip or blended over temporal windows."""
-        chosen = getattr(self, "_video_windows", "native")
-        if chosen == "native":  # nothing chosen: windows of the video model's training length for longer clips
-            chosen = video_windows_for_clip(sample.shape[2], native_num_frames(self.video_unet))
-        size, overlap = chosen or (None, 0)
-        windows = temporal_windows(sample.shape[2], size, overlap)
-        if len(windows) == 1:
-            return self.video_unet_noise(sample, timestep, encoder_hidden_states)
-        total = torch.zeros_like(sample, dtype=torch.float32)
-        norm = torch.zeros(sample.shape[2], device=sample.device)
-        for i, (start, stop) in enumerate(windows):
-            weights = window_weights(stop - start, overlap, i == 0, i == len(windows) - 1).to(sample.device)
-            out = self.video_unet_noise(sample[:, :, start:stop], timestep, encoder_hidden_states)
-            total[:, :, start:stop] += out.float() * weights.view(1, 1, -1, 1, 1)
-            norm[start:stop] += weights
-        return (total / norm.view(1, 1, -1, 1, 1)).to(sample.dtype)
+        return self.blend_windows(sample, 2, lambda s: self.video_unet_noise(s, timestep, encoder_hidden_states))
 
     # ------------------------------------------------------------------ stages
     def begin_call(self):
@@ -857,6 +887,9 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
     video_prompt_defaults_to_prompt = True
     # Prompt2Prompt inverts its source video with the image UNet whatever `mixing_ratio` is
     always_inverts_with_image_unet = False
+    # stage 1 samples every frame with its own generator (see `video_frame_generators`); pipelines without a
+    # sampling stage 1 leave the call's generator untouched for the VAE posterior draw
+    derives_frame_generators = True
 
     # ------------------------------------------------------------------ VAE
     def source_pixels(self, video: FrameInput, height: int, width: int, resize_mode: str = "default") -> torch.Tensor:
@@ -879,35 +912,44 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
         self,
         pixels: torch.Tensor,
         chunk_size: int,
-        generators: list[list[torch.Generator]] | None = None,
+        generator: torch.Generator | list | None = None,
         num_videos: int = 1,
+        num_frames: int | None = None,
     ) -> torch.Tensor:
-        """Source pixels (F, 3, H, W) in [0, 1] -> scaled latents (B, C, F, h, w), `chunk_size` frames per VAE call.
+        """Pixels (F, 3, H, W) in [0, 1] (the same for every video) or (B * F, 3, H, W) (video-major, pass
+        `num_frames`) -> scaled
+        latents (B, C, F, h, w), `chunk_size` frames per VAE call.
 
-        Each video samples the posterior with its frames' generators; without generators every video gets the
-        posterior mean (the original drew an unseeded sample).
+        A posterior sample, as the original's `latent_dist.sample()`: one draw for all frames of a video, from the
+        call's generator (a list gives each video its own; a video's list of per-frame generators draws frame by
+        frame); without a generator, the posterior mean.
         """
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
         device = self._execution_device
-        num_frames = pixels.shape[0]
+        num_frames = num_frames or pixels.shape[0]
         pixels = self.video_processor.normalize(pixels)
         with self.stage("VAE encoding"):
-            if generators is None:
-                latents = self._encode_chunks(pixels, chunk_size, device, None)
-                latents = latents.repeat(num_videos, 1, 1, 1)
-            else:
-                latents = torch.cat([self._encode_chunks(pixels, chunk_size, device, g) for g in generators])
-        return unfold_frames(latents * self.vae.config.scaling_factor, num_frames)
+            chunks = [pixels[i : i + chunk_size].to(device, self.vae.dtype) for i in range(0, len(pixels), chunk_size)]
+            moments = torch.cat([self.vae.encode(chunk).latent_dist.parameters for chunk in chunks])
+            if len(moments) != num_videos * num_frames:
+                moments = moments.repeat(num_videos, 1, 1, 1)
+            latents = []
+            for b, g in enumerate(as_list(generator, num_videos) if generator is not None else [None] * num_videos):
+                dist = DiagonalGaussianDistribution(moments[b * num_frames : (b + 1) * num_frames])
+                latents.append(dist.mode() if g is None else dist.sample(generator=g))
+        return unfold_frames(torch.cat(latents) * self.vae.config.scaling_factor, num_frames)
 
-    def _encode_chunks(self, pixels, chunk_size, device, generators) -> torch.Tensor:
-        latents = []
-        for start in range(0, pixels.shape[0], chunk_size):
-            chunk = pixels[start : start + chunk_size].to(device=device, dtype=self.vae.dtype)
-            dist = self.vae.encode(chunk).latent_dist
-            if generators is None:
-                latents.append(dist.mode())
-            else:
-                latents.append(dist.sample(generator=generators[start : start + chunk_size]))
-        return torch.cat(latents)
+    def reencode_latents(self, latents: torch.Tensor, call) -> torch.Tensor:
+        """The original's input to the inversion: latents (B, C, F, h, w) decoded to rounded 8-bit frames and
+        VAE-encoded again (`encode_frames`, from the call's generator)."""
+        with self.stage("decoding"):
+            pixels = fold_frames(self.decode_latents(latents, call.decode_chunk_size))
+        # As the stock pipelines' 8-bit output: [0, 1] in fp32, times 255, rounded; read back as u8 / 255.
+        frames = ((pixels / 2 + 0.5).clamp(0, 1).float() * 255).round() / 255
+        return self.encode_frames(
+            frames, call.decode_chunk_size, call.generator, len(latents), latents.shape[2]
+        )
 
     def decode_latents(self, latents: torch.Tensor, chunk_size: int) -> torch.Tensor:
         """Scaled latents (B, C, F, h, w) -> pixels (B, 3, F, H, W) in [-1, 1], `chunk_size` frames per VAE call."""
@@ -962,10 +1004,11 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
 
     # ------------------------------------------------------------------ stage 2
     def invert_image_branch(
-        self, latents: torch.Tensor, cond: torch.Tensor, num_steps: int, frame_batch_size: int
+        self, latents: torch.Tensor, cond: torch.Tensor, num_steps: int, frame_batch_size: int, pooled: bool = True
     ) -> torch.Tensor:
         """DDIM-invert (B, C, F, h, w) latents with the image UNet, one clip at a time with its frames folded into
-        the batch, conditioned on (B, L, D) embeddings. The state stays fp32 between steps."""
+        the batch, conditioned on (B, L, D) embeddings; `pooled` as in `image_inversion_noise`. The state stays fp32
+        between steps."""
         scheduler = self.inversion_scheduler
         num_frames = latents.shape[2]
         clips = [fold_frames(clip[None]).float() for clip in latents]
@@ -976,7 +1019,7 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
         ):
             for t in scheduler.timesteps:
                 for b, z in enumerate(clips):
-                    eps = self.image_inversion_noise(z, t, cond[b : b + 1], frame_batch_size)
+                    eps = self.image_inversion_noise(z, t, cond[b : b + 1], frame_batch_size, pooled)
                     clips[b] = scheduler.step(eps, t, z).prev_sample
                 progress_bar.update()
         return torch.cat([unfold_frames(z, num_frames) for z in clips])
@@ -1006,11 +1049,14 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
         frame_batch_size: int,
         image_cond: torch.Tensor | None,
         video_cond: torch.Tensor | None,
+        pool_norms_over_frames: bool = True,
     ) -> torch.Tensor:
         """z_T = r * invert_image(z_0) + (1 - r) * invert_video(z_0), computed in fp32, no renormalisation."""
         mixed = torch.zeros_like(latents, dtype=torch.float32)
         if mixing_ratio > 0:
-            z_img = self.invert_image_branch(latents, image_cond, num_inversion_steps, frame_batch_size)
+            z_img = self.invert_image_branch(
+                latents, image_cond, num_inversion_steps, frame_batch_size, pool_norms_over_frames
+            )
             mixed = mixed + mixing_ratio * z_img.float()
         if mixing_ratio < 1:
             z_vid = self.invert_video_branch(latents, video_cond, num_inversion_steps)
@@ -1085,6 +1131,7 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
             call.frame_batch_size,
             embeds.image_cond,
             embeds.video_cond,
+            call.pool_norms_over_frames,
         )
         return self.temporal_smoothing(
             noise,
@@ -1114,6 +1161,8 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
             negative_video_prompt_embeds=None,
             video_guidance_scale=None,
             return_idm_frames=False,
+            pool_norms_over_frames=True,
+            reencode_frames=True,
         )
         for name, value in defaults.items():
             if not hasattr(call, name):
@@ -1159,12 +1208,18 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
         self._cross_attention_kwargs = call.cross_attention_kwargs
         self._clip_skip = call.clip_skip
         device = self._execution_device
-        call.frame_generators = video_frame_generators(call.generator, call.batch_size, call.num_frames)
+        call.frame_generators = None
+        if self.derives_frame_generators:
+            call.frame_generators = video_frame_generators(call.generator, call.batch_size, call.num_frames)
 
         embeds = self.encode_call_prompts(call, device)
+        call.encoded_from_pixels = False
         with self.stage("frame-wise generation"):
             idm_latents = self.generate_frames(call, embeds).to(device)
-        video_latents = self.invert_and_smooth(idm_latents, call, embeds)
+        clean_latents = idm_latents
+        if call.reencode_frames and not call.encoded_from_pixels:
+            clean_latents = self.reencode_latents(idm_latents, call)
+        video_latents = self.invert_and_smooth(clean_latents, call, embeds)
 
         frames = self.decode_output(call, video_latents)
         outputs = {"frames": frames, "idm_frames": None}
@@ -1239,3 +1294,63 @@ def video_windows_for_clip(
     if native is None or num_frames <= native:
         return None
     return native, min(overlap, native // 2)
+
+
+# ---------------------------------------------------------------------- frame-pooled normalisation
+# The original release inverted frames with an SD-1.5 UNet "inflated" to 5-D (Tune-A-Video style): its ResNet norms
+# and output norm saw (B, C, F, h, w) tensors, so their GroupNorm statistics span all F frames of a clip, while its
+# transformer norms and attention ran per frame. No library offers that on a stock 2-D UNet, so these hooks give a
+# `UNet2DConditionModel` the same statistics on frames folded into the batch, without a second copy of its weights.
+# Hooks rather than replaced `forward`s, so accelerate's offload wrappers, PEFT layers and dtype casts stay intact.
+
+
+def frame_pooled_norms(unet: torch.nn.Module) -> list[torch.nn.GroupNorm]:
+    """The GroupNorms the inflated UNet pooled over frames: every ResNet's `norm1` and `norm2`, and `conv_norm_out`.
+
+    Transformer blocks' input norms are left out on purpose: the original folded frames into the batch before them.
+    """
+    from diffusers.models.resnet import ResnetBlock2D
+
+    norms = []
+    for module in unet.modules():
+        if isinstance(module, ResnetBlock2D):
+            norms += [module.norm1, module.norm2]
+    norms.append(getattr(unet, "conv_norm_out", None))
+    return [norm for norm in norms if type(norm) is torch.nn.GroupNorm]
+
+
+@contextlib.contextmanager
+def pool_group_norms_over_frames(unet: torch.nn.Module, num_frames: int):
+    """Within the block, `unet` normalises its ResNets and output over each clip's frames, not each frame alone.
+
+    Inputs are frames folded into the batch, `(B * num_frames, C, h, w)`, frame-major within each clip (as
+    `fold_frames` makes them; a CFG batch of such clips works too). Pass a window's length to pool over a window.
+
+    ```py
+    >>> with pool_group_norms_over_frames(unet, num_frames=8):
+    ...     eps = unet(fold_frames(z), t, encoder_hidden_states=cond.expand(8, -1, -1)).sample
+    ```
+    """
+    if num_frames < 1:
+        raise ValueError(f"`num_frames` must be at least 1, got {num_frames}.")
+
+    def to_clips(module, args):
+        hidden, *rest = args
+        if hidden.shape[0] % num_frames:
+            raise ValueError(f"A batch of {hidden.shape[0]} frames does not split into clips of {num_frames} frames.")
+        # (B * F, C, ...) -> (B, C, F, ...): GroupNorm then reduces over F too, as on the original's 5-D input.
+        clips = hidden.unflatten(0, (-1, num_frames)).transpose(1, 2)
+        return (clips, *rest)
+
+    def to_frames(module, args, output):
+        return output.transpose(1, 2).flatten(0, 1)
+
+    handles = []
+    try:
+        for norm in frame_pooled_norms(unet):
+            handles.append(norm.register_forward_pre_hook(to_clips))
+            handles.append(norm.register_forward_hook(to_frames))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

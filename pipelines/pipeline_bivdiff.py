@@ -63,6 +63,7 @@ class BIVDiffPipeline(DiffusionPipeline, MixedInversionMixin):
     _optional_components = ["text_encoder", "tokenizer", "unet", "inverse_scheduler", "inversion_unet"]
     # `prompt` is the video model's: this pipeline has no image-model stage.
     uses_image_prompt = False
+    derives_frame_generators = False
 
     def prepare_call(self, arguments):
         arguments = dict(arguments)
@@ -93,12 +94,14 @@ class BIVDiffPipeline(DiffusionPipeline, MixedInversionMixin):
             )
 
     def generate_frames(self, call, embeds) -> torch.Tensor:
-        """No image model here: the clean latents are the user's frames, VAE-encoded (a posterior sample per video
-        with its frames' generators, the mean without them), or the latents given."""
+        """No image model here: the clean latents are the user's frames, VAE-encoded (a posterior sample, one draw
+        per video from `generator`, the mean without one), or the latents given (which `reencode_frames` then
+        decodes to 8-bit frames and encodes again)."""
         if call.video_latents is not None:
             return call.video_latents.expand(call.batch_size, -1, -1, -1, -1)
+        call.encoded_from_pixels = True
         pixels = self.source_pixels(call.video, call.height, call.width, call.resize_mode)
-        return self.encode_frames(pixels, call.decode_chunk_size, call.frame_generators, call.batch_size)
+        return self.encode_frames(pixels, call.decode_chunk_size, call.generator, call.batch_size)
 
     @torch.no_grad()
     @shared_args_docstring
@@ -116,6 +119,8 @@ class BIVDiffPipeline(DiffusionPipeline, MixedInversionMixin):
         num_inversion_steps: int | None = None,
         guidance_scale: float = 7.5,
         mixing_ratio: float = 1.0,
+        pool_norms_over_frames: bool = True,
+        reencode_frames: bool = True,
         num_videos_per_prompt: int = 1,
         frame_batch_size: int = 8,
         decode_chunk_size: int = 8,

@@ -243,6 +243,8 @@ class BIVDiffControllablePipeline(DiffusionPipeline, MixedInversionMixin):
         guidance_scale: float = 7.5,
         video_guidance_scale: float | None = None,
         mixing_ratio: float = 1.0,
+        pool_norms_over_frames: bool = True,
+        reencode_frames: bool = True,
         controlnet_conditioning_scale: float | list[float] = 1.0,
         adapter_conditioning_scale: float | list[float] = 1.0,
         num_videos_per_prompt: int = 1,

@@ -341,6 +341,8 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
         guidance_scale: float = 7.5,
         video_guidance_scale: float | None = None,
         mixing_ratio: float = 0.1,
+        pool_norms_over_frames: bool = True,
+        reencode_frames: bool = True,
         paste_back: bool = False,
         paste_back_feather: int = 8,
         num_videos_per_prompt: int = 1,

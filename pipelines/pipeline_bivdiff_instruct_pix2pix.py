@@ -129,6 +129,8 @@ class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, MixedInversionMixin):
         image_guidance_scale: float = 1.5,
         video_guidance_scale: float | None = None,
         mixing_ratio: float = 1.0,
+        pool_norms_over_frames: bool = True,
+        reencode_frames: bool = True,
         num_videos_per_prompt: int = 1,
         frame_batch_size: int = 8,
         decode_chunk_size: int = 8,

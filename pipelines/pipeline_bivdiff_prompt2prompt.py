@@ -129,17 +129,19 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
     _optional_components = ["inversion_unet", "inverse_scheduler"]
     output_class = BIVDiffPrompt2PromptPipelineOutput
     always_inverts_with_image_unet = True
+    derives_frame_generators = False
 
     # ------------------------------------------------------------------ stage 0: the source video's noise
     def invert_source(
-        self, latents: torch.Tensor, cond: torch.Tensor, num_steps: int, frame_batch_size: int
+        self, latents: torch.Tensor, cond: torch.Tensor, num_steps: int, frame_batch_size: int, pooled: bool = True
     ) -> torch.Tensor:
-        """DDIM-invert the source latents (1, C, F, h, w) with the image UNet only (r = 1), frame by frame."""
+        """DDIM-invert the source latents (1, C, F, h, w) with the image UNet only (r = 1), frame-pooled norms as
+        the original's inflated UNet unless `pooled` is off."""
         # The mixin's image branch does exactly this; only the progress bar's label differs (a user label wins).
         config = getattr(self, "_progress_bar_config", {})
         self._progress_bar_config = {"desc": "Source inversion (image UNet)", **config}
         try:
-            return self.invert_image_branch(latents, cond, num_steps, frame_batch_size)
+            return self.invert_image_branch(latents, cond, num_steps, frame_batch_size, pooled)
         finally:
             self._progress_bar_config = config
 
@@ -162,19 +164,45 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         num_inference_steps: int,
         guidance_scale: float,
         frame_batch_size: int,
+        ddim: bool = True,
+        upcast: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt2Prompt on every frame of one video from its inverted noise (1, C, F, h, w).
+        """Prompt2Prompt on every frame of one video from its inverted noise (1, C, F, h, w), sampled with DDIM (or
+        with `scheduler` as given), the UNet in float32 when `upcast`.
 
         `pair_embeds` holds the (source, edited) prompt embeddings (2, L, D). Each chunk runs the stock pipeline on
         the batch [src_0, edit_0, src_1, edit_1, ...], both branches of a frame starting from the frame's noise.
         Returns the source-branch and edited latents, each (1, C, F, h, w).
         """
         num_frames = noise.shape[2]
-        noise = fold_frames(noise)
-        # DDIM retraces the DDIM inversion of the source; its settings follow the smoothing scheduler's rule.
+        # DDIM retraces the DDIM inversion of the source; its settings follow the smoothing scheduler's rule. The
+        # scheduler is copied either way: a multistep sampler keeps state between calls.
+        scheduler = ddim_sampler(self.scheduler) if ddim else type(self.scheduler).from_config(self.scheduler.config)
+        # No text encoder: the embeddings are given, and the stock pipeline would cast them to its dtype.
         pipe = self.stock_pipeline(
-            StableDiffusionPipeline, "Frame-wise editing (Prompt2Prompt)", scheduler=ddim_sampler(self.scheduler)
+            StableDiffusionPipeline, "Frame-wise editing (Prompt2Prompt)", scheduler=scheduler, text_encoder=None
         )
+        dtype = self.unet.dtype
+        if upcast:
+            self.unet.to(torch.float32)
+            noise, pair_embeds, negative_embeds = (x.float() for x in (noise, pair_embeds, negative_embeds))
+        settings = dict(
+            height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale
+        )
+        try:
+            sources, edits = self._edit_chunks(
+                pipe, fold_frames(noise), controller, pair_embeds, negative_embeds, frame_batch_size, **settings
+            )
+        finally:
+            self.unet.to(dtype)
+        return unfold_frames(sources.to(dtype), num_frames), unfold_frames(edits.to(dtype), num_frames)
+
+    def _edit_chunks(
+        self, pipe, noise, controller, pair_embeds, negative_embeds, frame_batch_size, **settings
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stock pipeline on chunks of `frame_batch_size` folded frames (F, C, h, w); returns the source and
+        edited latents, each (F, C, h, w)."""
+        num_frames = noise.shape[0]
         sources, edits = [], []
         with attention_control(self.unet, controller):
             for start in range(0, num_frames, frame_batch_size):
@@ -186,17 +214,14 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
                     prompt_embeds=pair_embeds.repeat(n, 1, 1),
                     negative_prompt_embeds=negative_embeds.expand(2 * n, -1, -1),
                     latents=chunk.repeat_interleave(2, dim=0),
-                    height=height,
-                    width=width,
-                    num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale,
                     output_type="latent",
                     cross_attention_kwargs=self.cross_attention_kwargs,
                     callback_on_step_end=controller.callback_on_step_end,
+                    **settings,
                 ).images
                 sources.append(out[0::2])
                 edits.append(out[1::2])
-        return unfold_frames(torch.cat(sources), num_frames), unfold_frames(torch.cat(edits), num_frames)
+        return torch.cat(sources), torch.cat(edits)
 
     def generate_frames(self, call, embeds) -> torch.Tensor:
         """Stage 0 and 1: each video's source noise (its VAE sample inverted by the image UNet, or `latents`), then
@@ -214,8 +239,10 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         noise = call.latents
         if noise is None:
             pixels = self.source_pixels(call.video, call.height, call.width, call.resize_mode)
-            source = self.encode_frames(pixels, call.decode_chunk_size, call.frame_generators, call.batch_size)
-            noise = self.invert_source(source, embeds.image_cond, call.num_inference_steps, call.frame_batch_size)
+            source = self.encode_frames(pixels, call.decode_chunk_size, call.generator, call.batch_size)
+            noise = self.invert_source(
+                source, embeds.image_cond, call.num_inference_steps, call.frame_batch_size, call.pool_norms_over_frames
+            )
         # As the stock pipeline decides: guidance-distilled UNets (time_cond_proj_dim) run no CFG batch.
         cfg = self.do_classifier_free_guidance and self.unet.config.time_cond_proj_dim is None
         pairs = [p for p in zip(as_list(call.source_prompt, call.num_prompts), as_list(call.prompt, call.num_prompts))]
@@ -232,6 +259,7 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
                 self_replace_steps=call.self_replace_steps,
                 local_blend_words=call.local_blend_words,
                 local_blend_threshold=call.local_blend_threshold,
+                reweight=call.reweight,
                 do_classifier_free_guidance=cfg,
             )
             source_latents, edit_latents = self.edit_frames(
@@ -244,6 +272,8 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
                 call.num_inference_steps,
                 call.guidance_scale,
                 call.frame_batch_size,
+                call.edit_with_ddim,
+                call.upcast_editing,
             )
             reconstructed.append(source_latents)
             edited.append(edit_latents)
@@ -278,6 +308,7 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
                 cross_replace_steps=call.cross_replace_steps,
                 self_replace_steps=call.self_replace_steps,
                 local_blend_threshold=call.local_blend_threshold,
+                reweight=call.reweight,
             )
         self.check_image_model((self.vae.config.latent_channels,), "a plain text-to-image UNet (SD-1.5)")
         # The source is inverted by the image UNet whatever `mixing_ratio` is.
@@ -295,11 +326,16 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         negative_prompt: str | list[str] | None = None,
         inversion_prompt: str | list[str] | None = None,
         edit_type: str | None = None,
-        cross_replace_steps: float | tuple[float, float] = 0.4,
+        cross_replace_steps: float | tuple[float, float] | dict[str, float | tuple[float, float]] = 0.4,
         self_replace_steps: float | tuple[float, float] = 0.4,
+        reweight: dict[str, float] | None = None,
         local_blend_words: str | Sequence[str | Sequence[str]] | None = None,
         local_blend_threshold: float = 0.3,
+        edit_with_ddim: bool = True,
+        upcast_editing: bool = False,
         mixing_ratio: float = 0.25,
+        pool_norms_over_frames: bool = True,
+        reencode_frames: bool = True,
         height: int | None = None,
         width: int | None = None,
         resize_mode: str = "default",
@@ -337,13 +373,26 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
             inversion_prompt (`str`, *optional*): Conditions the source inversion and both Mixed Inversion branches
                 instead of the negative prompt (e.g. `source_prompt`; the original inverted on `""`).
             edit_type (`str`, *optional*): `"replace"` (prompts with the same number of tokens: the edited prompt
-                uses the source's cross-attention maps position by position) or `"refine"` (any prompts: tokens
-                aligned to identical source tokens take the source's maps, new tokens keep their own). Defaults to
+                uses the source's cross-attention maps through the word-swap mapping), `"refine"` (any prompts:
+                tokens aligned to identical source tokens take the source's maps, new tokens keep their own) or
+                `"reweight"` (the source's maps position by position, scaled by `reweight`). Defaults to
                 `"replace"` when the two prompts have the same token count, else `"refine"`.
-            cross_replace_steps (`float` or `(float, float)`, defaults to 0.4): Fraction of the steps from the start
-                (or a (start, end) pair of fractions) during which cross-attention is edited.
-            self_replace_steps (`float` or `(float, float)`, defaults to 0.4): Same, for replacing the edited
-                branch's self-attention by the source's in the coarse layers (16x16 at 512 px).
+            cross_replace_steps (`float`, `(float, float)` or `dict`, defaults to 0.4): Fraction of the steps from the
+                start, or a (start, end) pair of fractions, during which cross-attention is edited; a dict gives
+                words of the edited prompt their own fraction or pair (key `"default_"` for the other tokens,
+                (0, 1) when absent). As the original, a window covers steps int(start * (N + 1)) <= i <
+                int(end * (N + 1)).
+            self_replace_steps (`float` or `(float, float)`, defaults to 0.4): Same (steps int(start * N) <= i <
+                int(end * N)), for replacing the edited branch's self-attention by the source's in the coarse
+                layers (16x16 at 512 px).
+            reweight (`dict[str, float]`, *optional*): Words of the edited prompt and a strength for each: their
+                cross-attention is scaled by it while cross-attention is edited (the original's equalizer). Needed
+                by `edit_type="reweight"`; with another edit type it scales that edit's maps.
+            edit_with_ddim (`bool`, defaults to `True`): The frame-wise stage samples with DDIM (eta 0, the
+                scheduler's betas), so the source branch retraces the DDIM inversion of the source. `False` samples
+                with `scheduler` as given (the original used SD-1.5's PNDM).
+            upcast_editing (`bool`, defaults to `False`): Run the frame-wise stage with the UNet in float32
+                whatever the pipeline's dtype, as the original (which ran Prompt2Prompt in fp32, the rest in fp16).
             local_blend_words (`str`, `(source, edit)` pair or `list[str]`, *optional*): Words whose attention marks
                 the region allowed to change; outside it every frame keeps its source-branch latents. A pair gives
                 the source prompt's words then the edited prompt's, as the original.

@@ -60,6 +60,7 @@ __all__ = [
     "AttentionEdit",
     "AttentionReplace",
     "AttentionRefine",
+    "AttentionReweight",
     "LocalBlend",
     "make_controller",
     "check_prompt2prompt_inputs",
@@ -71,11 +72,13 @@ __all__ = [
     "EDIT_TYPES",
 ]
 
-EDIT_TYPES = ("replace", "refine")
+EDIT_TYPES = ("replace", "refine", "reweight")
 DEFAULT_QUERY_FRACTION = 1.0 / 16.0  # reproduces the original's "<= 16x16 queries" for a 64x64 (512 px) latent
 _PLACES = ("down", "mid", "up")
 
 StepBounds = Union[float, Tuple[float, float]]
+# A fraction, a pair, or per word of the edited prompt (key "default_" for every other token), as the original.
+CrossReplaceSteps = Union[StepBounds, Dict[str, StepBounds]]
 BlendWords = Union[str, Sequence[Union[str, Sequence[str]]]]
 
 
@@ -206,9 +209,9 @@ def refinement_mapper(tokenizer, source_prompt: str, prompt: str) -> Tuple[torch
 
 def _replace_length_message(source_prompt: str, prompt: str, n_src: int, n_edit: int) -> str:
     return (
-        f"edit_type='replace' needs the source and edited prompts to have the same number of tokens, but the source "
-        f"prompt {source_prompt!r} has {n_src} and the edited prompt {prompt!r} has {n_edit}. Use edit_type='refine' "
-        f"for prompts of different lengths."
+        f"edit_type='replace' (and 'reweight') needs the source and edited prompts to have the same number of "
+        f"tokens, but the source prompt {source_prompt!r} has {n_src} and the edited prompt {prompt!r} has "
+        f"{n_edit}. Use edit_type='refine' for prompts of different lengths."
     )
 
 
@@ -230,6 +233,43 @@ def _step_range(value: StepBounds, num_steps: int, name: str) -> Tuple[int, int]
     start, end = _step_bounds(value, name)
     # floor, as the original (int(0.4 * 50) = 20), with a tolerance for fractions such as 0.29 * 100.
     return int(math.floor(start * num_steps + 1e-6)), int(math.floor(end * num_steps + 1e-6))
+
+
+def _cross_replace_bounds(value: CrossReplaceSteps) -> Dict[str, Tuple[float, float]]:
+    """`cross_replace_steps` as {word: (start, end)}, "default_" for every token no word key names."""
+    if not isinstance(value, dict):
+        return {"default_": _step_bounds(value, "cross_replace_steps")}
+    bounds = {"default_": (0.0, 1.0)}
+    for word, steps in value.items():
+        if not isinstance(word, str):
+            raise ValueError(f"cross_replace_steps keys must be words of the edited prompt, got {word!r}.")
+        bounds[word] = _step_bounds(steps, f"cross_replace_steps[{word!r}]")
+    return bounds
+
+
+def cross_replace_alphas(tokenizer, prompt: str, value: CrossReplaceSteps, num_steps: int) -> torch.Tensor:
+    """(num_steps + 1, tokens) table, 1 where the edited prompt's token takes the edit at that step.
+
+    As the original: a window (start, end) is on at steps int(start * (N + 1)) <= i < int(end * (N + 1)) (over
+    N + 1 rows), "default_" fills every column, then each word's own window overwrites that word's tokens.
+    """
+    alphas = torch.zeros(num_steps + 1, _max_length(tokenizer))
+    for word, (start, end) in _cross_replace_bounds(value).items():
+        rows = slice(int(start * (num_steps + 1)), int(end * (num_steps + 1)))
+        columns = slice(None) if word == "default_" else word_token_indices(tokenizer, prompt, word)
+        alphas[:, columns] = 0.0
+        alphas[rows, columns] = 1.0
+    return alphas
+
+
+def equalizer(tokenizer, prompt: str, reweight: Optional[Dict[str, float]]) -> Optional[torch.Tensor]:
+    """(tokens,) scale of each edited token's cross-attention: each `reweight` word's strength, 1 elsewhere."""
+    if not reweight:
+        return None
+    scale = torch.ones(_max_length(tokenizer))
+    for word, strength in reweight.items():
+        scale[word_token_indices(tokenizer, prompt, word)] = float(strength)
+    return scale
 
 
 def _blend_words_per_prompt(words: BlendWords) -> Tuple[List[str], List[str]]:
@@ -264,9 +304,10 @@ def check_prompt2prompt_inputs(
     prompt: str,
     edit_type: str,
     local_blend_words: Optional[BlendWords] = None,
-    cross_replace_steps: StepBounds = 0.4,
+    cross_replace_steps: CrossReplaceSteps = 0.4,
     self_replace_steps: StepBounds = 0.4,
     local_blend_threshold: float = 0.3,
+    reweight: Optional[Dict[str, float]] = None,
 ) -> None:
     """Raise a ``ValueError`` naming the bad input and the fix; call before any model runs."""
     for name, value in (("source_prompt", source_prompt), ("prompt", prompt)):
@@ -275,11 +316,23 @@ def check_prompt2prompt_inputs(
     if not isinstance(edit_type, str) or edit_type not in EDIT_TYPES:
         raise ValueError(
             f"Unknown Prompt2Prompt edit_type {edit_type!r}: use 'replace' (prompts with the same number of tokens, "
-            f"e.g. one word swapped) or 'refine' (prompts of different lengths, e.g. words added)."
+            f"e.g. one word swapped), 'refine' (prompts of different lengths, e.g. words added) or 'reweight' (the "
+            f"source's maps by position, scaled by `reweight`)."
         )
-    _step_bounds(cross_replace_steps, "cross_replace_steps")
+    if edit_type == "reweight" and not reweight:
+        raise ValueError("edit_type='reweight' needs `reweight`, a dict {word of the edited prompt: strength}.")
+    strengths = reweight.items() if isinstance(reweight, dict) else [(None, None)]
+    if reweight is not None and not all(isinstance(k, str) and type(v) in (int, float) for k, v in strengths):
+        raise ValueError(f"`reweight` must be a dict {{word of the edited prompt: strength}}, got {reweight!r}.")
+    words = [w for w in _cross_replace_bounds(cross_replace_steps) if w != "default_"] + list(reweight or {})
+    for word in words:
+        if not word_token_indices(tokenizer, prompt, word):
+            raise ValueError(
+                f"{word!r} (a key of `cross_replace_steps` or `reweight`) is not a word of the edited prompt "
+                f"{prompt!r}."
+            )
     _step_bounds(self_replace_steps, "self_replace_steps")
-    if edit_type == "replace":
+    if edit_type in ("replace", "reweight"):
         n_src, n_edit = len(token_ids(tokenizer, source_prompt)), len(token_ids(tokenizer, prompt))
         if n_src != n_edit:
             raise ValueError(_replace_length_message(source_prompt, prompt, n_src, n_edit))
@@ -720,8 +773,9 @@ class AttentionControl:
 
 
 class AttentionEdit(AttentionControl):
-    """Shared Prompt2Prompt edit logic: cross-attention edited during ``cross_replace_steps``, self-attention of the
-    edit replaced by the source's during ``self_replace_steps`` in layers with query count at most
+    """Shared Prompt2Prompt edit logic, as the original: the edit's cross-attention becomes the edit type's maps
+    (scaled per token by ``reweight``) where ``cross_replace_alphas`` is on and stays its own elsewhere; self-attention
+    of the edit is replaced by the source's during ``self_replace_steps`` in layers with query count at most
     ``self_replace_query_fraction * latent_h * latent_w`` (default 1/16 = the original's 16x16 layers at 512 px)."""
 
     def __init__(
@@ -730,10 +784,11 @@ class AttentionEdit(AttentionControl):
         source_prompt: str,
         prompt: str,
         num_inference_steps: int,
-        cross_replace_steps: StepBounds = 0.4,
+        cross_replace_steps: CrossReplaceSteps = 0.4,
         self_replace_steps: StepBounds = 0.4,
         local_blend: Optional[LocalBlend] = None,
         *,
+        reweight: Optional[Dict[str, float]] = None,
         self_replace_query_fraction: float = DEFAULT_QUERY_FRACTION,
         do_classifier_free_guidance: bool = True,
         store_maps: bool = False,
@@ -742,7 +797,11 @@ class AttentionEdit(AttentionControl):
             num_inference_steps, do_classifier_free_guidance=do_classifier_free_guidance, store_maps=store_maps
         )
         self.source_prompt, self.prompt = source_prompt, prompt
-        self.cross_replace_range = _step_range(cross_replace_steps, self.num_inference_steps, "cross_replace_steps")
+        self.cross_alphas = cross_replace_alphas(tokenizer, prompt, cross_replace_steps, self.num_inference_steps)
+        start, end = _cross_replace_bounds(cross_replace_steps)["default_"]
+        n = self.num_inference_steps + 1
+        self.cross_replace_range = (int(start * n), int(end * n))
+        self.equalizer = equalizer(tokenizer, prompt, reweight)
         self.self_replace_range = _step_range(self_replace_steps, self.num_inference_steps, "self_replace_steps")
         self.self_replace_query_fraction = float(self_replace_query_fraction)
         self.num_tokens = _max_length(tokenizer)
@@ -771,10 +830,23 @@ class AttentionEdit(AttentionControl):
             )
 
     def _edits_cross(self) -> bool:
-        return self._in(self.cross_replace_range)
+        return self.cur_step < len(self.cross_alphas) and bool(self.cross_alphas[self.cur_step].any())
 
     def _edits_self(self, layer: AttentionLayer) -> bool:
         return self._in(self.self_replace_range) and layer.within(self.self_replace_query_fraction)
+
+    def _edit_cross(self, src: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
+        self._check_tokens(src)
+        replaced = self._replace_cross(src, edit)
+        if self.equalizer is not None:
+            replaced = replaced * self._on(self.equalizer, src, "equalizer")
+        alphas = self._on(self.cross_alphas[self.cur_step], src, f"alphas{self.cur_step}")
+        if bool((alphas == 1).all()):
+            return replaced
+        return replaced * alphas + edit * (1 - alphas)
+
+    def _replace_cross(self, src: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class AttentionReplace(AttentionEdit):
@@ -784,8 +856,7 @@ class AttentionReplace(AttentionEdit):
     def _build_mapping(self, tokenizer) -> None:
         self.mapper = replacement_mapper(tokenizer, self.source_prompt, self.prompt)
 
-    def _edit_cross(self, src: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
-        self._check_tokens(src)
+    def _replace_cross(self, src: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
         return torch.einsum("fhqi,ij->fhqj", src, self._on(self.mapper, src, "mapper"))
 
 
@@ -797,11 +868,22 @@ class AttentionRefine(AttentionEdit):
     def _build_mapping(self, tokenizer) -> None:
         self.mapper, self.alphas = refinement_mapper(tokenizer, self.source_prompt, self.prompt)
 
-    def _edit_cross(self, src: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
-        self._check_tokens(src)
+    def _replace_cross(self, src: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
         gathered = src.index_select(-1, self._on(self.mapper, src, "mapper"))
         alphas = self._on(self.alphas, src, "alphas")
         return gathered * alphas + edit * (1 - alphas)
+
+
+class AttentionReweight(AttentionEdit):
+    """Reweighting, as the original's: the edit takes the source's cross-attention maps by token position, each
+    column scaled by its ``reweight`` strength (no renormalisation). With identical prompts and strength 1 it is no
+    edit; ``reweight`` also scales the maps of "replace" and "refine" edits."""
+
+    def _build_mapping(self, tokenizer) -> None:
+        pass
+
+    def _replace_cross(self, src: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
+        return src
 
 
 def make_controller(
@@ -810,11 +892,12 @@ def make_controller(
     prompt: str,
     edit_type: str,
     num_inference_steps: int,
-    cross_replace_steps: StepBounds = 0.4,
+    cross_replace_steps: CrossReplaceSteps = 0.4,
     self_replace_steps: StepBounds = 0.4,
     local_blend_words: Optional[BlendWords] = None,
     local_blend_threshold: float = 0.3,
     *,
+    reweight: Optional[Dict[str, float]] = None,
     self_replace_query_fraction: float = DEFAULT_QUERY_FRACTION,
     local_blend_query_fraction: float = DEFAULT_QUERY_FRACTION,
     do_classifier_free_guidance: bool = True,
@@ -822,8 +905,10 @@ def make_controller(
 ) -> AttentionEdit:
     """Build the controller for one (source, edited) prompt pair, validating the inputs first.
 
-    ``edit_type``: "replace" (same token count) or "refine". ``cross_replace_steps`` / ``self_replace_steps``: a
-    fraction of the steps from the start, or a (start, end) pair of fractions. ``local_blend_words``: see
+    ``edit_type``: "replace" (same token count), "refine" or "reweight" (same token count; needs ``reweight``).
+    ``cross_replace_steps``: a fraction of the steps from the start, a (start, end) pair of fractions, or a dict of
+    such per word of the edited prompt ("default_" for the other tokens); ``self_replace_steps``: a fraction or a
+    pair. ``reweight``: {word of the edited prompt: strength} scaling its cross-attention. ``local_blend_words``: see
     :class:`LocalBlend`. ``do_classifier_free_guidance`` must match the pipeline call (``guidance_scale > 1``).
     """
     check_prompt2prompt_inputs(
@@ -835,11 +920,12 @@ def make_controller(
         cross_replace_steps=cross_replace_steps,
         self_replace_steps=self_replace_steps,
         local_blend_threshold=local_blend_threshold,
+        reweight=reweight,
     )
     blend = None
     if local_blend_words is not None:
         blend = LocalBlend(local_blend_words, local_blend_threshold, query_fraction=local_blend_query_fraction)
-    cls = AttentionReplace if edit_type == "replace" else AttentionRefine
+    cls = {"replace": AttentionReplace, "refine": AttentionRefine, "reweight": AttentionReweight}[edit_type]
     return cls(
         tokenizer,
         source_prompt,
@@ -848,6 +934,7 @@ def make_controller(
         cross_replace_steps,
         self_replace_steps,
         blend,
+        reweight=reweight,
         self_replace_query_fraction=self_replace_query_fraction,
         do_classifier_free_guidance=do_classifier_free_guidance,
         store_maps=store_maps,

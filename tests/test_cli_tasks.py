@@ -47,6 +47,8 @@ class InstructPix2PixStandIn(Recorder):
         image_guidance_scale=1.5,
         guidance_scale=7.5,
         mixing_ratio=1.0,
+        pool_norms_over_frames=True,
+        reencode_frames=True,
         num_inference_steps=50,
         frame_batch_size=8,
         decode_chunk_size=8,
@@ -69,6 +71,8 @@ class InpaintStandIn(Recorder):
         outpaint=None,
         paste_back=False,
         mixing_ratio=0.1,
+        pool_norms_over_frames=True,
+        reencode_frames=True,
         negative_prompt=None,
         guidance_scale=7.5,
         num_inference_steps=50,
@@ -95,9 +99,14 @@ class Prompt2PromptStandIn(Recorder):
         edit_type="refine",
         cross_replace_steps=0.4,
         self_replace_steps=0.4,
+        reweight=None,
+        edit_with_ddim=True,
+        upcast_editing=False,
         local_blend_words=None,
         local_blend_threshold=0.3,
         mixing_ratio=0.25,
+        pool_norms_over_frames=True,
+        reencode_frames=True,
         negative_prompt=None,
         guidance_scale=7.5,
         num_inference_steps=50,
@@ -147,7 +156,16 @@ def test_instruct_pix2pix_gets_an_8_channel_unet_and_the_quality_prompts(recorde
     assert call["video_prompt"] == "A train is running, minecraft style" + QUALITY_SUFFIX
     assert call["negative_prompt"] == QUALITY_NEGATIVE
     assert call["image_guidance_scale"] == 1.5 and call["mixing_ratio"] == 1.0 and call["num_inference_steps"] == 2
+    assert call["pool_norms_over_frames"] is True and call["reencode_frames"] is True  # the original's inversion
     assert len(call["video"]) == NUM_FRAMES and call["video"][0].size == (SIZE, SIZE)
+
+
+def test_the_inversion_switches_reach_the_call(recorded, tmp_path, capsys):
+    name = "video_editing_with_instruct_pix2pix_and_zeroscope"
+    overrides = ("MixedInversion.pool_norms_over_frames=false", "MixedInversion.reencode_frames=false")
+    run_tiny(capsys, tmp_path, name, *overrides)
+    (call,) = recorded.calls
+    assert call["pool_norms_over_frames"] is False and call["reencode_frames"] is False
 
 
 def test_inpainting_gets_a_binary_mask_video_and_a_9_channel_unet(recorded, tmp_path, capsys):
@@ -215,7 +233,25 @@ def test_prompt2prompt_maps_the_original_keys(recorded, tmp_path, capsys):
     assert call["video_prompt"] == "A car is moving on the road in the forest"
     assert call["edit_type"] == "replace" and call["local_blend_words"] == ["car", "bus"]
     assert (call["cross_replace_steps"], call["self_replace_steps"], call["mixing_ratio"]) == (0.4, 0.4, 0.25)
+    assert (call["edit_with_ddim"], call["upcast_editing"], call["reweight"]) == (True, False, None)
     assert len(read_video(folder / "video_inverted_and_reconstructed.mp4")) == NUM_FRAMES
+
+
+def test_prompt2prompt_restores_the_original_sampler_and_precision_and_reweights(recorded, tmp_path, capsys):
+    run_tiny(
+        capsys,
+        tmp_path,
+        "video_editing_with_prompt2prompt_and_vidrd",
+        "IDM.Prompt2Prompt.scheduler=PNDM",
+        "IDM.Prompt2Prompt.upcast_editing=true",
+        "IDM.Prompt2Prompt.controller_type=AttentionReweight",
+        "IDM.Prompt2Prompt.prompts=[A car is moving on the road, A car is moving on the road]",
+        "IDM.Prompt2Prompt.reweight_words=[car, road]",
+        "IDM.Prompt2Prompt.reweight_strengths=[2, 0.5]",
+    )
+    (original,) = recorded.calls
+    assert (original["edit_with_ddim"], original["upcast_editing"]) == (False, True)
+    assert original["edit_type"] == "reweight" and original["reweight"] == {"car": 2.0, "road": 0.5}
 
 
 def test_prompt2prompt_without_blend_words_passes_none(recorded, tmp_path, capsys):

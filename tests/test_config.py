@@ -89,7 +89,13 @@ def test_shipped_config_keeps_the_original_values(name):
     assert (model["width"], model["height"], model["video_length"], model["frame_rate"]) == (512, 512, 8, 4)
     assert (model["seed"], model["guidance_scale"], model["num_inference_steps"]) == (42, 7.5, 50)
     assert model["video_path"] is None  # the shipped clip
-    assert config.mixed_inversion == {"idm": "SD-v15", "pretrained_model_path": "./checkpoints/stable-diffusion-v1-5"}
+    assert config.mixed_inversion == {
+        "idm": "SD-v15",
+        "pretrained_model_path": "./checkpoints/stable-diffusion-v1-5",
+        # not in the original's files: its behaviour, restored by default
+        "pool_norms_over_frames": True,
+        "reencode_frames": True,
+    }
     quality = idm in ("ControlNet", "InstructPix2Pix")
     assert raw["IDM"][idm]["prompt_suffix"] == (QUALITY_SUFFIX if quality else "")
     assert raw["IDM"][idm]["negative_prompt"] == (QUALITY_NEGATIVE if quality else "")
@@ -223,6 +229,12 @@ def test_an_original_config_file_loads_hydra_section_and_all(tmp_path):
 def test_bad_values_fail_with_the_fix(override, message):
     with pytest.raises(ConfigError, match=message):
         load(overrides=[override])
+
+
+def test_reweight_needs_one_strength_per_word():
+    name = "video_editing_with_prompt2prompt_and_vidrd"
+    with pytest.raises(ConfigError, match="one strength per word"):
+        load(name, ["IDM.Prompt2Prompt.reweight_words=[car, road]", "IDM.Prompt2Prompt.reweight_strengths=[2]"])
 
 
 def test_all_bad_values_are_reported_together():

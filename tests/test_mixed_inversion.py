@@ -1,10 +1,13 @@
 """Stages 2 and 3 against hand-written oracles, on tiny random models."""
 
+import contextlib
+
 import pytest
 import torch
-from pipeline_helpers import bivdiff_components, count_forward_calls, generators
+from pipeline_helpers import bivdiff_components, count_forward_calls
 
 from bivdiff import BIVDiffPipeline
+from bivdiff.pipelines.mixed_inversion import pool_group_norms_over_frames
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +53,18 @@ def reference_smoothing(unet, z, cond, uncond, alphas, num_steps, guidance):
     return z
 
 
+@pytest.mark.parametrize("pooled", [True, False])
 @torch.no_grad()
-def test_image_branch_equals_reference_loop_with_frames_in_batch(pipe, clean_latents):
+def test_image_branch_equals_reference_loop_with_frames_in_batch(pipe, clean_latents, pooled):
+    """Pooled: the clip's frames share ResNet statistics (the original's inflated UNet); else each frame alone."""
     cond = pipe.encode_prompt("", "cpu")[0]
-    ours = pipe.invert_image_branch(clean_latents, cond, num_steps=5, frame_batch_size=2)
+    ours = pipe.invert_image_branch(clean_latents, cond, num_steps=5, frame_batch_size=2, pooled=pooled)
     alphas = pipe.scheduler.alphas_cumprod
-    expected = reference_inversion(pipe.unet, clean_latents, cond, alphas, 5, fold=True)
+    with pool_group_norms_over_frames(pipe.unet, 3) if pooled else contextlib.nullcontext():
+        expected = reference_inversion(pipe.unet, clean_latents, cond, alphas, 5, fold=True)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    other = reference_inversion(pipe.unet, clean_latents, cond, alphas, 5, fold=True) if pooled else None
+    assert other is None or (ours - other).abs().max() > 1e-3
 
 
 @torch.no_grad()
@@ -83,14 +91,17 @@ def test_smoothing_runs_cfg_as_one_batched_call(pipe, clean_latents):
     assert calls["video_unet"] == 4
 
 
-@pytest.mark.parametrize("ratio, image_calls, video_calls", [(0.0, 0, 4), (0.5, 8, 4), (1.0, 8, 0)])
+@pytest.mark.parametrize(
+    "ratio, pooled, image_calls, video_calls",
+    [(0.0, True, 0, 4), (0.5, False, 8, 4), (1.0, False, 8, 0), (1.0, True, 4, 0)],
+)
 @torch.no_grad()
-def test_branches_run_only_when_weighted(pipe, clean_latents, ratio, image_calls, video_calls):
+def test_branches_run_only_when_weighted(pipe, clean_latents, ratio, pooled, image_calls, video_calls):
     img = pipe.encode_prompt("", "cpu")[0]
     vid = pipe.encode_video_prompt("", "cpu")[0]
     with count_forward_calls(unet=pipe.unet, video_unet=pipe.video_unet) as calls:
-        pipe.mixed_inversion(clean_latents, ratio, 4, frame_batch_size=2, image_cond=img, video_cond=vid)
-    # 3 frames in chunks of 2 -> 2 image-UNet calls per step.
+        pipe.mixed_inversion(clean_latents, ratio, 4, 2, img, vid, pool_norms_over_frames=pooled)
+    # Per frame: 3 frames in chunks of 2 -> 2 image-UNet calls per step; pooled: the clip in one call.
     assert calls == {"unet": image_calls, "video_unet": video_calls}
 
 
@@ -122,17 +133,18 @@ def test_invert_then_denoise_reconstructs_and_error_shrinks_with_steps(clean_lat
 
 
 @torch.no_grad()
-def test_vae_encoding_uses_posterior_mean_without_generator(pipe):
+def test_vae_encoding_uses_posterior_mean_without_generator_one_sample_with_one(pipe):
     frames = torch.rand(3, 3, 32, 32)
     a = pipe.encode_frames(pipe.source_pixels(frames, 32, 32), chunk_size=2)
     b = pipe.encode_frames(pipe.source_pixels(frames, 32, 32), chunk_size=3)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     expected = pipe.vae.encode(frames * 2 - 1).latent_dist.mode() * pipe.vae.config.scaling_factor
     torch.testing.assert_close(a[0].permute(1, 0, 2, 3), expected, atol=1e-5, rtol=0)
-    sampled = pipe.encode_frames(
-        pipe.source_pixels(frames, 32, 32), chunk_size=2, generators=generators(3)
-    )
-    assert not torch.allclose(sampled, a)
+    # With a generator: one draw for all frames (as the original's latent_dist.sample()), whatever the chunking.
+    sampled = pipe.encode_frames(pipe.source_pixels(frames, 32, 32), 2, torch.Generator().manual_seed(3))
+    dist = pipe.vae.encode(frames * 2 - 1).latent_dist
+    one_draw = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(sampled[0].permute(1, 0, 2, 3), one_draw * 0.18215, atol=1e-5, rtol=0)
 
 
 def test_smoothing_never_clips_latents_whatever_the_stage1_sampler():

@@ -43,10 +43,14 @@ def test_frames_as_pil_numpy_or_tensor_give_the_same_video(pipe):
 
 
 def test_latents_in_equal_frames_in(pipe):
+    """Given latents are inverted as given with `reencode_frames=False`; frames are encoded once either way."""
     frames = control_video()
     args = dict(prompt="a dog", num_inference_steps=2, mixing_ratio=0.5, output_type="latent")
     latents = pipe.encode_frames(pipe.source_pixels(frames, 32, 32), chunk_size=8)
-    torch.testing.assert_close(pipe(video=frames, **args).frames, pipe(video_latents=latents, **args).frames)
+    from_frames = pipe(video=frames, **args).frames
+    torch.testing.assert_close(from_frames, pipe(video_latents=latents, reencode_frames=False, **args).frames)
+    torch.testing.assert_close(from_frames, pipe(video=frames, reencode_frames=False, **args).frames)
+    assert not torch.allclose(from_frames, pipe(video_latents=latents, **args).frames, atol=1e-3)
 
 
 def test_mixing_ratio_zero_needs_no_image_model():

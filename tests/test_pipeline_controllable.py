@@ -115,7 +115,10 @@ def test_idm_frames_can_be_skipped(pipe):
     with count_forward_calls(vae=pipe.vae.decoder) as calls:
         out = pipe(**inputs(return_idm_frames=False, decode_chunk_size=2))
     assert out.idm_frames is None
-    assert calls["vae"] == 2  # 3 frames in chunks of 2, final video only
+    assert calls["vae"] == 4  # 3 frames in chunks of 2: the re-encoded frames and the final video
+    with count_forward_calls(vae=pipe.vae.decoder) as calls:
+        pipe(**inputs(return_idm_frames=False, decode_chunk_size=2, reencode_frames=False))
+    assert calls["vae"] == 2  # final video only
 
 
 def test_callback_zeroing_latents_on_last_step_gives_zero_output(pipe):
@@ -233,6 +236,8 @@ def test_stage_log_names_every_stage_in_order(pipe):
     stages = [entry["stage"] for entry in pipe.stage_log]
     assert stages == [
         "frame-wise generation",
+        "decoding",  # the frames re-encoded for the inversion, as the original
+        "VAE encoding",
         "image inversion",
         "video inversion",
         "temporal smoothing",

@@ -79,9 +79,14 @@ def source_noise(pipe):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("edit_type", ["replace", "refine"])
-def test_same_prompt_edit_equals_source_reconstruction(pipe, edit_type):
-    out = pipe(**inputs(prompt=SOURCE, edit_type=edit_type, local_blend_words="cat", mixing_ratio=1.0))
+@pytest.mark.parametrize(
+    "edit_type, reweight", [("replace", None), ("refine", None), ("reweight", {"cat": 1.0, "mat": 1.0})]
+)
+def test_same_prompt_edit_equals_source_reconstruction(pipe, edit_type, reweight):
+    """Strength 1 with identical prompts is no edit, as for the other edit types."""
+    out = pipe(
+        **inputs(prompt=SOURCE, edit_type=edit_type, reweight=reweight, local_blend_words="cat", mixing_ratio=1.0)
+    )
     assert out.idm_frames.shape == out.source_frames.shape == (1, 4, NUM_FRAMES, HEIGHT // 2, WIDTH // 2)
     assert (out.idm_frames - out.source_frames).abs().max().item() <= 1e-6
 
@@ -188,6 +193,10 @@ def test_unet_calls_per_stage(pipe, mixing_ratio, unet_calls, video_unet_calls):
     with count_forward_calls(**models) as calls:
         out = pipe(**inputs(mixing_ratio=mixing_ratio, output_type="np", return_idm_frames=False))
     assert out.idm_frames is None and out.source_frames is None
+    # the source, then the edited frames re-encoded (decoded to 8-bit and encoded again), then the output
+    assert calls == {"unet": unet_calls, "video_unet": video_unet_calls, "encoder": 2, "decoder": 2}
+    with count_forward_calls(**models) as calls:
+        pipe(**inputs(mixing_ratio=mixing_ratio, output_type="np", return_idm_frames=False, reencode_frames=False))
     assert calls == {"unet": unet_calls, "video_unet": video_unet_calls, "encoder": 1, "decoder": 1}
 
 
@@ -246,7 +255,9 @@ def test_file_is_a_self_contained_community_pipeline():
         (dict(source_prompt=""), "`source_prompt` must be a non-empty string"),
         (dict(prompt=" "), "`prompt` must be a non-empty string"),
         (dict(prompt=None), "`prompt` must be a non-empty string"),
-        (dict(edit_type="reweight"), "Unknown Prompt2Prompt edit_type"),
+        (dict(edit_type="swap"), "Unknown Prompt2Prompt edit_type"),
+        (dict(edit_type="reweight"), "needs `reweight`"),
+        (dict(cross_replace_steps={"truck": 0.5}), r"'truck' \(a key of `cross_replace_steps` or `reweight`\)"),
         (dict(height=30), "divisible by 8"),
         (dict(width=36, height=32), "divisible by 8"),
         (dict(mixing_ratio=1.5), "mixing_ratio"),
@@ -280,3 +291,39 @@ def test_stage1_ddim_from_another_samplers_config_neither_clips_nor_sets_alpha_t
     pipe(**inputs(mixing_ratio=1.0, return_idm_frames=False))
     assert len(built) == 1
     assert not built[0].config.clip_sample and not built[0].config.set_alpha_to_one
+
+
+def test_edit_with_ddim_off_samples_with_the_pipeline_scheduler_as_the_original():
+    """The original edited with SD-1.5's PNDM: `edit_with_ddim=False` gives the stock PNDM pipeline's frames."""
+    from diffusers import PNDMScheduler
+
+    config = dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, skip_prk_steps=True
+    )
+    pipe = BIVDiffPrompt2PromptPipeline(**bivdiff_components(scheduler=PNDMScheduler(**config)))
+    pipe.set_progress_bar_config(disable=True)
+    args = inputs(mixing_ratio=1.0, cross_replace_steps=0.0, self_replace_steps=0.0, local_blend_words=None)
+    out = pipe(**args, edit_with_ddim=False)
+    noise = source_noise(pipe)
+    stock = stock_ddim_pipeline(pipe)
+    stock.scheduler = PNDMScheduler(**config)
+    for i in range(NUM_FRAMES):
+        expected = stock(
+            SOURCE, latents=noise[:, :, i], num_inference_steps=STEPS, guidance_scale=7.5, output_type="latent"
+        ).images
+        assert (out.source_frames[0, :, i] - expected[0]).abs().max().item() <= 1e-4
+    assert (pipe(**args).source_frames - out.source_frames).abs().max() > 1e-3
+
+
+def test_upcast_editing_runs_only_the_frame_wise_stage_in_float32():
+    pipe = BIVDiffPrompt2PromptPipeline(**bivdiff_components()).to(torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    try:
+        pipe(**inputs(mixing_ratio=1.0, upcast_editing=True, return_idm_frames=False))
+    finally:
+        handle.remove()
+    # source inversion, editing (CFG batched), image-branch inversion: STEPS calls each
+    assert seen == [torch.bfloat16] * STEPS + [torch.float32] * STEPS + [torch.bfloat16] * STEPS
+    assert pipe.unet.dtype == torch.bfloat16

@@ -412,7 +412,10 @@ def test_local_blend_word_missing_is_named(tokenizer):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(edit_type="reweight"), "Unknown Prompt2Prompt edit_type 'reweight'"),
+        (dict(edit_type="swap"), "Unknown Prompt2Prompt edit_type 'swap'"),
+        (dict(edit_type="reweight"), "needs `reweight`"),
+        (dict(edit_type="refine", reweight={"blue": 2.0}), "'blue' .* is not a word of the edited prompt"),
+        (dict(edit_type="refine", cross_replace_steps={"red": (0.6, 0.2)}), r"cross_replace_steps\['red'\]"),
         (dict(edit_type="refine", cross_replace_steps=1.5), "cross_replace_steps"),
         (dict(edit_type="refine", self_replace_steps=(0.5, 0.2)), "self_replace_steps"),
         (dict(edit_type="refine", local_blend_words="car", local_blend_threshold=2.0), "local_blend_threshold"),
@@ -421,3 +424,74 @@ def test_local_blend_word_missing_is_named(tokenizer):
 def test_other_validation_errors(tokenizer, kwargs, message):
     with pytest.raises(ValueError, match=message):
         p2p.check_prompt2prompt_inputs(tokenizer, "a car", "a red car", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the original's replace-step forms and reweighting
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def original_window(start, end, num_steps):
+    """The original's rows of an (N + 1)-row table: int(start * (N + 1)) <= i < int(end * (N + 1))."""
+    return [int(start * (num_steps + 1)) <= i < int(end * (num_steps + 1)) for i in range(num_steps + 1)]
+
+
+@pytest.mark.parametrize("value, window", [(0.5, (0.0, 0.5)), (0.4, (0.0, 0.4)), ((0.2, 0.9), (0.2, 0.9))])
+def test_cross_replace_window_rounds_as_the_original(tokenizer, value, window):
+    alphas = p2p.cross_replace_alphas(tokenizer, "a red car", value, STEPS)
+    assert alphas.shape == (STEPS + 1, 77)
+    assert alphas[:, 0].bool().tolist() == original_window(*window, STEPS)
+    assert (alphas == alphas[:, :1]).all()  # every token alike without per-word keys
+
+
+def test_cross_replace_per_word_dict_gives_each_word_its_window(tokenizer):
+    prompt = "a red car on a road"
+    alphas = p2p.cross_replace_alphas(tokenizer, prompt, {"default_": 0.2, "red": (0.4, 1.0), "road": 0.6}, STEPS)
+    red, road = (p2p.word_token_indices(tokenizer, prompt, w) for w in ("red", "road"))
+    others = [i for i in range(77) if i not in red + road]
+    for i in red:
+        assert alphas[:, i].bool().tolist() == original_window(0.4, 1.0, STEPS)
+    for i in road:
+        assert alphas[:, i].bool().tolist() == original_window(0.0, 0.6, STEPS)
+    assert (alphas[:, others].bool() == torch.tensor(original_window(0.0, 0.2, STEPS))[:, None]).all()
+    # without "default_" the other tokens are on at every step, as the original's (0, 1)
+    assert p2p.cross_replace_alphas(tokenizer, prompt, {"red": 0.2}, STEPS)[:, others].all()
+
+
+def test_reweight_with_strength_one_and_identical_prompts_is_no_edit(pipe):
+    prompt = "a red car on a road"
+    controller = p2p.make_controller(
+        pipe.tokenizer, prompt, prompt, "reweight", STEPS, 0.8, 0.4, reweight={"red": 1.0, "car": 1.0}
+    )
+    out = run(pipe, controller, prompt, prompt, frame_noise(1))
+    torch.testing.assert_close(out[:, 1], out[:, 0], atol=1e-6, rtol=0)
+
+
+def test_reweight_scales_each_word_of_the_source_maps_within_its_window(pipe):
+    source, edit = "a red car", "a red car"
+    strengths = {"red": 2.0, "car": 0.5}
+    controller = p2p.make_controller(
+        pipe.tokenizer, source, edit, "reweight", STEPS, 0.5, 0.0, reweight=strengths, store_maps=True
+    )
+    out = run(pipe, controller, source, edit, frame_noise(1))
+    scale = torch.ones(77)
+    for word, strength in strengths.items():
+        scale[p2p.word_token_indices(pipe.tokenizer, edit, word)] = strength
+    for step in range(STEPS):
+        for name, used in controller.attention_maps[step].items():
+            raw = controller.raw_attention_maps[step][name]
+            expected = raw[:, 0] * scale if original_window(0, 0.5, STEPS)[step] else raw[:, 1]
+            torch.testing.assert_close(used[:, 1], expected, atol=1e-6, rtol=0)
+    assert (out[:, 1] - out[:, 0]).abs().max() > 1e-4
+
+
+def test_reweight_scales_a_replace_edit(pipe):
+    source, edit = "a cat on a mat", "a dog on a mat"
+    controller = p2p.make_controller(
+        pipe.tokenizer, source, edit, "replace", STEPS, 0.4, 0.0, reweight={"dog": 3.0}, store_maps=True
+    )
+    run(pipe, controller, source, edit, frame_noise(1))
+    dog = p2p.word_token_indices(pipe.tokenizer, edit, "dog")
+    for name, used in controller.attention_maps[0].items():
+        remapped = torch.einsum("fqi,ij->fqj", controller.raw_attention_maps[0][name][:, 0], controller.mapper)
+        torch.testing.assert_close(used[:, 1][..., dog], 3.0 * remapped[..., dog], atol=1e-6, rtol=0)
