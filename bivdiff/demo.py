@@ -45,15 +45,8 @@ def run_config(name: str, overrides: list[str], settings: DemoSettings, tiny: bo
     line the command line prints. Raises UserError (with the command line's message) for bad input."""
     from bivdiff.runner import run_config as run
 
-    return run(
-        name,
-        overrides,
-        tiny=tiny,
-        checkpoints=settings.checkpoints,
-        output_dir=settings.output_dir,
-        offline=settings.offline,
-        log=log,
-    )
+    return run(name, overrides, tiny=tiny, checkpoints=settings.checkpoints, output_dir=settings.output_dir,
+               offline=settings.offline, log=log)
 
 
 def config_values(name: str, tiny: bool) -> dict:
@@ -188,12 +181,6 @@ def _bytes(value) -> str:
     return "-" if value is None else f"{value / 2**20:,.0f} MiB"
 
 
-def zip_run_folder(folder: Path) -> Path:
-    """`<folder>.zip` beside the run folder, holding the folder itself."""
-    archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
-    return Path(archive)
-
-
 def shown_path(path: Path) -> str:
     """Relative to the working directory when under it (as the command line prints run folders), else absolute."""
     try:
@@ -220,21 +207,8 @@ def build_app(settings: DemoSettings):
     first = form_defaults(FIRST_CONFIG, settings.tiny)
 
     # Gradio finds the progress tracker by its default value; track_tqdm follows the pipelines' own stage bars.
-    def run(
-        config,
-        tiny,
-        video,
-        mask,
-        idm_prompt,
-        vdm_prompt,
-        steps,
-        ratio,
-        frames,
-        stride,
-        seed,
-        extra,
-        progress=gr.Progress(track_tqdm=True),  # noqa: B008
-    ):
+    def run(config, tiny, video, mask, idm_prompt, vdm_prompt, steps, ratio, frames, stride, seed, extra,
+            progress=gr.Progress(track_tqdm=True)):  # noqa: B008
         form = Form(config, tiny, video, mask, idm_prompt, vdm_prompt, steps, ratio, frames, stride, seed, extra)
         lines = []
 
@@ -249,31 +223,17 @@ def build_app(settings: DemoSettings):
         except Exception as err:  # noqa: BLE001 - the page reports any failure and stays up for the next run
             return f"**The run failed:** `{type(err).__name__}: {err}`\n\n" + "\n".join(lines[-2:]), None, [], "", None
         stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
-        status = [f"Run folder: `{shown_path(folder)}`"]
-        if stats.get("tiny"):
-            status.insert(0, f"**{TINY_LABEL}**")
-        return (
-            "\n\n".join(status),
-            str(folder / "comparison.mp4"),
-            stage_videos(folder, stats),
-            stats_table(stats),
-            str(zip_run_folder(folder)),
-        )
+        status = [f"**{TINY_LABEL}**"] * bool(stats.get("tiny")) + [f"Run folder: `{shown_path(folder)}`"]
+        archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
+        return ("\n\n".join(status), str(folder / "comparison.mp4"), stage_videos(folder, stats), stats_table(stats),
+                archive)
 
     def choose(config, tiny):
         values = form_defaults(config, tiny)
-        return (
-            f"{values['description']}  \nimage model **{values['idm']}**, video model **{values['vdm']}**",
-            gr.update(visible=values["idm"] == INPAINTING, value=None),
-            values["idm_prompt"],
-            values["vdm_prompt"],
-            values["steps"],
-            values["mixing_ratio"],
-            values["frames"],
-            values["stride"],
-            values["seed"],
-            gr.update(visible=tiny),
-        )
+        about = f"{values['description']}  \nimage model **{values['idm']}**, video model **{values['vdm']}**"
+        fields = [values[key] for key in ("idm_prompt", "vdm_prompt", "steps", "mixing_ratio", "frames", "stride",
+                                          "seed")]
+        return about, gr.update(visible=values["idm"] == INPAINTING, value=None), *fields, gr.update(visible=tiny)
 
     with gr.Blocks(title="BIVDiff demo") as app:
         gr.Markdown(
@@ -287,17 +247,10 @@ def build_app(settings: DemoSettings):
                 config = gr.Dropdown(names, value=FIRST_CONFIG, label="Task config (bivdiff list)")
                 about = gr.Markdown()
                 tiny = gr.Checkbox(value=settings.tiny, label=TINY_LABEL)
-                video = gr.Video(
-                    label="Source video (empty: the shipped Big Buck Bunny clip)",
-                    sources=["upload"],
-                    include_audio=True,
-                )
-                mask = gr.Video(
-                    label="Mask video, white = regenerate (empty: the shipped mask)",
-                    sources=["upload"],
-                    include_audio=True,
-                    visible=False,
-                )
+                video = gr.Video(label="Source video (empty: the shipped Big Buck Bunny clip)", sources=["upload"],
+                                 include_audio=True)
+                mask = gr.Video(label="Mask video, white = regenerate (empty: the shipped mask)", sources=["upload"],
+                                include_audio=True, visible=False)
                 idm_prompt = gr.Textbox(first["idm_prompt"], label="Image-model prompt (Model.idm_prompt)")
                 vdm_prompt = gr.Textbox(first["vdm_prompt"], label="Video-model prompt (Model.vdm_prompt)")
                 with gr.Row():
@@ -307,19 +260,14 @@ def build_app(settings: DemoSettings):
                     frames = gr.Number(first["frames"], label="Frames", precision=0)
                     stride = gr.Number(first["stride"], label="Frame stride", precision=0)
                     seed = gr.Number(first["seed"], label="Seed", precision=0)
-                extra = gr.Textbox(
-                    label="More overrides, one KEY=VALUE per line (as on the command line)",
-                    lines=2,
-                    placeholder="IDM.ControlNet.condition=depth_midas\nModel.width=256",
-                )
+                extra = gr.Textbox(label="More overrides, one KEY=VALUE per line (as on the command line)", lines=2,
+                                   placeholder="IDM.ControlNet.condition=depth_midas\nModel.width=256")
                 go = gr.Button("Run", variant="primary")
             with gr.Column(scale=3):
                 status = gr.Markdown("Choose a config and press **Run**.")
-                comparison = gr.Video(
-                    label="Comparison: source | condition or mask | image model | BIVDiff",
-                    elem_id="comparison",
-                    show_label=False,  # its tiles carry their own labels
-                )
+                # Its tiles carry their own labels.
+                comparison = gr.Video(label="Comparison: source | condition or mask | image model | BIVDiff",
+                                      elem_id="comparison", show_label=False)
                 stages = gr.Gallery(label="Each stage's video", columns=3, height="auto")
                 stats = gr.Markdown()
                 download = gr.File(label="Run folder (zip)")
@@ -328,14 +276,9 @@ def build_app(settings: DemoSettings):
         for trigger in (config.change, tiny.change):
             trigger(choose, [config, tiny], form_fields, api_name=False, queue=False)
         app.load(choose, [config, tiny], form_fields, api_name=False, queue=False)
-        go.click(
-            run,
-            [config, tiny, video, mask, idm_prompt, vdm_prompt, steps, ratio, frames, stride, seed, extra],
-            [status, comparison, stages, stats, download],
-            api_name="run",
-            concurrency_limit=1,
-            concurrency_id="run",
-        )
+        go.click(run, [config, tiny, video, mask, idm_prompt, vdm_prompt, steps, ratio, frames, stride, seed, extra],
+                 [status, comparison, stages, stats, download], api_name="run", concurrency_limit=1,
+                 concurrency_id="run")
     app.queue(default_concurrency_limit=1)
     return app
 
@@ -345,18 +288,12 @@ def build_app(settings: DemoSettings):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bivdiff demo",
-        description="Open the BIVDiff web demo (Gradio): every task config, with the same checks, run folders "
-        "and models as `bivdiff run`. " + INSTALL_HINT + ".",
-    )
-    parser.add_argument(
-        "--tiny",
-        action="store_true",
-        help="start with tiny random-weight models ticked (offline, seconds per run; the pictures are noise)",
-    )
-    parser.add_argument("--checkpoints", metavar="DIR", default="checkpoints", help="as for bivdiff run")
-    parser.add_argument("--offline", action="store_true", help="as for bivdiff run")
+    from bivdiff.cli import command_parser, model_options
+
+    tiny_help = "start with tiny random-weight models ticked (offline, seconds per run; the pictures are noise)"
+    parser = command_parser("bivdiff demo", "Open the BIVDiff web demo (Gradio): every task config, with the same "
+                            f"checks, run folders and models as `bivdiff run`. {INSTALL_HINT}.", None,
+                            [model_options(tiny_help)])
     parser.add_argument("--output-dir", metavar="DIR", default="outputs", help="where run folders go")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860; the next free one if taken)")
@@ -364,24 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def launch(
-    app,
-    settings: DemoSettings,
-    host: str = "127.0.0.1",
-    port: int | None = None,
-    share: bool = False,
-    block: bool = True,
-):
+def launch(app, settings: DemoSettings, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           block: bool = True):
     """Serve the app; run folders are served from `settings.output_dir`, wherever it is. Without a port, one the
     system picks as free (Gradio's own search from 7860 races with any other server starting at the same time)."""
-    return app.launch(
-        server_name=host,
-        server_port=port or _system_port(host),
-        share=share,
-        allowed_paths=[str(Path(settings.output_dir).resolve())],
-        prevent_thread_lock=not block,
-        quiet=not block,
-    )
+    return app.launch(server_name=host, server_port=port or _free_port(host, 0), share=share, quiet=not block,
+                      allowed_paths=[str(Path(settings.output_dir).resolve())], prevent_thread_lock=not block)
 
 
 def main(argv: list[str]) -> int:
@@ -390,23 +315,13 @@ def main(argv: list[str]) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise UserError(INSTALL_HINT) from None
-    settings = DemoSettings(
-        tiny=args.tiny, checkpoints=args.checkpoints, output_dir=args.output_dir, offline=args.offline
-    )
-    port = _free_port_from(args.host, args.port)
-    launch(build_app(settings), settings, host=args.host, port=port, share=args.share)
+    settings = DemoSettings(args.tiny, args.checkpoints, args.output_dir, args.offline)
+    launch(build_app(settings), settings, host=args.host, port=_free_port(args.host, args.port), share=args.share)
     return 0
 
 
-def _system_port(host: str) -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
-def _free_port_from(host: str, port: int, tries: int = 100) -> int:
+def _free_port(host: str, port: int, tries: int = 100) -> int:
+    """The first port from `port` that binds on `host` (port 0: one the system picks)."""
     import socket
 
     for candidate in range(port, port + tries):
@@ -415,5 +330,5 @@ def _free_port_from(host: str, port: int, tries: int = 100) -> int:
                 probe.bind((host, candidate))
             except OSError:
                 continue
-            return candidate
+            return probe.getsockname()[1]
     raise UserError(f"No free port in {port}..{port + tries - 1} on {host}: give another with --port.")
