@@ -36,10 +36,6 @@ class DemoSettings:
     offline: bool = False
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Adapter: the only code that calls the runner and the config loader.
-
-
 def run_config(name: str, overrides: list[str], settings: DemoSettings, tiny: bool, log) -> Path:
     """Run a shipped config with `bivdiff run`'s own code path; returns the run folder. `log(text)` gets every
     line the command line prints. Raises UserError (with the command line's message) for bad input."""
@@ -60,10 +56,6 @@ def is_missing_models(err: UserError) -> bool:
     from bivdiff.models_resolution import MissingModelsError
 
     return isinstance(err, MissingModelsError)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Page values <-> overrides and run folders
 
 
 @dataclass
@@ -112,18 +104,10 @@ def form_defaults(name: str, tiny: bool) -> dict:
     """The page's field values for a config: what a run with no override uses."""
     data = config_values(name, tiny)
     model = data["Model"]
-    return {
-        "description": shipped.config_description(name),
-        "idm": model["idm"],
-        "vdm": model["vdm"],
-        "idm_prompt": model["idm_prompt"] or "",
-        "vdm_prompt": model["vdm_prompt"] or "",
-        "steps": model["num_inference_steps"],
-        "mixing_ratio": data["IDM"][model["idm"]]["mixing_ratio"],
-        "frames": model["video_length"],
-        "stride": model["frame_rate"],
-        "seed": model["seed"],
-    }
+    return dict(description=shipped.config_description(name), idm=model["idm"], vdm=model["vdm"],
+                idm_prompt=model["idm_prompt"] or "", vdm_prompt=model["vdm_prompt"] or "",
+                steps=model["num_inference_steps"], mixing_ratio=data["IDM"][model["idm"]]["mixing_ratio"],
+                frames=model["video_length"], stride=model["frame_rate"], seed=model["seed"])
 
 
 STAGE_LABELS = {
@@ -140,16 +124,11 @@ def stage_videos(folder: Path, stats: dict) -> list[tuple[str, str]]:
         mp4 = next((n for n in names if n.endswith(".mp4")), None)
         if mp4 is None or what == "comparison":
             continue
-        if what.endswith("_condition"):
-            label = f"condition ({what.removesuffix('_condition')})"
-        elif what == "video_by_idm":
-            label = f"image model: {stats['idm']}"
-        elif what == "video_by_bivdiff":
-            label = f"BIVDiff: {stats['vdm']}"
-        else:
-            label = STAGE_LABELS.get(what, what)
-        if stats.get("tiny") and what in ("video_by_idm", "video_by_bivdiff"):
-            label += " (tiny: noise)"
+        noise = " (tiny: noise)" if stats.get("tiny") else ""
+        labels = {**STAGE_LABELS, "video_by_idm": f"image model: {stats['idm']}{noise}",
+                  "video_by_bivdiff": f"BIVDiff: {stats['vdm']}{noise}"}
+        condition = what.removesuffix("_condition")
+        label = f"condition ({condition})" if condition != what else labels.get(what, what)
         videos.append((str(folder / mp4), label))
     return videos
 
@@ -194,10 +173,6 @@ def error_text(err: UserError, tiny: bool) -> str:
     if not tiny and is_missing_models(err):
         text += "\n\n" + TINY_OFFER
     return text
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The page
 
 
 def build_app(settings: DemoSettings):
@@ -281,10 +256,6 @@ def build_app(settings: DemoSettings):
                  concurrency_id="run")
     app.queue(default_concurrency_limit=1)
     return app
-
-
-# ----------------------------------------------------------------------------------------------------------
-# `bivdiff demo`
 
 
 def build_parser() -> argparse.ArgumentParser:

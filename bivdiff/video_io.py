@@ -27,7 +27,7 @@ RESIZE_MODES = ("crop", "pad", "resize")
 # for generated frames, which a later evaluation or a second pass reads back.
 _MP4_QUALITY = 8
 # GIF delays are whole 1/100 s; browsers slow any delay under 2/100 s down to 1/10 s.
-_GIF_MAX_FPS = 50.0
+GIF_MAX_FPS = 50.0
 # ffmpeg's default YUV<->RGB conversion truncates (about -1 grey level on average) and upsamples chroma coarsely;
 # these flags round exactly and interpolate chroma fully, cutting a round trip's error on saturated detail ~3x.
 _SWS_FLAGS = ["-sws_flags", "accurate_rnd+full_chroma_int"]
@@ -288,8 +288,8 @@ def write_video(frames, path, fps: float) -> Path:
         raise ValueError(f"fps={fps} must be positive.")
     if suffix not in ("", ".mp4", ".gif"):
         raise ValueError(f"Cannot write {path}: use a .mp4 or .gif name, or a name without extension for a folder.")
-    if suffix == ".gif" and fps > _GIF_MAX_FPS:
-        raise ValueError(f"fps={fps} is too fast for a GIF (at most {_GIF_MAX_FPS:g}): write {path.stem}.mp4 instead.")
+    if suffix == ".gif" and fps > GIF_MAX_FPS:
+        raise ValueError(f"fps={fps} is too fast for a GIF (at most {GIF_MAX_FPS:g}): write {path.stem}.mp4 instead.")
     if suffix == "" and path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} already exists and is not an empty folder: write the frames to a new folder.")
     array = to_numpy_frames(frames)
