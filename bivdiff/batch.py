@@ -278,11 +278,10 @@ def summary(jobs: list[Job], final: dict, earlier: dict, rerun: set) -> str:
         else:
             why = (record.get("run_folder") or "") if status == "done" else one_line(record.get("error"))
         rows.append((job.id, status, f"{record.get('seconds', 0):.1f}", why))
-    width = max(len("job"), *(len(row[0]) for row in rows))
-    lines = [f"{'job':<{width}}  {'status':<7}  {'seconds':>7}  run folder / reason"]
-    lines += [f"{a:<{width}}  {b:<7}  {c:>7}  {d}" for a, b, c, d in rows]
-    lines.append(", ".join(f"{n} {what}" for what, n in counts.items()))
-    return "\n".join(lines)
+    rows.insert(0, ("job", "status", "seconds", "run folder / reason"))
+    width = max(len(row[0]) for row in rows)
+    lines = [f"{a:<{width}}  {b:<7}  {c:>7}  {d}" for a, b, c, d in rows]
+    return "\n".join([*lines, ", ".join(f"{n} {what}" for what, n in counts.items())])
 
 
 METRICS = ("frame_difference", "warp_error", "clip_frame_consistency", "clip_text_alignment")

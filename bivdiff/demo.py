@@ -138,26 +138,21 @@ def stats_table(stats: dict) -> str:
     rows = ["| stage | seconds | network calls | peak memory |", "|---|---:|---|---:|"]
     for stage in stats["stages"]:
         calls = ", ".join(f"{name} {count}" for name, count in stage["network_calls"].items()) or "-"
-        rows.append(
-            f"| {stage['stage']} | {_seconds(stage['seconds'])} | {calls} | {_bytes(stage['peak_memory_bytes'])} |"
-        )
-    for step, seconds in stats["seconds"].items():
-        rows.append(f"| *{step.replace('_', ' ')}* | {_seconds(seconds)} | | |")
+        rows.append(f"| {stage['stage']} | {_number(stage['seconds'], '{:.2f}')} | {calls} | "
+                    f"{_number(stage['peak_memory_bytes'], MIB)} |")
+    rows += [f"| *{step.replace('_', ' ')}* | {_number(s, '{:.2f}')} | | |" for step, s in stats["seconds"].items()]
     peak = stats["peak_memory"]
     kind = "CUDA peak allocated" if peak["kind"] == "cuda_max_allocated" else "process peak RSS"
-    rows.append(
-        f"\nPeak memory of the run ({kind}): **{_bytes(peak['bytes'])}**; "
-        f"{stats['unet_calls_total']} network calls on {stats['device']} ({stats['dtype']})."
-    )
+    rows.append(f"\nPeak memory of the run ({kind}): **{_number(peak['bytes'], MIB)}**; "
+                f"{stats['unet_calls_total']} network calls on {stats['device']} ({stats['dtype']}).")
     return "\n".join(rows)
 
 
-def _seconds(value) -> str:
-    return "-" if value is None else f"{value:.2f}"
+MIB = "{:,.0f} MiB"
 
 
-def _bytes(value) -> str:
-    return "-" if value is None else f"{value / 2**20:,.0f} MiB"
+def _number(value, form: str) -> str:
+    return "-" if value is None else form.format(value / 2**20 if form == MIB else value)
 
 
 def shown_path(path: Path) -> str:
