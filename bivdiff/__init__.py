@@ -10,19 +10,12 @@ import importlib
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "BIVDiffControllablePipeline": "bivdiff.pipelines",
-    "BIVDiffInpaintPipeline": "bivdiff.pipelines",
-    "BIVDiffInstructPix2PixPipeline": "bivdiff.pipelines",
-    "BIVDiffPipeline": "bivdiff.pipelines",
-    "BIVDiffPipelineOutput": "bivdiff.pipelines",
-    "BIVDiffPrompt2PromptPipeline": "bivdiff.pipelines",
-    "BIVDiffPrompt2PromptPipelineOutput": "bivdiff.pipelines",
-    "MixedInversionMixin": "bivdiff.pipelines",
-    "BIVDiffDDIMInverseScheduler": "bivdiff.schedulers",
-    "VidRDUNet3DConditionModel": "bivdiff.models",
-    "motion_unet_sharing_weights": "bivdiff.models",
-}
+_PIPELINES = ("BIVDiffControllablePipeline", "BIVDiffInpaintPipeline", "BIVDiffInstructPix2PixPipeline",
+              "BIVDiffPipeline", "BIVDiffPipelineOutput", "BIVDiffPrompt2PromptPipeline",
+              "BIVDiffPrompt2PromptPipelineOutput", "MixedInversionMixin")
+_EXPORTS = {**dict.fromkeys(_PIPELINES, "bivdiff.pipelines"), "BIVDiffDDIMInverseScheduler": "bivdiff.schedulers",
+            "VidRDUNet3DConditionModel": "bivdiff.models",
+            "motion_unet_sharing_weights": "bivdiff.models"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -118,38 +118,23 @@ class Ledger:
         self.path = Path(folder) / LEDGER
 
     def append(self, record: dict) -> None:
-        data = (json.dumps(record, default=str) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with open(self.path, "ab", buffering=0) as file:  # unbuffered: the line goes out in one write
+            file.write((json.dumps(record, default=str) + "\n").encode())
+            os.fsync(file.fileno())
 
     def records(self) -> dict[str, dict]:
-        if not self.path.exists():
-            return {}
         latest = {}
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []:
             with contextlib.suppress(ValueError):
                 record = json.loads(line)
                 latest[record["id"]] = record
         return latest
 
 
-def run_batch(
-    jobs_path: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    overrides: Sequence[str] = (),
-    *,
-    tiny: bool = False,
-    checkpoints: str | os.PathLike = "checkpoints",
-    offline: bool = False,
-    resume: bool = False,
-    retry_failed: bool = False,
-    dry_run: bool = False,
-    log: Callable[[str], None] = lambda text: None,
-) -> int:
+def run_batch(jobs_path: str | os.PathLike, output_dir: str | os.PathLike, overrides: Sequence[str] = (), *,
+              tiny: bool = False, checkpoints: str | os.PathLike = "checkpoints", offline: bool = False,
+              resume: bool = False, retry_failed: bool = False, dry_run: bool = False,
+              log: Callable[[str], None] = lambda text: None) -> int:
     """Run every job of `jobs_path` into `output_dir`; returns the exit code (1 when any job failed).
 
     Under `accelerate launch` each process calls this and takes its share of the jobs. Bad input in a job is
@@ -181,11 +166,10 @@ def run_batch(
         rerun = {"failed"} if retry_failed else set()
         todo = [job for job in jobs if job.id not in earlier or earlier[job.id]["status"] in rerun]
         plans, invalid = {}, {}
-        base = [*overrides]
         with state.main_process_first():
             for job in todo:
                 try:
-                    plans[job.id] = plan_run(job.config, [*base, *job.overrides], tiny, checkpoints, offline,
+                    plans[job.id] = plan_run(job.config, [*overrides, *job.overrides], tiny, checkpoints, offline,
                                              download=not dry_run)
                 except UserError as err:
                     invalid[job.id] = str(err)
@@ -201,9 +185,8 @@ def run_batch(
                 ledger.append(_record(job_id, "failed", None, 0.0, message, state.process_index))
         state.wait_for_everyone()
         # Jobs sharing a model set run back to back, so each process builds each set it meets once.
-        order = {}
-        for plan in plans.values():
-            order.setdefault(plan.model_set, len(order))
+        order = {plan.model_set: None for plan in plans.values()}
+        order = {model_set: index for index, model_set in enumerate(order)}
         ready = sorted(plans, key=lambda job_id: order[plans[job_id].model_set])
         say(f"{len(ready)} job(s) to run on {state.num_processes} process(es), {len(order)} model set(s).")
         pipelines = PipelineCache()
@@ -295,15 +278,11 @@ def summary(jobs: list[Job], final: dict, earlier: dict, rerun: set) -> str:
         else:
             why = (record.get("run_folder") or "") if status == "done" else one_line(record.get("error"))
         rows.append((job.id, status, f"{record.get('seconds', 0):.1f}", why))
-    width = max(len("job"), *(len(row[0]) for row in rows))
-    lines = [f"{'job':<{width}}  {'status':<7}  {'seconds':>7}  run folder / reason"]
-    lines += [f"{a:<{width}}  {b:<7}  {c:>7}  {d}" for a, b, c, d in rows]
-    lines.append(", ".join(f"{n} {what}" for what, n in counts.items()))
-    return "\n".join(lines)
+    rows.insert(0, ("job", "status", "seconds", "run folder / reason"))
+    width = max(len(row[0]) for row in rows)
+    lines = [f"{a:<{width}}  {b:<7}  {c:>7}  {d}" for a, b, c, d in rows]
+    return "\n".join([*lines, ", ".join(f"{n} {what}" for what, n in counts.items())])
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation of a batch folder
 
 METRICS = ("frame_difference", "warp_error", "clip_frame_consistency", "clip_text_alignment")
 
@@ -345,9 +324,7 @@ def evaluate_batch(folder: str | os.PathLike, clip_path: str | os.PathLike | Non
     writer.writeheader()
     writer.writerows(rows)
     write_text(csv_path, sink.getvalue())
-    tasks = {}
-    for row in rows:
-        tasks.setdefault(row["task"], []).append(row)
+    tasks = {row["task"]: [r for r in rows if r["task"] == row["task"]] for row in rows}
     means = [{"task": task, "jobs": len(group), **{m: _mean([r[m] for r in group]) for m in metrics}}
              for task, group in tasks.items()]
     text = "# Scores per job\n\n" + _markdown(rows, ["id", "task", *metrics])

@@ -52,52 +52,39 @@ examples:
 """
 
 
-def command_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
+def command_parser(prog: str, description: str, epilog: str | None = None, parents=()) -> argparse.ArgumentParser:
     """A parser whose description and epilog keep their line breaks."""
-    return argparse.ArgumentParser(
-        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, parents=list(parents),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def model_options(tiny_help: str = "tiny random-weight models (see bivdiff run --help)") -> argparse.ArgumentParser:
+    """--tiny, --checkpoints and --offline: where the models of every command that runs them come from."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--tiny", action="store_true", help=tiny_help)
+    parent.add_argument("--checkpoints", metavar="DIR", default="checkpoints",
+                        help="root of the original checkpoints/ layout; config paths under ./checkpoints/ follow it "
+                        "(default: ./checkpoints)")
+    parent.add_argument("--offline", action="store_true",
+                        help="use only local folders and the Hugging Face cache, never the network (also: "
+                        "HF_HUB_OFFLINE=1)")
+    return parent
 
 
 def build_run_parser() -> argparse.ArgumentParser:
-    parser = command_parser("bivdiff run", RUN_DESCRIPTION, RUN_EPILOG)
-    parser.add_argument(
-        "items",
-        nargs="*",
-        metavar="[CONFIG] KEY=VALUE",
-        help="optionally a config name or YAML path first, then any number of dotted overrides",
-    )
-    which = parser.add_argument_group("which config")
-    which.add_argument("--config-name", metavar="NAME", help="a shipped config (bivdiff list shows them)")
-    which.add_argument("--config", metavar="PATH", help="a YAML file in the same layout (an original one works)")
-    which.add_argument("--list", action="store_true", help="list the shipped configs and exit")
-    how = parser.add_argument_group("how to run")
-    how.add_argument(
-        "--tiny",
-        action="store_true",
-        help="tiny random-weight models of the same families, offline, small defaults (64x64, 4 frames, 4 steps, "
-        "overridable): checks the whole path in about a minute on a CPU; the pictures are noise",
-    )
-    how.add_argument(
-        "--checkpoints",
-        metavar="DIR",
-        default="checkpoints",
-        help="root of the original checkpoints/ layout; config paths under ./checkpoints/ follow it "
-        "(default: ./checkpoints)",
-    )
-    how.add_argument(
-        "--offline",
-        action="store_true",
-        help="use only local folders and the Hugging Face cache, never the network (also: HF_HUB_OFFLINE=1)",
-    )
-    how.add_argument("--output-dir", metavar="DIR", help="where run folders go (sets Model.output_path)")
-    how.add_argument("--device", help="cpu, cuda, cuda:N or mps (sets Model.device; default: cuda when available)")
-    how.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), help="sets Model.dtype")
-    how.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="check the config, the input videos and the models, print the plan, and stop",
-    )
+    tiny_help = ("tiny random-weight models of the same families, offline, small defaults (64x64, 4 frames, 4 steps, "
+                 "overridable): checks the whole path in about a minute on a CPU; the pictures are noise")
+    parser = command_parser("bivdiff run", RUN_DESCRIPTION, RUN_EPILOG, [model_options(tiny_help)])
+    parser.add_argument("items", nargs="*", metavar="[CONFIG] KEY=VALUE",
+                        help="optionally a config name or YAML path first, then any number of dotted overrides")
+    parser.add_argument("--config-name", metavar="NAME", help="a shipped config (bivdiff list shows them)")
+    parser.add_argument("--config", metavar="PATH", help="a YAML file in the same layout (an original one works)")
+    parser.add_argument("--list", action="store_true", help="list the shipped configs and exit")
+    parser.add_argument("--output-dir", metavar="DIR", help="where run folders go (sets Model.output_path)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (sets Model.device; default: cuda when available)")
+    parser.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), help="sets Model.dtype")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, the input videos and the models, print the plan, and stop")
     return parser
 
 
@@ -129,51 +116,44 @@ examples:
 
 
 def build_batch_parser() -> argparse.ArgumentParser:
-    parser = command_parser("bivdiff batch", BATCH_DESCRIPTION, BATCH_EPILOG)
+    parser = command_parser("bivdiff batch", BATCH_DESCRIPTION, BATCH_EPILOG, [model_options()])
     parser.add_argument("jobs", metavar="JOBS", help="a YAML or JSON-lines file of jobs")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every job")
     parser.add_argument("--output-dir", metavar="DIR", required=True, help="the batch folder: run folders, ledger")
     parser.add_argument("--resume", action="store_true", help="skip the jobs the ledger lists as finished or failed")
     parser.add_argument("--retry-failed", action="store_true", help="as --resume, and rerun the failed jobs")
-    parser.add_argument("--tiny", action="store_true", help="tiny random-weight models (see bivdiff run --help)")
-    parser.add_argument("--checkpoints", metavar="DIR", default="checkpoints", help="as for bivdiff run")
-    parser.add_argument("--offline", action="store_true", help="as for bivdiff run")
     parser.add_argument("--dry-run", action="store_true", help="check every job and the models, and stop")
     return parser
 
 
+EVAL_DESCRIPTION = """\
+Scores of one video as JSON: frame_difference and warp_error (optical-flow warping error, [0, 1] intensity units;
+lower is more temporally consistent), and with --clip the CLIP frame consistency and, with --prompt, CLIP text
+alignment. Given a batch folder, the scores of every finished job (the warp following the source's motion, CLIP text
+alignment against the job's video prompt) go to eval.csv and eval.md there, with the means per task."""
+
+
 def build_eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bivdiff eval",
-        description="Scores of one video as JSON: frame_difference and warp_error (optical-flow warping error, "
-        "[0, 1] intensity units; lower is more temporally consistent), and with --clip the CLIP frame consistency "
-        "and, with --prompt, CLIP text alignment. Given a batch folder, the scores of every finished job (the warp "
-        "following the source's motion, CLIP text alignment against the job's video prompt) go to eval.csv and "
-        "eval.md there, with the means per task.",
-    )
-    parser.add_argument(
-        "video", help="an MP4, a GIF or a folder of images (e.g. a run's video_by_bivdiff.mp4), or a batch folder"
-    )
-    parser.add_argument(
-        "--source", help="the source video: the warp then follows the source's motion instead of the video's own"
-    )
+    parser = command_parser("bivdiff eval", EVAL_DESCRIPTION)
+    parser.add_argument("video", help="an MP4, a GIF or a folder of images (e.g. a run's video_by_bivdiff.mp4), or a "
+                        "batch folder")
+    parser.add_argument("--source", help="the source video: the warp then follows the source's motion instead of the "
+                        "video's own")
     parser.add_argument("--prompt", help="text for CLIP text alignment (needs --clip)")
     parser.add_argument("--clip", metavar="DIR", help="a local CLIP model folder (transformers format)")
     parser.add_argument("--output", metavar="FILE", help="also write the JSON here")
     return parser
 
 
-def build_list_parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog="bivdiff list", description="List the shipped task configs.")
-
-
 def build_main_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bivdiff", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser("bivdiff", DESCRIPTION)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("command", nargs="?", choices=COMMANDS, help="run, batch, list, eval or demo")
     return parser
+
+
+def print_line(text: str) -> None:
+    print(text, flush=True)
 
 
 def run_command(argv: list[str]) -> int:
@@ -189,25 +169,18 @@ def run_command(argv: list[str]) -> int:
             f"Unexpected argument(s) {', '.join(others) or '--config with --config-name'}: give one config (a name "
             "or a .yaml path) and KEY=VALUE overrides, e.g. bivdiff run --config-name NAME Model.seed=1"
         )
-    flags = (("Model.device", args.device), ("Model.dtype", args.dtype))
-    overrides += [f"{key}={value}" for key, value in flags if value is not None]
-    run_config(
-        Path(args.config) if args.config else args.config_name or (others[0] if others else None),
-        overrides,
-        tiny=args.tiny,
-        checkpoints=args.checkpoints,
-        output_dir=args.output_dir,
-        offline=args.offline,
-        dry_run=args.dry_run,
-        log=lambda text: print(text, flush=True),
-    )
+    overrides += [f"{key}={value}" for key, value in (("Model.device", args.device), ("Model.dtype", args.dtype))
+                  if value is not None]
+    config = Path(args.config) if args.config else args.config_name or (others[0] if others else None)
+    run_config(config, overrides, tiny=args.tiny, checkpoints=args.checkpoints, output_dir=args.output_dir,
+               offline=args.offline, dry_run=args.dry_run, log=print_line)
     return 0
 
 
 def list_command(argv: list[str]) -> int:
     from bivdiff import configs as shipped
 
-    build_list_parser().parse_args(argv)
+    command_parser("bivdiff list", "List the shipped task configs.").parse_args(argv)
     print("Task configs (bivdiff run --config-name NAME; add --tiny to try one offline with random weights):\n")
     for name in shipped.config_names():
         print(f"  {name}\n      {shipped.config_description(name)}")
@@ -215,29 +188,27 @@ def list_command(argv: list[str]) -> int:
 
 
 def eval_command(argv: list[str]) -> int:
-    from bivdiff.evaluation import evaluate_video
-
     args = build_eval_parser().parse_args(argv)
-    if (Path(args.video).expanduser() / "ledger.jsonl").is_file():
+    batch = (Path(args.video).expanduser() / "ledger.jsonl").is_file()
+    for label, value in (("video", args.video), ("--source", args.source), ("--clip", args.clip)):
+        if value is not None and (label == "--clip" or not batch) and not Path(value).expanduser().exists():
+            raise UserError(f"{label}: nothing at {value}: give an existing path.")
+    if batch:
         from bivdiff.batch import evaluate_batch
 
-        if args.clip and not Path(args.clip).expanduser().exists():
-            raise UserError(f"--clip: nothing at {args.clip}: give an existing path.")
-        for path in evaluate_batch(args.video, args.clip, log=lambda text: print(text, flush=True)):
+        for path in evaluate_batch(args.video, args.clip, log=print_line):
             print(f"wrote {path}")
         print((Path(args.video).expanduser() / "eval.md").read_text())
         return 0
-    for label, value in (("video", args.video), ("--source", args.source), ("--clip", args.clip)):
-        if value is not None and not Path(value).expanduser().exists():
-            raise UserError(f"{label}: nothing at {value}: give an existing path.")
+    from bivdiff.evaluation import evaluate_video
+
     if args.prompt and not args.clip:
         print("note: --prompt is only used with --clip (CLIP text alignment); ignoring it.", file=sys.stderr)
     try:
         scores = evaluate_video(args.video, source=args.source, prompt=args.prompt, clip_path=args.clip)
     except (ValueError, OSError) as err:
         raise UserError(f"Cannot evaluate {args.video}: {err}") from err
-    scores = {"video": str(args.video), "source": args.source, **scores}
-    text = json.dumps(scores, indent=2)
+    text = json.dumps({"video": str(args.video), "source": args.source, **scores}, indent=2)
     if args.output:
         from bivdiff.run_folder import write_text
 
@@ -261,18 +232,13 @@ def batch_command(argv: list[str]) -> int:
     bad = [item for item in args.overrides if "=" not in item]
     if bad:
         raise ConfigError(f"Unexpected argument(s) {', '.join(bad)}: give one JOBS file, then KEY=VALUE overrides.")
-    options = {name: getattr(args, name) for name in ("tiny", "checkpoints", "offline", "resume", "retry_failed")}
-    return run_batch(args.jobs, args.output_dir, args.overrides, **options, dry_run=args.dry_run,
-                     log=lambda text: print(text, flush=True))
+    options = vars(args)
+    return run_batch(options.pop("jobs"), options.pop("output_dir"), options.pop("overrides"), **options,
+                     log=print_line)
 
 
-COMMANDS = {
-    "run": run_command,
-    "batch": batch_command,
-    "list": list_command,
-    "eval": eval_command,
-    "demo": demo_command,
-}
+COMMANDS = {"run": run_command, "batch": batch_command, "list": list_command, "eval": eval_command,
+            "demo": demo_command}
 
 
 def quiet_torchvision_notice():
@@ -299,10 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS.get(argv[0])
     if command is None:
         build_main_parser().print_usage(sys.stderr)
-        print(
-            f"bivdiff: error: unknown command {argv[0]!r}: use run, batch, list, eval or demo (bivdiff --help).",
-            file=sys.stderr,
-        )
+        print(f"bivdiff: error: unknown command {argv[0]!r}: use run, batch, list, eval or demo (bivdiff --help).",
+              file=sys.stderr)
         return 2
     try:
         return command(argv[1:])

@@ -30,9 +30,7 @@ def condition_channels(idm: str, condition: str) -> int:
     return 1 if idm == "T2IAdapter" and condition == "canny" else 3
 
 
-def canny_frames(
-    frames: list[Image.Image], low: float = 100, high: float = 200, channels: int = 3
-) -> list[Image.Image]:
+def canny_frames(frames: list[Image.Image], low: float = 100, high: float = 200, channels: int = 3) -> list:
     """Canny edges of each frame (OpenCV, thresholds `low`/`high` as in ControlNet's annotator): white on black."""
     import cv2
 
@@ -55,9 +53,7 @@ def check_annotators_installed(condition: str, dotted_key: str) -> None:
         ) from err
 
 
-def annotate_frames(
-    frames: list[Image.Image], condition: str, annotator_path: str, channels: int = 3
-) -> list[Image.Image]:
+def annotate_frames(frames: list[Image.Image], condition: str, annotator_path: str, channels: int = 3) -> list:
     """Depth (`depth_midas`) or pose (`openpose`, body only) of each frame at the frame's size.
 
     `annotator_path` is a local folder or the Hub id holding the annotator weights.
@@ -69,15 +65,12 @@ def annotate_frames(
     detector_class = {"depth_midas": "MidasDetector", "openpose": "OpenposeDetector"}[condition]
     detector = getattr(controlnet_aux, detector_class).from_pretrained(annotator_path)
     width, height = frames[0].size
-    resolution = min(width, height)
-    out = []
-    for frame in tqdm(frames, desc=f"Conditions ({condition})"):
-        kwargs = dict(detect_resolution=resolution, image_resolution=resolution, output_type="pil")
-        if condition == "openpose":
-            kwargs.update(include_body=True, include_hand=False, include_face=False)
-        result = detector(frame.convert("RGB"), **kwargs)
-        out.append(result.resize((width, height), Image.Resampling.BILINEAR).convert("L" if channels == 1 else "RGB"))
-    return out
+    kwargs = dict(detect_resolution=min(width, height), image_resolution=min(width, height), output_type="pil")
+    if condition == "openpose":
+        kwargs.update(include_body=True, include_hand=False, include_face=False)
+    results = (detector(frame.convert("RGB"), **kwargs) for frame in tqdm(frames, desc=f"Conditions ({condition})"))
+    mode = "L" if channels == 1 else "RGB"
+    return [result.resize((width, height), Image.Resampling.BILINEAR).convert(mode) for result in results]
 
 
 def binarise_masks(frames: list[Image.Image]) -> list[Image.Image]:

@@ -36,24 +36,13 @@ class DemoSettings:
     offline: bool = False
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Adapter: the only code that calls the runner and the config loader.
-
-
 def run_config(name: str, overrides: list[str], settings: DemoSettings, tiny: bool, log) -> Path:
     """Run a shipped config with `bivdiff run`'s own code path; returns the run folder. `log(text)` gets every
     line the command line prints. Raises UserError (with the command line's message) for bad input."""
     from bivdiff.runner import run_config as run
 
-    return run(
-        name,
-        overrides,
-        tiny=tiny,
-        checkpoints=settings.checkpoints,
-        output_dir=settings.output_dir,
-        offline=settings.offline,
-        log=log,
-    )
+    return run(name, overrides, tiny=tiny, checkpoints=settings.checkpoints, output_dir=settings.output_dir,
+               offline=settings.offline, log=log)
 
 
 def config_values(name: str, tiny: bool) -> dict:
@@ -67,10 +56,6 @@ def is_missing_models(err: UserError) -> bool:
     from bivdiff.models_resolution import MissingModelsError
 
     return isinstance(err, MissingModelsError)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Page values <-> overrides and run folders
 
 
 @dataclass
@@ -119,18 +104,10 @@ def form_defaults(name: str, tiny: bool) -> dict:
     """The page's field values for a config: what a run with no override uses."""
     data = config_values(name, tiny)
     model = data["Model"]
-    return {
-        "description": shipped.config_description(name),
-        "idm": model["idm"],
-        "vdm": model["vdm"],
-        "idm_prompt": model["idm_prompt"] or "",
-        "vdm_prompt": model["vdm_prompt"] or "",
-        "steps": model["num_inference_steps"],
-        "mixing_ratio": data["IDM"][model["idm"]]["mixing_ratio"],
-        "frames": model["video_length"],
-        "stride": model["frame_rate"],
-        "seed": model["seed"],
-    }
+    return dict(description=shipped.config_description(name), idm=model["idm"], vdm=model["vdm"],
+                idm_prompt=model["idm_prompt"] or "", vdm_prompt=model["vdm_prompt"] or "",
+                steps=model["num_inference_steps"], mixing_ratio=data["IDM"][model["idm"]]["mixing_ratio"],
+                frames=model["video_length"], stride=model["frame_rate"], seed=model["seed"])
 
 
 STAGE_LABELS = {
@@ -147,16 +124,11 @@ def stage_videos(folder: Path, stats: dict) -> list[tuple[str, str]]:
         mp4 = next((n for n in names if n.endswith(".mp4")), None)
         if mp4 is None or what == "comparison":
             continue
-        if what.endswith("_condition"):
-            label = f"condition ({what.removesuffix('_condition')})"
-        elif what == "video_by_idm":
-            label = f"image model: {stats['idm']}"
-        elif what == "video_by_bivdiff":
-            label = f"BIVDiff: {stats['vdm']}"
-        else:
-            label = STAGE_LABELS.get(what, what)
-        if stats.get("tiny") and what in ("video_by_idm", "video_by_bivdiff"):
-            label += " (tiny: noise)"
+        noise = " (tiny: noise)" if stats.get("tiny") else ""
+        labels = {**STAGE_LABELS, "video_by_idm": f"image model: {stats['idm']}{noise}",
+                  "video_by_bivdiff": f"BIVDiff: {stats['vdm']}{noise}"}
+        condition = what.removesuffix("_condition")
+        label = f"condition ({condition})" if condition != what else labels.get(what, what)
         videos.append((str(folder / mp4), label))
     return videos
 
@@ -166,32 +138,21 @@ def stats_table(stats: dict) -> str:
     rows = ["| stage | seconds | network calls | peak memory |", "|---|---:|---|---:|"]
     for stage in stats["stages"]:
         calls = ", ".join(f"{name} {count}" for name, count in stage["network_calls"].items()) or "-"
-        rows.append(
-            f"| {stage['stage']} | {_seconds(stage['seconds'])} | {calls} | {_bytes(stage['peak_memory_bytes'])} |"
-        )
-    for step, seconds in stats["seconds"].items():
-        rows.append(f"| *{step.replace('_', ' ')}* | {_seconds(seconds)} | | |")
+        rows.append(f"| {stage['stage']} | {_number(stage['seconds'], '{:.2f}')} | {calls} | "
+                    f"{_number(stage['peak_memory_bytes'], MIB)} |")
+    rows += [f"| *{step.replace('_', ' ')}* | {_number(s, '{:.2f}')} | | |" for step, s in stats["seconds"].items()]
     peak = stats["peak_memory"]
     kind = "CUDA peak allocated" if peak["kind"] == "cuda_max_allocated" else "process peak RSS"
-    rows.append(
-        f"\nPeak memory of the run ({kind}): **{_bytes(peak['bytes'])}**; "
-        f"{stats['unet_calls_total']} network calls on {stats['device']} ({stats['dtype']})."
-    )
+    rows.append(f"\nPeak memory of the run ({kind}): **{_number(peak['bytes'], MIB)}**; "
+                f"{stats['unet_calls_total']} network calls on {stats['device']} ({stats['dtype']}).")
     return "\n".join(rows)
 
 
-def _seconds(value) -> str:
-    return "-" if value is None else f"{value:.2f}"
+MIB = "{:,.0f} MiB"
 
 
-def _bytes(value) -> str:
-    return "-" if value is None else f"{value / 2**20:,.0f} MiB"
-
-
-def zip_run_folder(folder: Path) -> Path:
-    """`<folder>.zip` beside the run folder, holding the folder itself."""
-    archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
-    return Path(archive)
+def _number(value, form: str) -> str:
+    return "-" if value is None else form.format(value / 2**20 if form == MIB else value)
 
 
 def shown_path(path: Path) -> str:
@@ -209,10 +170,6 @@ def error_text(err: UserError, tiny: bool) -> str:
     return text
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The page
-
-
 def build_app(settings: DemoSettings):
     import gradio as gr
 
@@ -220,21 +177,8 @@ def build_app(settings: DemoSettings):
     first = form_defaults(FIRST_CONFIG, settings.tiny)
 
     # Gradio finds the progress tracker by its default value; track_tqdm follows the pipelines' own stage bars.
-    def run(
-        config,
-        tiny,
-        video,
-        mask,
-        idm_prompt,
-        vdm_prompt,
-        steps,
-        ratio,
-        frames,
-        stride,
-        seed,
-        extra,
-        progress=gr.Progress(track_tqdm=True),  # noqa: B008
-    ):
+    def run(config, tiny, video, mask, idm_prompt, vdm_prompt, steps, ratio, frames, stride, seed, extra,
+            progress=gr.Progress(track_tqdm=True)):  # noqa: B008
         form = Form(config, tiny, video, mask, idm_prompt, vdm_prompt, steps, ratio, frames, stride, seed, extra)
         lines = []
 
@@ -249,31 +193,17 @@ def build_app(settings: DemoSettings):
         except Exception as err:  # noqa: BLE001 - the page reports any failure and stays up for the next run
             return f"**The run failed:** `{type(err).__name__}: {err}`\n\n" + "\n".join(lines[-2:]), None, [], "", None
         stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
-        status = [f"Run folder: `{shown_path(folder)}`"]
-        if stats.get("tiny"):
-            status.insert(0, f"**{TINY_LABEL}**")
-        return (
-            "\n\n".join(status),
-            str(folder / "comparison.mp4"),
-            stage_videos(folder, stats),
-            stats_table(stats),
-            str(zip_run_folder(folder)),
-        )
+        status = [f"**{TINY_LABEL}**"] * bool(stats.get("tiny")) + [f"Run folder: `{shown_path(folder)}`"]
+        archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
+        return ("\n\n".join(status), str(folder / "comparison.mp4"), stage_videos(folder, stats), stats_table(stats),
+                archive)
 
     def choose(config, tiny):
         values = form_defaults(config, tiny)
-        return (
-            f"{values['description']}  \nimage model **{values['idm']}**, video model **{values['vdm']}**",
-            gr.update(visible=values["idm"] == INPAINTING, value=None),
-            values["idm_prompt"],
-            values["vdm_prompt"],
-            values["steps"],
-            values["mixing_ratio"],
-            values["frames"],
-            values["stride"],
-            values["seed"],
-            gr.update(visible=tiny),
-        )
+        about = f"{values['description']}  \nimage model **{values['idm']}**, video model **{values['vdm']}**"
+        fields = [values[key] for key in ("idm_prompt", "vdm_prompt", "steps", "mixing_ratio", "frames", "stride",
+                                          "seed")]
+        return about, gr.update(visible=values["idm"] == INPAINTING, value=None), *fields, gr.update(visible=tiny)
 
     with gr.Blocks(title="BIVDiff demo") as app:
         gr.Markdown(
@@ -287,17 +217,10 @@ def build_app(settings: DemoSettings):
                 config = gr.Dropdown(names, value=FIRST_CONFIG, label="Task config (bivdiff list)")
                 about = gr.Markdown()
                 tiny = gr.Checkbox(value=settings.tiny, label=TINY_LABEL)
-                video = gr.Video(
-                    label="Source video (empty: the shipped Big Buck Bunny clip)",
-                    sources=["upload"],
-                    include_audio=True,
-                )
-                mask = gr.Video(
-                    label="Mask video, white = regenerate (empty: the shipped mask)",
-                    sources=["upload"],
-                    include_audio=True,
-                    visible=False,
-                )
+                video = gr.Video(label="Source video (empty: the shipped Big Buck Bunny clip)", sources=["upload"],
+                                 include_audio=True)
+                mask = gr.Video(label="Mask video, white = regenerate (empty: the shipped mask)", sources=["upload"],
+                                include_audio=True, visible=False)
                 idm_prompt = gr.Textbox(first["idm_prompt"], label="Image-model prompt (Model.idm_prompt)")
                 vdm_prompt = gr.Textbox(first["vdm_prompt"], label="Video-model prompt (Model.vdm_prompt)")
                 with gr.Row():
@@ -307,19 +230,14 @@ def build_app(settings: DemoSettings):
                     frames = gr.Number(first["frames"], label="Frames", precision=0)
                     stride = gr.Number(first["stride"], label="Frame stride", precision=0)
                     seed = gr.Number(first["seed"], label="Seed", precision=0)
-                extra = gr.Textbox(
-                    label="More overrides, one KEY=VALUE per line (as on the command line)",
-                    lines=2,
-                    placeholder="IDM.ControlNet.condition=depth_midas\nModel.width=256",
-                )
+                extra = gr.Textbox(label="More overrides, one KEY=VALUE per line (as on the command line)", lines=2,
+                                   placeholder="IDM.ControlNet.condition=depth_midas\nModel.width=256")
                 go = gr.Button("Run", variant="primary")
             with gr.Column(scale=3):
                 status = gr.Markdown("Choose a config and press **Run**.")
-                comparison = gr.Video(
-                    label="Comparison: source | condition or mask | image model | BIVDiff",
-                    elem_id="comparison",
-                    show_label=False,  # its tiles carry their own labels
-                )
+                # Its tiles carry their own labels.
+                comparison = gr.Video(label="Comparison: source | condition or mask | image model | BIVDiff",
+                                      elem_id="comparison", show_label=False)
                 stages = gr.Gallery(label="Each stage's video", columns=3, height="auto")
                 stats = gr.Markdown()
                 download = gr.File(label="Run folder (zip)")
@@ -328,35 +246,20 @@ def build_app(settings: DemoSettings):
         for trigger in (config.change, tiny.change):
             trigger(choose, [config, tiny], form_fields, api_name=False, queue=False)
         app.load(choose, [config, tiny], form_fields, api_name=False, queue=False)
-        go.click(
-            run,
-            [config, tiny, video, mask, idm_prompt, vdm_prompt, steps, ratio, frames, stride, seed, extra],
-            [status, comparison, stages, stats, download],
-            api_name="run",
-            concurrency_limit=1,
-            concurrency_id="run",
-        )
+        go.click(run, [config, tiny, video, mask, idm_prompt, vdm_prompt, steps, ratio, frames, stride, seed, extra],
+                 [status, comparison, stages, stats, download], api_name="run", concurrency_limit=1,
+                 concurrency_id="run")
     app.queue(default_concurrency_limit=1)
     return app
 
 
-# ----------------------------------------------------------------------------------------------------------
-# `bivdiff demo`
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bivdiff demo",
-        description="Open the BIVDiff web demo (Gradio): every task config, with the same checks, run folders "
-        "and models as `bivdiff run`. " + INSTALL_HINT + ".",
-    )
-    parser.add_argument(
-        "--tiny",
-        action="store_true",
-        help="start with tiny random-weight models ticked (offline, seconds per run; the pictures are noise)",
-    )
-    parser.add_argument("--checkpoints", metavar="DIR", default="checkpoints", help="as for bivdiff run")
-    parser.add_argument("--offline", action="store_true", help="as for bivdiff run")
+    from bivdiff.cli import command_parser, model_options
+
+    tiny_help = "start with tiny random-weight models ticked (offline, seconds per run; the pictures are noise)"
+    parser = command_parser("bivdiff demo", "Open the BIVDiff web demo (Gradio): every task config, with the same "
+                            f"checks, run folders and models as `bivdiff run`. {INSTALL_HINT}.", None,
+                            [model_options(tiny_help)])
     parser.add_argument("--output-dir", metavar="DIR", default="outputs", help="where run folders go")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860; the next free one if taken)")
@@ -364,24 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def launch(
-    app,
-    settings: DemoSettings,
-    host: str = "127.0.0.1",
-    port: int | None = None,
-    share: bool = False,
-    block: bool = True,
-):
+def launch(app, settings: DemoSettings, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           block: bool = True):
     """Serve the app; run folders are served from `settings.output_dir`, wherever it is. Without a port, one the
     system picks as free (Gradio's own search from 7860 races with any other server starting at the same time)."""
-    return app.launch(
-        server_name=host,
-        server_port=port or _system_port(host),
-        share=share,
-        allowed_paths=[str(Path(settings.output_dir).resolve())],
-        prevent_thread_lock=not block,
-        quiet=not block,
-    )
+    return app.launch(server_name=host, server_port=port or _free_port(host, 0), share=share, quiet=not block,
+                      allowed_paths=[str(Path(settings.output_dir).resolve())], prevent_thread_lock=not block)
 
 
 def main(argv: list[str]) -> int:
@@ -390,23 +281,13 @@ def main(argv: list[str]) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise UserError(INSTALL_HINT) from None
-    settings = DemoSettings(
-        tiny=args.tiny, checkpoints=args.checkpoints, output_dir=args.output_dir, offline=args.offline
-    )
-    port = _free_port_from(args.host, args.port)
-    launch(build_app(settings), settings, host=args.host, port=port, share=args.share)
+    settings = DemoSettings(args.tiny, args.checkpoints, args.output_dir, args.offline)
+    launch(build_app(settings), settings, host=args.host, port=_free_port(args.host, args.port), share=args.share)
     return 0
 
 
-def _system_port(host: str) -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
-def _free_port_from(host: str, port: int, tries: int = 100) -> int:
+def _free_port(host: str, port: int, tries: int = 100) -> int:
+    """The first port from `port` that binds on `host` (port 0: one the system picks)."""
     import socket
 
     for candidate in range(port, port + tries):
@@ -415,5 +296,5 @@ def _free_port_from(host: str, port: int, tries: int = 100) -> int:
                 probe.bind((host, candidate))
             except OSError:
                 continue
-            return candidate
+            return probe.getsockname()[1]
     raise UserError(f"No free port in {port}..{port + tries - 1} on {host}: give another with --port.")

@@ -30,10 +30,6 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Weights-free metrics
-
-
 def frame_difference(frames) -> float:
     """Mean absolute difference of consecutive frames, in [0, 1] intensity units.
 
@@ -58,16 +54,13 @@ def warp_error(frames, source=None) -> float:
     Pairs with no such pixel are skipped; NaN when every pair is.
     """
     video = _float_frames(frames, "warp_error")
-    if source is None:
-        motion = video
-    else:
-        motion = _float_frames(source, "warp_error")
-        if motion.shape != video.shape:
-            raise ValueError(
-                f"warp_error's source is {_describe(motion)} but the video is {_describe(video)}: pass the source "
-                "frames the video was made from, read at its size, e.g. read_video(path, num_frames=F, "
-                "stride=s, height=H, width=W)."
-            )
+    motion = video if source is None else _float_frames(source, "warp_error")
+    if motion.shape != video.shape:
+        raise ValueError(
+            f"warp_error's source is {_describe(motion)} but the video is {_describe(video)}: pass the source "
+            "frames the video was made from, read at its size, e.g. read_video(path, num_frames=F, "
+            "stride=s, height=H, width=W)."
+        )
     gray = [_gray_uint8(frame) for frame in motion]
     errors = []
     for t in range(len(video) - 1):
@@ -121,10 +114,6 @@ def _consistent(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
     mismatch = np.square(forward + backward_at_target).sum(-1)
     scale = np.square(forward).sum(-1) + np.square(backward_at_target).sum(-1)
     return mismatch < 0.01 * scale + 0.5
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CLIP scores
 
 
 @dataclass(frozen=True)
@@ -252,10 +241,6 @@ def _text_embedding(clip: _Clip, prompt: str):
     return torch.nn.functional.normalize(embedding.float(), dim=-1).cpu()[0]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# All together
-
-
 def evaluate_video(video, source=None, prompt: str | None = None, clip_path: str | os.PathLike | None = None) -> dict:
     """All metrics of one video as a JSON-serialisable dict.
 
@@ -266,14 +251,9 @@ def evaluate_video(video, source=None, prompt: str | None = None, clip_path: str
     """
     frames = to_numpy_frames(_frames_of(video))
     source_frames = None if source is None else to_numpy_frames(_frames_of(source))
-    results = {
-        "num_frames": int(frames.shape[0]),
-        "height": int(frames.shape[1]),
-        "width": int(frames.shape[2]),
-        "frame_difference": frame_difference(frames),
-        "warp_error": warp_error(frames, source_frames),
-        "warp_flow": "output" if source is None else "source",
-    }
+    results = dict(zip(("num_frames", "height", "width"), map(int, frames.shape[:3])))
+    results.update(frame_difference=frame_difference(frames), warp_error=warp_error(frames, source_frames),
+                   warp_flow="output" if source is None else "source")
     if clip_path is not None:
         results.update(clip_scores(frames, prompt, clip_path=clip_path))
     return results

@@ -26,19 +26,17 @@ class NetworkCallCounter:
         self._handles = []
 
     def __enter__(self) -> NetworkCallCounter:
-        seen = set()
+        modules = {}  # by id: a network registered under two names is counted once, under the first
         for name in COUNTED_MODULES:
             module = getattr(self.pipe, name, None)
-            if module is None or id(module) in seen or not hasattr(module, "register_forward_pre_hook"):
-                continue
-            seen.add(id(module))
-            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+            if hasattr(module, "register_forward_pre_hook"):
+                modules.setdefault(id(module), (name, module))
+        self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in modules.values()]
         return self
 
     def _hook(self, name: str):
         def count(_module, _args):
-            stage = getattr(self.pipe, "current_stage", None) or OUTSIDE_STAGES
-            self.counts[stage][name] += 1
+            self.counts[getattr(self.pipe, "current_stage", None) or OUTSIDE_STAGES][name] += 1
 
         return count
 
@@ -64,9 +62,7 @@ def stage_summary(stage_log: list[dict], calls: dict[str, dict[str, int]]) -> li
             stage["peak_memory_bytes"] = max(peak, stage["peak_memory_bytes"] or 0)
     for name in calls:
         stages.setdefault(name, {"stage": name, "seconds": None, "runs": 0, "peak_memory_bytes": None})
-    for name, stage in stages.items():
-        stage["network_calls"] = dict(calls.get(name, {}))
-    return list(stages.values())
+    return [{**stage, "network_calls": dict(calls.get(name, {}))} for name, stage in stages.items()]
 
 
 def peak_rss_bytes() -> int | None:

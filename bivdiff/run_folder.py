@@ -17,15 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bivdiff.video_io import atomic_path, to_numpy_frames, write_video
+from bivdiff.video_io import GIF_MAX_FPS, atomic_path, to_numpy_frames, write_video
 
-# GIF frame delays are whole 1/100 s and browsers slow down anything faster than 50 fps.
-GIF_MAX_FPS = 50.0
 # Comparison tiles are enlarged (nearest neighbour) to at least this width so their labels stay readable.
 MIN_TILE_WIDTH = 256
 LABEL_BAR = 0.11  # label bar height, as a fraction of the tile width
-
-
 STAGING = ".partial-"
 
 
@@ -38,7 +34,9 @@ def staging_folder(output_root: str | os.PathLike, name: str, now: datetime | No
     base = f"{name}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
     # mkdtemp makes the folder private (0700); a run folder is as readable as any other.
     folder = Path(tempfile.mkdtemp(prefix=f".{base}{STAGING}", dir=root))
-    folder.chmod(0o777 & ~_umask())
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
     return folder
 
 
@@ -49,17 +47,14 @@ def publish_run_folder(staging: Path) -> Path:
     second, never share a folder.
     """
     base = staging.name[1:].rsplit(STAGING, 1)[0]
-    for index in itertools.count():
-        folder = staging.with_name(base if index == 0 else f"{base}-{index}")
-        if folder.exists():
-            continue
+    for folder in (staging.with_name(f"{base}-{index}" if index else base) for index in itertools.count()):
         try:
-            os.rename(staging, folder)
-            return folder
+            if not folder.exists():
+                os.rename(staging, folder)
+                return folder
         except OSError as err:
             if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
-    raise AssertionError("unreachable")
 
 
 def remove_staging_folders(output_root: Path) -> list[Path]:
@@ -68,12 +63,6 @@ def remove_staging_folders(output_root: Path) -> list[Path]:
     for folder in stale:
         shutil.rmtree(folder, ignore_errors=True)
     return stale
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_text(path: Path, text: str) -> None:
@@ -127,14 +116,9 @@ def comparison_frames(columns: list[tuple[str, list]]) -> np.ndarray:
         left = column * tile_w
         out[:, :bar, left : left + tile_w] = _label_bar(label, tile_w, bar)
         for index in range(num_frames):
-            out[index, bar:, left : left + tile_w] = _fit(video[index], tile_w, tile_h)
+            frame = Image.fromarray(video[index]).resize((tile_w, tile_h), Image.Resampling.NEAREST)
+            out[index, bar:, left : left + tile_w] = np.asarray(frame)
     return out
-
-
-def _fit(frame: np.ndarray, width: int, height: int) -> np.ndarray:
-    if frame.shape[:2] == (height, width):
-        return frame
-    return np.asarray(Image.fromarray(frame).resize((width, height), Image.Resampling.NEAREST))
 
 
 def _label_bar(label: str, width: int, height: int) -> np.ndarray:

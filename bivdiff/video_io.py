@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 RESIZE_MODES = ("crop", "pad", "resize")
@@ -27,7 +27,7 @@ RESIZE_MODES = ("crop", "pad", "resize")
 # for generated frames, which a later evaluation or a second pass reads back.
 _MP4_QUALITY = 8
 # GIF delays are whole 1/100 s; browsers slow any delay under 2/100 s down to 1/10 s.
-_GIF_MAX_FPS = 50.0
+GIF_MAX_FPS = 50.0
 # ffmpeg's default YUV<->RGB conversion truncates (about -1 grey level on average) and upsamples chroma coarsely;
 # these flags round exactly and interpolate chroma fully, cutting a round trip's error on saturated detail ~3x.
 _SWS_FLAGS = ["-sws_flags", "accurate_rnd+full_chroma_int"]
@@ -56,9 +56,9 @@ def default_mask_path() -> Path:
     return _MEDIA_DIR / "big_buck_bunny_mask.mp4"
 
 
-def read_video(path, num_frames=None, stride=1, start=0, height=None, width=None, resize_mode="crop", as_mask=False):
+def read_video(path, *args, **kwargs) -> list[Image.Image]:
     """The frames of `read_video_clip`."""
-    return read_video_clip(path, num_frames, stride, start, height, width, resize_mode, as_mask).frames
+    return read_video_clip(path, *args, **kwargs).frames
 
 
 def read_video_clip(
@@ -182,16 +182,9 @@ def resize_frames(frames, height=None, width=None, resize_mode="crop", as_mask=F
         mode = "crop" if resize_mode == "crop" else "default"
         return [processor.resize(frame, dst_h, dst_w, resize_mode=mode).convert(frame.mode) for frame in frames]
     # diffusers' "fill" mode stretches the border pixels into the margin; "pad" letterboxes with black instead
-    # (also "keep" in a mask), so it is done here.
-    out = []
-    for frame in frames:
-        scale = min(dst_w / frame.width, dst_h / frame.height)
-        inner_w = min(dst_w, max(1, round(frame.width * scale)))
-        inner_h = min(dst_h, max(1, round(frame.height * scale)))
-        canvas = Image.new(frame.mode, (dst_w, dst_h))
-        canvas.paste(processor.resize(frame, inner_h, inner_w), ((dst_w - inner_w) // 2, (dst_h - inner_h) // 2))
-        out.append(canvas)
-    return out
+    # (also "keep" in a mask), which Pillow's ImageOps.pad does.
+    method = Image.Resampling.NEAREST if as_mask else Image.Resampling.LANCZOS
+    return [ImageOps.pad(frame, (dst_w, dst_h), method=method, color=0) for frame in frames]
 
 
 def target_size(source_size: tuple[int, int], height: int | None, width: int | None) -> tuple[int, int]:
@@ -221,44 +214,35 @@ def to_numpy_frames(frames) -> np.ndarray:
         arrays = [np.asarray(f.convert("RGB") if isinstance(f, Image.Image) else f) for f in frames]
         for index, array in enumerate(arrays):
             if array.shape[:2] != arrays[0].shape[:2]:
-                raise ValueError(
-                    f"Frame {index} is {array.shape[1]}x{array.shape[0]} but frame 0 is {arrays[0].shape[1]}x"
-                    f"{arrays[0].shape[0]}: all frames of a video must share one size."
-                )
+                first = arrays[0].shape
+                raise ValueError(f"Frame {index} is {array.shape[1]}x{array.shape[0]} but frame 0 is {first[1]}x"
+                                 f"{first[0]}: all frames of a video must share one size.")
         array = np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8)
     elif type(frames).__module__.startswith("torch"):
         if frames.ndim != 4:
-            raise ValueError(
-                f"A torch video must be (F, 3, H, W) or (F, H, W, 3); got shape {tuple(frames.shape)}. "
-                "For a batch of videos pass one of them, e.g. video[0]."
-            )
+            raise ValueError(f"A torch video must be (F, 3, H, W) or (F, H, W, 3); got shape {tuple(frames.shape)}. "
+                             "For a batch of videos pass one of them, e.g. video[0].")
         tensor = frames.detach().cpu()
         array = (tensor.float() if tensor.is_floating_point() else tensor).numpy()  # numpy has no bfloat16
         array = array.transpose(0, 2, 3, 1) if array.shape[1] in (1, 3) else array
     else:
         array = np.asarray(frames)
         if array.ndim == 4 and array.shape[-1] not in (1, 3) and array.shape[1] in (1, 3):
-            raise ValueError(
-                f"A numpy video must be channels-last (F, H, W, 3); got shape {array.shape}. "
-                "Transpose it with array.transpose(0, 2, 3, 1)."
-            )
+            raise ValueError(f"A numpy video must be channels-last (F, H, W, 3); got shape {array.shape}. "
+                             "Transpose it with array.transpose(0, 2, 3, 1).")
     if len(array) == 0:
         raise ValueError("No frames: the video is empty.")
-    if array.dtype == np.bool_:  # a binary mask: white = True
-        array = array.astype(np.uint8) * 255
-    elif np.issubdtype(array.dtype, np.floating):
+    if np.issubdtype(array.dtype, np.floating):
         low, high = float(array.min()), float(array.max())
         if low < -0.5 or high > 1.5:
-            raise ValueError(
-                f"Float frames must be in [0, 1]; these span [{low:.3g}, {high:.3g}]. "
-                "Divide [0, 255] data by 255, or map [-1, 1] data with (x + 1) / 2."
-            )
-        array = (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    elif array.dtype != np.uint8:
-        if not (np.issubdtype(array.dtype, np.integer) and 0 <= array.min() and array.max() <= 255):
-            raise ValueError(f"Frames of dtype {array.dtype} are not supported: give uint8 or float in [0, 1].")
-        array = array.astype(np.uint8)
-    array = array[..., None] if array.ndim == 3 else array
+            raise ValueError(f"Float frames must be in [0, 1]; these span [{low:.3g}, {high:.3g}]. "
+                             "Divide [0, 255] data by 255, or map [-1, 1] data with (x + 1) / 2.")
+        array = (np.clip(array, 0.0, 1.0) * 255.0).round()
+    elif array.dtype == np.bool_:  # a binary mask: white = True
+        array = array * 255
+    elif not (np.issubdtype(array.dtype, np.integer) and 0 <= array.min() and array.max() <= 255):
+        raise ValueError(f"Frames of dtype {array.dtype} are not supported: give uint8 or float in [0, 1].")
+    array = array.astype(np.uint8)[..., None] if array.ndim == 3 else array.astype(np.uint8)
     if array.ndim != 4 or array.shape[-1] not in (1, 3):
         raise ValueError(f"Expected frames shaped (F, H, W, 3), (F, H, W, 1) or (F, H, W); got {array.shape}.")
     return np.ascontiguousarray(np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array)
@@ -304,8 +288,8 @@ def write_video(frames, path, fps: float) -> Path:
         raise ValueError(f"fps={fps} must be positive.")
     if suffix not in ("", ".mp4", ".gif"):
         raise ValueError(f"Cannot write {path}: use a .mp4 or .gif name, or a name without extension for a folder.")
-    if suffix == ".gif" and fps > _GIF_MAX_FPS:
-        raise ValueError(f"fps={fps} is too fast for a GIF (at most {_GIF_MAX_FPS:g}): write {path.stem}.mp4 instead.")
+    if suffix == ".gif" and fps > GIF_MAX_FPS:
+        raise ValueError(f"fps={fps} is too fast for a GIF (at most {GIF_MAX_FPS:g}): write {path.stem}.mp4 instead.")
     if suffix == "" and path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} already exists and is not an empty folder: write the frames to a new folder.")
     array = to_numpy_frames(frames)
@@ -328,10 +312,8 @@ def write_video(frames, path, fps: float) -> Path:
 def _write_mp4(array: np.ndarray, path: Path, fps: float) -> None:
     import imageio.v3 as iio
 
-    iio.imwrite(
-        path, array, plugin="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p", quality=_MP4_QUALITY,
-        macro_block_size=1, ffmpeg_log_level="error", output_params=_SWS_FLAGS,
-    )
+    iio.imwrite(path, array, plugin="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p", quality=_MP4_QUALITY,
+                macro_block_size=1, ffmpeg_log_level="error", output_params=_SWS_FLAGS)
 
 
 def _write_gif(array: np.ndarray, path: Path, fps: float) -> None:
