@@ -24,20 +24,23 @@ PACKAGE_DIRS = {"bivdiff": "bivdiff", "pipelines": "pipelines", "schedulers": "s
 # and feather masks, and Prompt2Prompt's local blend. Input checks, messages and progress bars are left out.
 MIXED = "bivdiff.pipelines.mixed_inversion."
 CORE = [
-    "bivdiff.schedulers.*",
+    # The inversion step ships beside the pipelines (`bivdiff.schedulers` only re-exports it).
+    MIXED + "xǁBIVDiffDDIMInverseSchedulerǁ*",
+    MIXED + "x_ddim_sampler__*",
     *(f"bivdiff.evaluation.x_{name}__*" for name in ("frame_difference", "warp_error", "_float_frames", "_warp")),
     *(f"bivdiff.evaluation.x_{name}__*" for name in ("_consistent", "_gray_uint8", "_flow")),
     "bivdiff.pipelines.pipeline_bivdiff_inpaint.x_outpaint_mask__*",
     "bivdiff.pipelines.pipeline_bivdiff_inpaint.x_feather_mask__*",
     "bivdiff.pipelines.prompt2prompt_control.xǁLocalBlendǁ*",
     "bivdiff.pipelines.prompt2prompt_control.x__map_hw__*",
-    *(MIXED + f"x_{name}__*" for name in ("fold_frames", "unfold_frames", "frame_generators")),
-    *(MIXED + f"x_{name}__*" for name in ("temporal_windows", "window_weights")),
+    *(MIXED + f"x_{name}__*" for name in ("fold_frames", "unfold_frames", "video_frame_generators", "derive_generators")),
+    *(MIXED + f"x_{name}__*" for name in ("temporal_windows", "window_weights", "frame_pooled_norms", "video_windows_for_clip")),
     *(
         MIXED + f"xǁMixedInversionMixinǁ{name}__*"
         for name in (
-            "video_noise_prediction", "encode_frames", "decode_latents", "invert_image_branch", "invert_video_branch",
-            "mixed_inversion", "smoothing_scheduler", "temporal_smoothing", "invert_and_smooth",
+            "video_noise_prediction", "blend_windows", "temporal_windows_for", "encode_frames", "reencode_latents",
+            "decode_latents", "image_inversion_noise", "invert_image_branch", "invert_video_branch", "mixed_inversion",
+            "smoothing_scheduler", "temporal_smoothing", "invert_and_smooth",
         )
     ),
 ]
