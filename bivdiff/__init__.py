@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 _PIPELINES = ("BIVDiffControllablePipeline", "BIVDiffInpaintPipeline", "BIVDiffInstructPix2PixPipeline",
               "BIVDiffPipeline", "BIVDiffPipelineOutput", "BIVDiffPrompt2PromptPipeline",
-              "BIVDiffPrompt2PromptPipelineOutput", "MixedInversionMixin")
+              "BIVDiffPrompt2PromptPipelineOutput", "MixedInversionMixin", "load_video_model")
 _EXPORTS = {**dict.fromkeys(_PIPELINES, "bivdiff.pipelines"), "BIVDiffDDIMInverseScheduler": "bivdiff.schedulers",
             "VidRDUNet3DConditionModel": "bivdiff.models",
             "motion_unet_sharing_weights": "bivdiff.models"}

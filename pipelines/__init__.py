@@ -1,4 +1,4 @@
-from .mixed_inversion import BIVDiffPipelineOutput, MixedInversionMixin
+from .mixed_inversion import BIVDiffPipelineOutput, MixedInversionMixin, load_video_model
 from .pipeline_bivdiff import BIVDiffPipeline
 from .pipeline_bivdiff_controllable import BIVDiffControllablePipeline
 from .pipeline_bivdiff_inpaint import BIVDiffInpaintPipeline
@@ -14,4 +14,5 @@ __all__ = [
     "BIVDiffInstructPix2PixPipeline",
     "BIVDiffPrompt2PromptPipeline",
     "BIVDiffPrompt2PromptPipelineOutput",
+    "load_video_model",
 ]

@@ -11,9 +11,13 @@ video-major (all frames of video 0, then video 1, ...).
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import re
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import PIL.Image
@@ -26,7 +30,7 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLo
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers import DDIMScheduler, KarrasDiffusionSchedulers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.video_processor import VideoProcessor
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -325,6 +329,22 @@ def window_weights(size: int, overlap: int, first: bool, last: bool) -> torch.Te
     return weights
 
 
+@contextlib.contextmanager
+def clip_text_model_alias(text_encoder):
+    """diffusers 0.42's `encode_prompt(clip_skip=...)` applies `text_encoder.text_model.final_layer_norm`, where
+    transformers 5's `CLIPTextModel` holds that norm itself and has no `text_model`. For the call, the encoder
+    answers to `text_model` as well, so diffusers' own code runs unchanged on either version."""
+    if text_encoder is None or hasattr(text_encoder, "text_model") or not hasattr(text_encoder, "final_layer_norm"):
+        yield
+        return
+    # Set past `nn.Module.__setattr__`, so the alias is not registered as a submodule (a cycle in `.modules()`).
+    text_encoder.__dict__["text_model"] = text_encoder
+    try:
+        yield
+    finally:
+        del text_encoder.__dict__["text_model"]
+
+
 def is_motion_unet(unet) -> bool:
     """AnimateDiff's `UNetMotionModel` wants its text embeddings repeated per frame; `UNet3DConditionModel` and
     the VidRD UNet repeat them themselves."""
@@ -334,6 +354,8 @@ def is_motion_unet(unet) -> bool:
 
 
 SHARED_ARGS_DOC = """
+            video_prompt (`str` or `list[str]`, *optional*): The video model's prompt, one per prompt or one for all;
+                defaults to `prompt`.
             num_videos_per_prompt (`int`, defaults to 1): Videos made for each prompt.
             negative_prompt (`str` or `list[str]`, *optional*): Negative prompt of both models, one per prompt or
                 one for all; also what both inversions are conditioned on (the original's behaviour).
@@ -342,8 +364,8 @@ SHARED_ARGS_DOC = """
                 encoder's embeddings, instead of `prompt` / `negative_prompt`.
             video_prompt_embeds, negative_video_prompt_embeds (`torch.Tensor`, *optional*): The same for the video
                 text encoder.
-            height (`int`, *optional*), width (`int`, *optional*): Output size, multiples of 8; default the input
-                frames' size rounded down to a multiple of 8.
+            height, width (`int`, *optional*): Output size, multiples of 8; default the input frames' size rounded
+                down to a multiple of 8.
             resize_mode (`str`, defaults to `"default"`): How source frames reach the output size, as diffusers'
                 `VaeImageProcessor`: `"default"` resizes, `"fill"` keeps the aspect ratio and pads, `"crop"` keeps
                 it and crops.
@@ -380,10 +402,74 @@ SHARED_ARGS_DOC = """
 """
 
 
-def shared_args_docstring(func):
-    """Appends the arguments every BIVDiff pipeline shares to a `__call__` docstring's own."""
-    func.__doc__ = func.__doc__.replace("\n        Examples:", SHARED_ARGS_DOC + "\n        Examples:", 1)
-    return func
+def _shared_call_arguments(
+    *,
+    video_prompt: str | list[str] | None = None,
+    negative_prompt: str | list[str] | None = None,
+    inversion_prompt: str | list[str] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    resize_mode: str = "default",
+    num_inference_steps: int = 50,
+    num_inversion_steps: int | None = None,
+    guidance_scale: float = 7.5,
+    video_guidance_scale: float | None = None,
+    pool_norms_over_frames: bool = True,
+    reencode_frames: bool = True,
+    num_videos_per_prompt: int = 1,
+    frame_batch_size: int = 8,
+    decode_chunk_size: int = 8,
+    generator: torch.Generator | list[torch.Generator] | list[list[torch.Generator]] | None = None,
+    latents: torch.Tensor | None = None,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    video_prompt_embeds: torch.Tensor | None = None,
+    negative_video_prompt_embeds: torch.Tensor | None = None,
+    output_type: str = "np",
+    return_idm_frames: bool = True,
+    return_dict: bool = True,
+    cross_attention_kwargs: dict | None = None,
+    clip_skip: int | None = None,
+    callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
+    callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+):
+    """The keywords every pipeline's `__call__` takes after its own (described in `SHARED_ARGS_DOC`)."""
+
+
+def _shared_args_doc(without: tuple[str, ...], own_doc: str) -> str:
+    """`SHARED_ARGS_DOC` less the entries whose arguments are all in `without` or described in `own_doc` (where a
+    pipeline gives a shared argument its own meaning)."""
+    entries = re.split(r"\n(?=            \S)", SHARED_ARGS_DOC.strip("\n"))
+    own = re.findall(r"^ {12}(\w+(?:, \w+)*)(?: \(|:)", own_doc, re.M)
+    skip = set(without) | {name for entry in own for name in entry.split(", ")}
+    kept = [e for e in entries if not set(re.findall(r"\w+", e.split("(", 1)[0])) <= skip]
+    return "\n".join(kept) + "\n"
+
+
+def pipeline_call(example: str, without: tuple[str, ...] = ()):
+    """Decorates a pipeline's `__call__(self, <its own arguments>, **shared)`. Its signature gains the keywords of
+    `_shared_call_arguments` (less `without`), so `inspect.signature` and `help()` show the whole call and an unknown
+    keyword is refused as by any function; its docstring gains their descriptions and the `example` code (doctest
+    lines) under "Examples:"; it runs without autograd. The shared keywords reach the function in `shared`."""
+    shared = [p for p in inspect.signature(_shared_call_arguments).parameters.values() if p.name not in without]
+
+    def decorate(func):
+        own = [p for p in inspect.signature(func).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        signature = inspect.Signature([*own, *shared])
+
+        @functools.wraps(func)
+        def call(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            with torch.no_grad():
+                return func(**bound.arguments)
+
+        call.__signature__ = signature
+        own, examples = func.__doc__.split("\n        Examples:", 1)
+        call.__doc__ = f"{own.rstrip()}\n{_shared_args_doc(without, own)}\n        Examples:{examples}"
+        return replace_example_docstring(f"    Examples:\n        ```py{example}        ```")(call)
+
+    return decorate
 
 
 class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
@@ -771,17 +857,18 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
         text = self.stock_pipeline(vae=None, unet=None, text_encoder=text_encoder, tokenizer=tokenizer)
         if isinstance(prompt, (list, tuple)) and isinstance(negative_prompt, str):
             negative_prompt = [negative_prompt] * len(prompt)
-        return text.encode_prompt(
-            prompt,
-            device,
-            num_videos_per_prompt,
-            True,
-            negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            lora_scale=lora_scale,
-            clip_skip=clip_skip,
-        )
+        with clip_text_model_alias(text_encoder if clip_skip else None):
+            return text.encode_prompt(
+                prompt,
+                device,
+                num_videos_per_prompt,
+                True,
+                negative_prompt,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                lora_scale=lora_scale,
+                clip_skip=clip_skip,
+            )
 
     def encode_prompt(
         self,
@@ -1199,7 +1286,9 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
         return 1
 
     def run(self, arguments: dict):
-        """Every pipeline's `__call__`: prologue, checks, prompts, stage 1, stages 2 and 3, decoding, output."""
+        """Every pipeline's `__call__`: prologue, checks, prompts, stage 1, stages 2 and 3, decoding, output.
+        `arguments` are the `__call__`'s locals, the shared keywords gathered in `shared` (see `pipeline_call`)."""
+        arguments = {**arguments.pop("shared", {}), **arguments}
         call = self.prepare_call(arguments)
         self.check_inputs(call)
         self.check_call_options(call)
@@ -1236,6 +1325,25 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
 
     def extra_outputs(self, call) -> dict:
         return {}
+
+
+# ---------------------------------------------------------------------- loading
+def load_video_model(pretrained_model_name_or_path: str, unet_class: type[ModelMixin] | None = None, **kwargs) -> dict:
+    """The video side of a BIVDiff pipeline, `video_unet`, `video_text_encoder` and `video_tokenizer`, from a
+    text-to-video folder or Hub repo in diffusers' layout (`unet/`, `text_encoder/`, `tokenizer/`: ModelScope,
+    ZeroScope), to pass to a pipeline's `from_pretrained` or constructor. `unet_class` defaults to
+    `UNet3DConditionModel`; `kwargs` (`torch_dtype`, `revision`, `local_files_only`, ...) go to every loader."""
+    from diffusers import UNet3DConditionModel
+
+    text_kwargs = {k: v for k, v in kwargs.items() if k != "torch_dtype"}
+    # transformers 5 names the dtype argument `dtype`; diffusers keeps `torch_dtype`.
+    dtype = {"dtype": kwargs["torch_dtype"]} if "torch_dtype" in kwargs else {}
+    path = pretrained_model_name_or_path
+    return dict(
+        video_unet=(unet_class or UNet3DConditionModel).from_pretrained(path, subfolder="unet", **kwargs),
+        video_text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **text_kwargs, **dtype),
+        video_tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **text_kwargs),
+    )
 
 
 # ---------------------------------------------------------------------- native clip lengths of the video models

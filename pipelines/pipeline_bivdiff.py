@@ -2,38 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.utils import replace_example_docstring
 
-from .mixed_inversion import FrameInput, MixedInversionMixin, count_frames, shared_args_docstring
+from .mixed_inversion import FrameInput, MixedInversionMixin, count_frames, pipeline_call
 
 EXAMPLE_DOC_STRING = """
-    Examples:
-        ```py
         >>> import torch
-        >>> from diffusers import DiffusionPipeline, UNet3DConditionModel
         >>> from diffusers.utils import export_to_video, load_video
-        >>> from transformers import CLIPTextModel, CLIPTokenizer
-        >>> from bivdiff import BIVDiffPipeline
+        >>> from bivdiff import BIVDiffPipeline, load_video_model
 
-        >>> sd = DiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", torch_dtype=torch.float16)
-        >>> zeroscope = "cerspense/zeroscope_v2_576w"
-        >>> pipe = BIVDiffPipeline(
-        ...     vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
-        ...     video_unet=UNet3DConditionModel.from_pretrained(zeroscope, subfolder="unet", torch_dtype=torch.float16),
-        ...     video_text_encoder=CLIPTextModel.from_pretrained(zeroscope, subfolder="text_encoder", torch_dtype=torch.float16),
-        ...     video_tokenizer=CLIPTokenizer.from_pretrained(zeroscope, subfolder="tokenizer"),
-        ...     scheduler=sd.scheduler,
+        >>> pipe = BIVDiffPipeline.from_pretrained(
+        ...     "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        ...     **load_video_model("cerspense/zeroscope_v2_576w", torch_dtype=torch.float16),
+        ...     torch_dtype=torch.float16,
         ... ).to("cuda")
 
         >>> frames = load_video("frames_from_my_image_model.gif")  # 8 frames edited one by one
         >>> video = pipe(video=frames, prompt="a bear walking through a snow mountain", mixing_ratio=0.5).frames[0]
         >>> export_to_video(video, "bivdiff.mp4", fps=8)
-        ```
 """
 
 
@@ -103,37 +91,19 @@ class BIVDiffPipeline(DiffusionPipeline, MixedInversionMixin):
         pixels = self.source_pixels(call.video, call.height, call.width, call.resize_mode)
         return self.encode_frames(pixels, call.decode_chunk_size, call.generator, call.batch_size)
 
-    @torch.no_grad()
-    @shared_args_docstring
-    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    # No stage 1: no stage-1 noise (`latents`), no frame-wise output, and the one prompt is the video model's.
+    @pipeline_call(
+        EXAMPLE_DOC_STRING,
+        without=("latents", "return_idm_frames", "video_prompt", "video_guidance_scale", "video_prompt_embeds",
+                 "negative_video_prompt_embeds"),
+    )
     def __call__(
         self,
         video: FrameInput | None = None,
         prompt: str | list[str] | None = None,
-        negative_prompt: str | list[str] | None = None,
-        inversion_prompt: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        resize_mode: str = "default",
-        num_inference_steps: int = 50,
-        num_inversion_steps: int | None = None,
-        guidance_scale: float = 7.5,
         mixing_ratio: float = 1.0,
-        pool_norms_over_frames: bool = True,
-        reencode_frames: bool = True,
-        num_videos_per_prompt: int = 1,
-        frame_batch_size: int = 8,
-        decode_chunk_size: int = 8,
-        generator: torch.Generator | list[torch.Generator] | list[list[torch.Generator]] | None = None,
         video_latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "np",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        **shared,
     ):
         r"""
         Make frame sequences temporally coherent with a video diffusion model.

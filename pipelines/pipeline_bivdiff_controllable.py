@@ -3,7 +3,6 @@ text-to-video model for temporal coherence."""
 
 from __future__ import annotations
 
-from typing import Callable
 
 import numpy as np
 import PIL.Image
@@ -18,36 +17,27 @@ from diffusers import (
     T2IAdapter,
     UNet2DConditionModel,
 )
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import replace_example_docstring
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .mixed_inversion import FrameInput, MixedInversionMixin, count_frames, shared_args_docstring
+from .mixed_inversion import FrameInput, MixedInversionMixin, count_frames, pipeline_call
 
 EXAMPLE_DOC_STRING = """
-    Examples:
-        ```py
         >>> import cv2
         >>> import numpy as np
         >>> import torch
-        >>> from diffusers import ControlNetModel, DDIMScheduler, UNet3DConditionModel
+        >>> from diffusers import ControlNetModel, DDIMScheduler
         >>> from diffusers.utils import export_to_video, load_video
         >>> from PIL import Image
-        >>> from transformers import CLIPTextModel, CLIPTokenizer
-        >>> from bivdiff import BIVDiffControllablePipeline
+        >>> from bivdiff import BIVDiffControllablePipeline, load_video_model
 
-        >>> zeroscope = "cerspense/zeroscope_v2_576w"
+        >>> canny = ControlNetModel.from_pretrained("lllyasviel/control_v11p_sd15_canny", torch_dtype=torch.float16)
+        >>> zeroscope = load_video_model("cerspense/zeroscope_v2_576w", torch_dtype=torch.float16)
         >>> pipe = BIVDiffControllablePipeline.from_pretrained(
-        ...     "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        ...     controlnet=ControlNetModel.from_pretrained("lllyasviel/control_v11p_sd15_canny", torch_dtype=torch.float16),
-        ...     video_unet=UNet3DConditionModel.from_pretrained(zeroscope, subfolder="unet", torch_dtype=torch.float16),
-        ...     video_text_encoder=CLIPTextModel.from_pretrained(zeroscope, subfolder="text_encoder", torch_dtype=torch.float16),
-        ...     video_tokenizer=CLIPTokenizer.from_pretrained(zeroscope, subfolder="tokenizer"),
-        ...     torch_dtype=torch.float16,
+        ...     "stable-diffusion-v1-5/stable-diffusion-v1-5", controlnet=canny, **zeroscope, torch_dtype=torch.float16
         ... )
         >>> pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         >>> pipe.to("cuda")
@@ -67,7 +57,6 @@ EXAMPLE_DOC_STRING = """
         ...     conditioning_frames=edges,
         ...     generator=[torch.Generator("cuda").manual_seed(s) for s in (42, 43)],
         ... ).frames
-        ```
 """
 
 
@@ -225,45 +214,16 @@ class BIVDiffControllablePipeline(DiffusionPipeline, MixedInversionMixin):
         self.check_image_model((self.vae.config.latent_channels,), "an SD-1.5 text-to-image UNet")
 
     # ------------------------------------------------------------------ call
-    @torch.no_grad()
-    @shared_args_docstring
-    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    @pipeline_call(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: str | list[str] | None = None,
         conditioning_frames: FrameInput | list[FrameInput] | None = None,
-        video_prompt: str | list[str] | None = None,
-        negative_prompt: str | list[str] | None = None,
-        inversion_prompt: str | list[str] | None = None,
         num_frames: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        num_inversion_steps: int | None = None,
-        guidance_scale: float = 7.5,
-        video_guidance_scale: float | None = None,
         mixing_ratio: float = 1.0,
-        pool_norms_over_frames: bool = True,
-        reencode_frames: bool = True,
         controlnet_conditioning_scale: float | list[float] = 1.0,
         adapter_conditioning_scale: float | list[float] = 1.0,
-        num_videos_per_prompt: int = 1,
-        frame_batch_size: int = 8,
-        decode_chunk_size: int = 8,
-        resize_mode: str = "default",
-        generator: torch.Generator | list[torch.Generator] | list[list[torch.Generator]] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        video_prompt_embeds: torch.Tensor | None = None,
-        negative_video_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "np",
-        return_idm_frames: bool = True,
-        return_dict: bool = True,
-        cross_attention_kwargs: dict | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        **shared,
     ):
         r"""
         Generate videos that follow a condition video (depth, edges, pose...) and a prompt.
@@ -274,7 +234,6 @@ class BIVDiffControllablePipeline(DiffusionPipeline, MixedInversionMixin):
             conditioning_frames (`list[PIL.Image.Image]`, `np.ndarray` `(F, H, W, C)` or `torch.Tensor`
                 `(F, C, H, W)` in [0, 1]): One condition image per frame; with several ControlNets/adapters, a
                 list of such videos. Resized by the stock pipeline to the output size.
-            video_prompt (`str` or `list[str]`, *optional*): The video model's prompt; defaults to `prompt`.
             num_frames (`int`, *optional*): Checked against the number of condition frames when given.
             controlnet_conditioning_scale (`float` or `list[float]`, defaults to 1.0): As in diffusers.
             adapter_conditioning_scale (`float` or `list[float]`, defaults to 1.0): As in diffusers.

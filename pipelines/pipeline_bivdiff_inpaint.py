@@ -3,40 +3,29 @@ text-to-video model make the filled frames temporally coherent."""
 
 from __future__ import annotations
 
-from typing import Callable
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils import replace_example_docstring
 
-from .mixed_inversion import FrameInput, MixedInversionMixin, count_frames, frame_size, shared_args_docstring
+from .mixed_inversion import FrameInput, MixedInversionMixin, count_frames, frame_size, pipeline_call
 
 EXAMPLE_DOC_STRING = """
-    Examples:
-        ```py
         >>> import torch
-        >>> from diffusers import UNet2DConditionModel, UNet3DConditionModel
+        >>> from diffusers import DiffusionPipeline
         >>> from diffusers.utils import export_to_video, load_video
-        >>> from transformers import CLIPTextModel, CLIPTokenizer
-        >>> from bivdiff import BIVDiffInpaintPipeline
+        >>> from bivdiff import BIVDiffInpaintPipeline, load_video_model
 
-        >>> zeroscope = "cerspense/zeroscope_v2_576w"
+        >>> sd15 = DiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", torch_dtype=torch.float16)
         >>> pipe = BIVDiffInpaintPipeline.from_pretrained(
         ...     "stable-diffusion-v1-5/stable-diffusion-inpainting",
-        ...     inversion_unet=UNet2DConditionModel.from_pretrained(
-        ...         "stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="unet", torch_dtype=torch.float16
-        ...     ),
-        ...     video_unet=UNet3DConditionModel.from_pretrained(zeroscope, subfolder="unet", torch_dtype=torch.float16),
-        ...     video_text_encoder=CLIPTextModel.from_pretrained(zeroscope, subfolder="text_encoder", torch_dtype=torch.float16),
-        ...     video_tokenizer=CLIPTokenizer.from_pretrained(zeroscope, subfolder="tokenizer"),
+        ...     inversion_unet=sd15.unet,  # the 9-channel inpainting UNet cannot invert latents alone
+        ...     **load_video_model("cerspense/zeroscope_v2_576w", torch_dtype=torch.float16),
         ...     safety_checker=None,
         ...     torch_dtype=torch.float16,
-        ... )
-        >>> pipe.to("cuda")
+        ... ).to("cuda")
 
         >>> source = [f.resize((512, 512)) for f in load_video("hike.mp4")[::4][:8]]
         >>> masks = [m.resize((512, 512)) for m in load_video("hike-mask.mp4")[::4][:8]]  # white = regenerate
@@ -45,7 +34,6 @@ EXAMPLE_DOC_STRING = """
 
         >>> # Outpainting: regenerate the top and bottom quarters, keep the source pixels elsewhere.
         >>> wider = pipe(video=source, outpaint="horizontal", paste_back=True).frames[0]
-        ```
 """
 
 OUTPAINT_SIDES = ("top", "bottom", "left", "right")
@@ -321,46 +309,17 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
         )
 
     # ------------------------------------------------------------------ call
-    @torch.no_grad()
-    @shared_args_docstring
-    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    @pipeline_call(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         video: FrameInput | None = None,
         prompt: str | list[str] = "",
-        video_prompt: str | list[str] | None = None,
         mask: FrameInput | PIL.Image.Image | np.ndarray | torch.Tensor | None = None,
         outpaint: str | dict | tuple | None = None,
-        negative_prompt: str | list[str] | None = None,
-        inversion_prompt: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        resize_mode: str = "default",
-        num_inference_steps: int = 50,
-        num_inversion_steps: int | None = None,
-        guidance_scale: float = 7.5,
-        video_guidance_scale: float | None = None,
         mixing_ratio: float = 0.1,
-        pool_norms_over_frames: bool = True,
-        reencode_frames: bool = True,
         paste_back: bool = False,
         paste_back_feather: int = 8,
-        num_videos_per_prompt: int = 1,
-        frame_batch_size: int = 8,
-        decode_chunk_size: int = 8,
-        generator: torch.Generator | list[torch.Generator] | list[list[torch.Generator]] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        video_prompt_embeds: torch.Tensor | None = None,
-        negative_video_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "np",
-        return_idm_frames: bool = True,
-        return_dict: bool = True,
-        cross_attention_kwargs: dict | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        **shared,
     ):
         r"""
         Inpaint (with `mask`) or outpaint (with `outpaint`) a video.
@@ -370,7 +329,6 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
                 The source frames.
             prompt (`str` or `list[str]`, defaults to `""`): The inpainting model's prompt for every frame; may be
                 empty, as in the original release. N prompts give N videos in one call.
-            video_prompt (`str` or `list[str]`, *optional*): The video model's prompt; defaults to `prompt`.
             mask (*optional*): White (>= 0.5) = regenerate, black = keep. One mask per frame: a list of PIL images,
                 arrays or tensors; an array or tensor `(F, H, W)` (or `(F, H, W, C)` / `(F, C, H, W)`); or a
                 single mask (a PIL image, an `(H, W)` array) for every frame. Frames the size of `video`; uint8

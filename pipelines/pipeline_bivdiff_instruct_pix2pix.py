@@ -3,39 +3,30 @@ edited frames temporally coherent."""
 
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 from diffusers import (
     DiffusionPipeline,
     StableDiffusionInstructPix2PixPipeline,
 )
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.utils import replace_example_docstring
 
-from .mixed_inversion import FrameInput, MixedInversionMixin, as_list, count_frames, shared_args_docstring
+from .mixed_inversion import FrameInput, MixedInversionMixin, as_list, count_frames, pipeline_call
 
 EXAMPLE_DOC_STRING = """
-    Examples:
-        ```py
         >>> import torch
-        >>> from diffusers import UNet2DConditionModel, UNet3DConditionModel
+        >>> from diffusers import UNet2DConditionModel
         >>> from diffusers.utils import export_to_video, load_video
-        >>> from transformers import CLIPTextModel, CLIPTokenizer
-        >>> from bivdiff import BIVDiffInstructPix2PixPipeline
+        >>> from bivdiff import BIVDiffInstructPix2PixPipeline, load_video_model
 
-        >>> zeroscope = "cerspense/zeroscope_v2_576w"
+        >>> sd15_unet = UNet2DConditionModel.from_pretrained(
+        ...     "stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="unet", torch_dtype=torch.float16
+        ... )
         >>> pipe = BIVDiffInstructPix2PixPipeline.from_pretrained(
         ...     "timbrooks/instruct-pix2pix",
-        ...     inversion_unet=UNet2DConditionModel.from_pretrained(
-        ...         "stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="unet", torch_dtype=torch.float16
-        ...     ),
-        ...     video_unet=UNet3DConditionModel.from_pretrained(zeroscope, subfolder="unet", torch_dtype=torch.float16),
-        ...     video_text_encoder=CLIPTextModel.from_pretrained(zeroscope, subfolder="text_encoder", torch_dtype=torch.float16),
-        ...     video_tokenizer=CLIPTokenizer.from_pretrained(zeroscope, subfolder="tokenizer"),
+        ...     inversion_unet=sd15_unet,  # the 8-channel editing UNet cannot invert latents alone
+        ...     **load_video_model("cerspense/zeroscope_v2_576w", torch_dtype=torch.float16),
         ...     torch_dtype=torch.float16,
-        ... )
-        >>> pipe.to("cuda")
+        ... ).to("cuda")
 
         >>> source = load_video("train.mp4")[::4][:8]
         >>> video = pipe(
@@ -48,7 +39,6 @@ EXAMPLE_DOC_STRING = """
         ...     generator=torch.Generator("cuda").manual_seed(42),
         ... ).frames[0]
         >>> export_to_video(video, "train_minecraft.mp4", fps=8)
-        ```
 """
 
 
@@ -79,18 +69,6 @@ class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, MixedInversionMixin):
     # An edit instruction does not describe the video, so `video_prompt` never defaults to it.
     video_prompt_defaults_to_prompt = False
 
-    def generate_frames(self, call, embeds) -> torch.Tensor:
-        """Stage 1: InstructPix2Pix on every source frame, for every video."""
-        pipe = self.stock_pipeline(StableDiffusionInstructPix2PixPipeline, "Frame-wise editing (InstructPix2Pix)")
-        source = self.source_pixels(call.video, call.height, call.width, call.resize_mode)
-        return self.run_frame_batches(
-            pipe,
-            call,
-            embeds,
-            lambda frames: {"image": source[frames]},
-            image_guidance_scale=call.image_guidance_scale,
-        )
-
     def check_inputs(self, call):
         if call.video is None or count_frames(call.video) == 0:
             raise ValueError(
@@ -110,43 +88,26 @@ class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, MixedInversionMixin):
             )
         self.check_image_model((2 * self.vae.config.latent_channels,), "an InstructPix2Pix UNet")
 
-    @torch.no_grad()
-    @shared_args_docstring
-    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def generate_frames(self, call, embeds) -> torch.Tensor:
+        """Stage 1: InstructPix2Pix on every source frame, for every video."""
+        pipe = self.stock_pipeline(StableDiffusionInstructPix2PixPipeline, "Frame-wise editing (InstructPix2Pix)")
+        source = self.source_pixels(call.video, call.height, call.width, call.resize_mode)
+        return self.run_frame_batches(
+            pipe,
+            call,
+            embeds,
+            lambda frames: {"image": source[frames]},
+            image_guidance_scale=call.image_guidance_scale,
+        )
+
+    @pipeline_call(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         video: FrameInput | None = None,
         prompt: str | list[str] | None = None,
-        video_prompt: str | list[str] | None = None,
-        negative_prompt: str | list[str] | None = None,
-        inversion_prompt: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        resize_mode: str = "default",
-        num_inference_steps: int = 50,
-        num_inversion_steps: int | None = None,
-        guidance_scale: float = 7.5,
         image_guidance_scale: float = 1.5,
-        video_guidance_scale: float | None = None,
         mixing_ratio: float = 1.0,
-        pool_norms_over_frames: bool = True,
-        reencode_frames: bool = True,
-        num_videos_per_prompt: int = 1,
-        frame_batch_size: int = 8,
-        decode_chunk_size: int = 8,
-        generator: torch.Generator | list[torch.Generator] | list[list[torch.Generator]] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        video_prompt_embeds: torch.Tensor | None = None,
-        negative_video_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "np",
-        return_idm_frames: bool = True,
-        return_dict: bool = True,
-        cross_attention_kwargs: dict | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        **shared,
     ):
         r"""
         Edit a video by an instruction.

@@ -4,14 +4,12 @@ Inversion and a text-to-video model for temporal coherence."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.utils import replace_example_docstring
 
 from .mixed_inversion import (
     BIVDiffPipelineOutput,
@@ -21,7 +19,7 @@ from .mixed_inversion import (
     count_frames,
     ddim_sampler,
     fold_frames,
-    shared_args_docstring,
+    pipeline_call,
     unfold_frames,
 )
 from .prompt2prompt_control import (
@@ -32,24 +30,18 @@ from .prompt2prompt_control import (
     token_ids,
 )
 
-EXAMPLE_DOC_STRING = """
-    Examples:
-        ```py
-        >>> import torch
-        >>> from diffusers import UNet3DConditionModel
-        >>> from diffusers.utils import export_to_video, load_video
-        >>> from transformers import CLIPTextModel, CLIPTokenizer
-        >>> from bivdiff import BIVDiffPrompt2PromptPipeline
+# `__call__` arguments handed to `make_controller` as they are
+EDIT_OPTIONS = ("cross_replace_steps", "self_replace_steps", "local_blend_words", "local_blend_threshold", "reweight")
 
-        >>> zeroscope = "cerspense/zeroscope_v2_576w"
+EXAMPLE_DOC_STRING = """
+        >>> import torch
+        >>> from diffusers.utils import export_to_video, load_video
+        >>> from bivdiff import BIVDiffPrompt2PromptPipeline, load_video_model
+
+        >>> video_model = load_video_model("cerspense/zeroscope_v2_576w", torch_dtype=torch.float16)
         >>> pipe = BIVDiffPrompt2PromptPipeline.from_pretrained(
-        ...     "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        ...     video_unet=UNet3DConditionModel.from_pretrained(zeroscope, subfolder="unet", torch_dtype=torch.float16),
-        ...     video_text_encoder=CLIPTextModel.from_pretrained(zeroscope, subfolder="text_encoder", torch_dtype=torch.float16),
-        ...     video_tokenizer=CLIPTokenizer.from_pretrained(zeroscope, subfolder="tokenizer"),
-        ...     torch_dtype=torch.float16,
-        ... )
-        >>> pipe.to("cuda")
+        ...     "stable-diffusion-v1-5/stable-diffusion-v1-5", **video_model, torch_dtype=torch.float16
+        ... ).to("cuda")
 
         >>> source = load_video("car-turn.mp4")[::4][:8]  # frame stride 4, 8 frames, as the original configs
         >>> out = pipe(
@@ -72,7 +64,6 @@ EXAMPLE_DOC_STRING = """
         ...     height=512,
         ...     width=512,
         ... )
-        ```
 """
 
 
@@ -255,12 +246,8 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
                 prompt,
                 call.edit_types[b // k],
                 call.num_inference_steps,
-                cross_replace_steps=call.cross_replace_steps,
-                self_replace_steps=call.self_replace_steps,
-                local_blend_words=call.local_blend_words,
-                local_blend_threshold=call.local_blend_threshold,
-                reweight=call.reweight,
                 do_classifier_free_guidance=cfg,
+                **{name: getattr(call, name) for name in EDIT_OPTIONS},
             )
             source_latents, edit_latents = self.edit_frames(
                 noise[b : b + 1].to(device, self.unet.dtype),
@@ -314,17 +301,12 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         # The source is inverted by the image UNet whatever `mixing_ratio` is.
         self.check_image_inversion_components()
 
-    @torch.no_grad()
-    @shared_args_docstring
-    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    @pipeline_call(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         video: FrameInput | None = None,
         source_prompt: str | list[str] | None = None,
         prompt: str | list[str] | None = None,
-        video_prompt: str | list[str] | None = None,
-        negative_prompt: str | list[str] | None = None,
-        inversion_prompt: str | list[str] | None = None,
         edit_type: str | None = None,
         cross_replace_steps: float | tuple[float, float] | dict[str, float | tuple[float, float]] = 0.4,
         self_replace_steps: float | tuple[float, float] = 0.4,
@@ -334,31 +316,7 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         edit_with_ddim: bool = True,
         upcast_editing: bool = False,
         mixing_ratio: float = 0.25,
-        pool_norms_over_frames: bool = True,
-        reencode_frames: bool = True,
-        height: int | None = None,
-        width: int | None = None,
-        resize_mode: str = "default",
-        num_inference_steps: int = 50,
-        num_inversion_steps: int | None = None,
-        guidance_scale: float = 7.5,
-        video_guidance_scale: float | None = None,
-        num_videos_per_prompt: int = 1,
-        frame_batch_size: int = 8,
-        decode_chunk_size: int = 8,
-        generator: torch.Generator | list[torch.Generator] | list[list[torch.Generator]] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        video_prompt_embeds: torch.Tensor | None = None,
-        negative_video_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "np",
-        return_idm_frames: bool = True,
-        return_dict: bool = True,
-        cross_attention_kwargs: dict | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        **shared,
     ):
         r"""
         Edit a video by changing its prompt.
@@ -369,7 +327,6 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
             source_prompt (`str` or `list[str]`): Describes the source video.
             prompt (`str` or `list[str]`): The edited description, e.g. one word swapped or words added; N
                 (source, edit) pairs give N edited videos in one call.
-            video_prompt (`str` or `list[str]`, *optional*): The video model's prompt; defaults to `prompt`.
             inversion_prompt (`str`, *optional*): Conditions the source inversion and both Mixed Inversion branches
                 instead of the negative prompt (e.g. `source_prompt`; the original inverted on `""`).
             edit_type (`str`, *optional*): `"replace"` (prompts with the same number of tokens: the edited prompt

@@ -5,6 +5,8 @@ callbacks, dtype, progress bars, early refusals and the CPU-offload order."""
 from __future__ import annotations
 
 import copy
+import inspect
+import re
 
 import numpy as np
 import pytest
@@ -260,3 +262,45 @@ def test_cpu_offload_order_is_the_order_models_first_run(case):
             hook.remove()
     declared = [m for m in pipe.model_cpu_offload_seq.split("->") if m in order]
     assert order == declared
+
+
+def documented_arguments(doc: str) -> list[str]:
+    """The argument names of a docstring's entries, `name (type): ...`, `a, b (type): ...` or `name: ...`, at the
+    entry indent."""
+    entries = re.findall(r"^ {12}(\w+(?:, \w+)*)(?: \(|:)", doc, re.M)
+    return [name for entry in entries for name in entry.split(", ")]
+
+
+def test_every_call_argument_is_documented_once(case):
+    """The shared keywords reach every signature and docstring from one place; each pipeline's own come from it."""
+    _, pipe = case
+    names = [n for n in inspect.signature(pipe.__call__).parameters]
+    documented = documented_arguments(type(pipe).__call__.__doc__)
+    assert sorted(documented) == sorted(names)
+    for shared in ("guidance_scale", "generator", "callback_on_step_end", "num_videos_per_prompt"):
+        assert inspect.signature(pipe.__call__).parameters[shared].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_an_unknown_keyword_is_refused_before_any_model_runs(case):
+    name, pipe = case
+    with count_forward_calls(**all_models(pipe)) as calls:
+        with pytest.raises(TypeError, match="guidence_scale"):
+            pipe(**inputs(name), guidence_scale=3.0)
+    assert sum(calls.values()) == 0
+
+
+@torch.no_grad()
+def test_clip_skip_takes_the_prompt_from_an_earlier_clip_layer(case):
+    """Oracle: the hidden state `clip_skip` layers before the last, through CLIP's final layer norm (diffusers'
+    definition). diffusers reads that norm at `text_encoder.text_model`, which transformers 5 removed."""
+    name, pipe = case
+    encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
+    ids = tokenizer(["a cat"], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    hidden = encoder(ids.input_ids, output_hidden_states=True).hidden_states
+    skipped, _ = pipe.encode_prompt("a cat", "cpu", clip_skip=1)
+    torch.testing.assert_close(skipped, encoder.final_layer_norm(hidden[-2]), atol=1e-6, rtol=0)
+    assert not torch.allclose(skipped, pipe.encode_prompt("a cat", "cpu")[0], atol=1e-3)
+    assert "text_model" not in vars(encoder)
+    if name not in ("bivdiff", "prompt2prompt"):  # no stage-1 prompt / source and edit prompts must align
+        out = pipe(**inputs(name, clip_skip=1, return_idm_frames=True)).idm_frames
+        assert not torch.allclose(out, pipe(**inputs(name, return_idm_frames=True)).idm_frames, atol=1e-4)
