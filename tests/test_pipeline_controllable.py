@@ -303,3 +303,20 @@ def test_a_lora_changes_stage1_and_unloading_restores_it(tmp_path):
     pipe.unload_lora_weights()
     after = stage1(pipe, **inputs(generator=torch.Generator().manual_seed(0)))
     torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_a_textual_inversion_token_reaches_stage1_with_its_embedding():
+    """Oracle: the loaded vector is the new token's row of the text encoder's embedding table, and a prompt that
+    uses the token is encoded (and sampled) differently from one with an ordinary word in its place."""
+    pipe = make_pipe()
+    width = pipe.text_encoder.get_input_embeddings().embedding_dim
+    vector = torch.randn(width, generator=torch.Generator().manual_seed(3))
+    pipe.load_textual_inversion({"<toy>": vector}, token="<toy>")
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<toy>")
+    torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[token_id], vector)
+    with_token = pipe.encode_prompt("a <toy> car", "cpu")[0]
+    assert not torch.allclose(with_token, pipe.encode_prompt("a red car", "cpu")[0], atol=1e-4)
+    toy = stage1(pipe, **inputs(prompt="a <toy> car", generator=torch.Generator().manual_seed(0)))
+    plain = stage1(pipe, **inputs(prompt="a red car", generator=torch.Generator().manual_seed(0)))
+    assert not torch.allclose(toy, plain, atol=1e-4)
