@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from bivdiff.schedulers import BIVDiffDDIMInverseScheduler
 from bivdiff.tiny_models import sd15_scheduler_config, tiny_text_encoder, tiny_tokenizer, tiny_vae
-from pipelines.mixed_inversion import fold_frames, pool_group_norms_over_frames, unfold_frames
+from bivdiff.pipelines.mixed_inversion import fold_frames, pool_group_norms_over_frames, unfold_frames
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "original_bivdiff_parity"
 DTYPE = torch.float64
@@ -228,7 +228,7 @@ def test_pooling_follows_the_window(models, rec):
 
 
 def test_hooks_are_removed_and_cover_the_resnet_and_output_norms(models):
-    from pipelines.mixed_inversion import frame_pooled_norms
+    from bivdiff.pipelines.mixed_inversion import frame_pooled_norms
 
     unet = models["unet"]
     norms = frame_pooled_norms(unet)
