@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,8 +25,6 @@ from bivdiff.video_io import read_video, to_numpy_frames, to_pil_frames
 # OpenCV's documented Farneback settings: 3-level pyramid halving each level, 15 px window, 3 iterations,
 # 5-pixel polynomial neighbourhood with sigma 1.2.
 _FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def frame_difference(frames) -> float:
@@ -163,57 +160,21 @@ def _load_clip(path: str, device: str) -> _Clip:
     try:
         model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        preprocess = _image_preprocessor(path)
     except (OSError, ValueError) as err:
-        raise ValueError(f"Cannot load a CLIPModel and its tokenizer from {path}: {err}") from err
-    return _Clip(model, tokenizer, _image_preprocessor(path, model.config.vision_config.image_size), device)
+        raise ValueError(f"Cannot load a CLIPModel, its tokenizer and image processor from {path}: {err}") from err
+    return _Clip(model, tokenizer, preprocess, device)
 
 
-def _image_preprocessor(path: str, image_size: int) -> Callable[[list[Image.Image]], object]:
-    """The folder's CLIP image processor on its PIL backend, or the same steps in numpy where it cannot load.
-
-    The PIL backend is preferred over transformers' torchvision one so a score does not depend on whether
-    torchvision is installed.
-    """
+def _image_preprocessor(path: str) -> Callable[[list[Image.Image]], object]:
+    """The folder's CLIP image processor on its PIL backend, preferred over transformers' torchvision one so a
+    score does not depend on whether torchvision is installed."""
     try:
-        try:
-            from transformers import CLIPImageProcessorPil as Processor  # transformers 5
-        except ImportError:
-            from transformers import CLIPImageProcessor as Processor  # transformers 4: PIL-based already
-        processor = Processor.from_pretrained(path, local_files_only=True)
-    except (ImportError, OSError, ValueError):
-        return functools.partial(_clip_preprocess, **_preprocessor_settings(path, image_size))
+        from transformers import CLIPImageProcessorPil as Processor  # transformers 5
+    except ImportError:
+        from transformers import CLIPImageProcessor as Processor  # transformers 4: PIL-based already
+    processor = Processor.from_pretrained(path, local_files_only=True)
     return lambda images: processor(images=images, return_tensors="pt")["pixel_values"]
-
-
-def _preprocessor_settings(path: str, image_size: int) -> dict:
-    config_file = Path(path) / "preprocessor_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    size = config.get("size", image_size)
-    crop = config.get("crop_size", image_size)
-    return dict(
-        shortest_edge=size["shortest_edge"] if isinstance(size, dict) else int(size),
-        crop=(crop["height"], crop["width"]) if isinstance(crop, dict) else (int(crop), int(crop)),
-        mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
-        std=tuple(config.get("image_std", OPENAI_CLIP_STD)),
-    )
-
-
-def _clip_preprocess(images: list[Image.Image], shortest_edge: int, crop: tuple[int, int], mean, std):
-    """CLIP's preprocessing without transformers: shortest side to `shortest_edge` (bicubic), centre crop,
-    scale to [0, 1], normalise. Returns (N, 3, crop_h, crop_w) float32."""
-    import torch
-
-    batch = []
-    for image in images:
-        width, height = image.size
-        scale = shortest_edge / min(width, height)
-        # The long side truncates, as transformers' get_resize_output_image_size does.
-        size = (shortest_edge, int(height * scale)) if width <= height else (int(width * scale), shortest_edge)
-        array = np.asarray(image.convert("RGB").resize(size, Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
-        top, left = (array.shape[0] - crop[0]) // 2, (array.shape[1] - crop[1]) // 2
-        array = array[top : top + crop[0], left : left + crop[1]]
-        batch.append(((array - np.float32(mean)) / np.float32(std)).transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(batch))
 
 
 def _image_embeddings(clip: _Clip, frames: list[Image.Image], batch_size: int):

@@ -166,38 +166,14 @@ def test_identical_frames_are_fully_consistent(tiny_clip):
     assert clip_scores(still, clip_path=tiny_clip) == {"clip_frame_consistency": pytest.approx(100, abs=1e-3)}
 
 
-def test_numpy_preprocessing_fallback_gives_the_same_scores(tiny_clip, monkeypatch):
-    import transformers
+def test_clip_folder_without_image_processor_is_refused_by_name(tiny_clip, tmp_path):
+    import shutil
 
-    frames = random_frames(3)
-    expected = clip_scores(frames, "a bunny", clip_path=tiny_clip)
-    processor_class = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
-
-    def unavailable(*args, **kwargs):
-        raise ImportError("CLIPImageProcessor needs torchvision")
-
-    calls = []
-    numpy_preprocess = evaluation._clip_preprocess
-    monkeypatch.setattr(processor_class, "from_pretrained", unavailable)
-    monkeypatch.setattr(evaluation, "_clip_preprocess", lambda *a, **k: calls.append(1) or numpy_preprocess(*a, **k))
-    evaluation._load_clip.cache_clear()
-    try:
-        fallback = clip_scores(frames, "a bunny", clip_path=tiny_clip)
-    finally:
-        evaluation._load_clip.cache_clear()
-    assert calls
-    assert fallback == pytest.approx(expected, abs=1e-4)
-
-
-def test_numpy_preprocessing_matches_the_image_processor(tiny_clip):
-    from PIL import Image
-
-    images = [Image.fromarray(f) for f in random_frames(2)]
-    images.append(Image.fromarray(random_frames(1, seed=3)[0].transpose(1, 0, 2)))  # portrait
-    processor = evaluation._image_preprocessor(str(tiny_clip), 32)
-    fallback = evaluation._clip_preprocess(images, **evaluation._preprocessor_settings(str(tiny_clip), 32))
-    for image, expected in zip(images, fallback):
-        torch.testing.assert_close(processor([image])[0], expected, atol=1e-5, rtol=0)
+    folder = tmp_path / "clip_without_processor"
+    shutil.copytree(tiny_clip, folder)
+    (folder / "preprocessor_config.json").unlink()
+    with pytest.raises(ValueError, match="image processor from .*clip_without_processor"):
+        clip_scores(random_frames(2), clip_path=folder)
 
 
 def test_missing_clip_folder_names_the_path(tmp_path):
