@@ -291,3 +291,57 @@ def test_trailing_and_linspace_inversion_ends_where_ddim_starts(spacing):
     assert levels[-1] == ddim.timesteps[0] == 999
     if spacing == "trailing":
         assert levels == [0] + ddim.timesteps.flip(0).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-frame generators and the smoothing sampler's rule
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def draws(generators) -> list[float]:
+    """One number from each generator: generators are equal here when they draw equal numbers."""
+    return [torch.rand(1, generator=g).item() for g in generators]
+
+
+@pytest.mark.parametrize("num_videos, num_frames", [(1, 3), (2, 3), (3, 1)])
+def test_frame_generators_follow_the_documented_derivation(num_videos, num_frames):
+    from bivdiff.pipelines.mixed_inversion import derive_generators, video_frame_generators
+
+    # One generator: B * F seeds drawn from it, video after video.
+    derived = video_frame_generators(torch.Generator().manual_seed(5), num_videos, num_frames)
+    flat = draws(derive_generators(torch.Generator().manual_seed(5), num_videos * num_frames))
+    assert [len(video) for video in derived] == [num_frames] * num_videos
+    assert [x for video in derived for x in draws(video)] == flat
+    seeds = torch.randint(0, 2**62, (num_videos * num_frames,), generator=torch.Generator().manual_seed(5)).tolist()
+    assert flat == [torch.rand(1, generator=torch.Generator().manual_seed(s)).item() for s in seeds]
+
+    # One generator per video: each video's frames derived from its own.
+    per_video = video_frame_generators([torch.Generator().manual_seed(10 + b) for b in range(num_videos)],
+                                       num_videos, num_frames)
+    assert [draws(video) for video in per_video] == [
+        draws(derive_generators(torch.Generator().manual_seed(10 + b), num_frames)) for b in range(num_videos)
+    ]
+
+    # Per video and frame: used as given.
+    given = [[torch.Generator().manual_seed(100 * b + f) for f in range(num_frames)] for b in range(num_videos)]
+    assert all(a is b for got, want in zip(video_frame_generators(given, num_videos, num_frames), given)
+               for a, b in zip(got, want))
+    assert video_frame_generators(None, num_videos, num_frames) is None
+
+
+def test_smoothing_sampler_keeps_an_explicit_final_alpha_and_defaults_to_sds():
+    from diffusers import PNDMScheduler
+
+    from bivdiff.pipelines.mixed_inversion import ddim_sampler
+
+    config = sd15_scheduler_config()
+    # Chosen by the config: kept either way.
+    for value in (True, False):
+        assert ddim_sampler(DDIMScheduler(**{**config, "set_alpha_to_one": value})).config.set_alpha_to_one is value
+    # Missing from a loaded config: DDIM's class default (True) is not a choice, SD's False applies.
+    loaded = DDIMScheduler.from_config({k: v for k, v in config.items() if k != "set_alpha_to_one"})
+    assert loaded.config.set_alpha_to_one is True and "set_alpha_to_one" in loaded.config._use_default_values
+    assert ddim_sampler(loaded).config.set_alpha_to_one is False
+    # Another sampler's config without the key: False, and never DDIM's sample clipping.
+    pndm = ddim_sampler(PNDMScheduler.from_config({k: v for k, v in config.items() if k != "set_alpha_to_one"}))
+    assert pndm.config.set_alpha_to_one is False and pndm.config.clip_sample is False
