@@ -4,14 +4,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DiffusionPipeline
 from pipeline_helpers import (
     NUM_FRAMES,
     all_models,
     bivdiff_components,
     control_video,
     count_forward_calls,
-    pipeline_file,
 )
 
 from bivdiff import BIVDiffPipeline
@@ -72,20 +70,6 @@ def test_nine_channel_unet_in_image_branch_is_refused_before_running():
         with pytest.raises(ValueError, match="inversion_unet"):
             pipe(video=control_video(), prompt="a dog", num_inference_steps=2, mixing_ratio=1.0)
     assert sum(calls.values()) == 0
-
-
-def test_save_load_and_custom_pipeline(pipe, tmp_path, modules_cache):
-    args = dict(video=control_video(), prompt="a dog", num_inference_steps=2, mixing_ratio=0.5)
-    expected = pipe(**args).frames
-    pipe.save_pretrained(tmp_path)
-    for loaded in (
-        BIVDiffPipeline.from_pretrained(tmp_path),
-        DiffusionPipeline.from_pretrained(
-            tmp_path, custom_pipeline=pipeline_file("pipeline_bivdiff.py"), trust_remote_code=True
-        ),
-    ):
-        loaded.set_progress_bar_config(disable=True)
-        np.testing.assert_allclose(loaded(**args).frames, expected, atol=1e-5)
 
 
 def test_exactly_one_of_video_and_video_latents(pipe):

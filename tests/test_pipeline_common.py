@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import re
 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
-from pipeline_helpers import all_models, bivdiff_components, control_video, count_forward_calls
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from pipeline_helpers import all_models, bivdiff_components, control_video, count_forward_calls, pipeline_file
 
 from bivdiff import (
     BIVDiffControllablePipeline,
@@ -60,6 +61,13 @@ CASES = {
     ),
 }
 NAMES = list(CASES)
+FILES = {
+    "bivdiff": "pipeline_bivdiff.py",
+    "controllable": "pipeline_bivdiff_controllable.py",
+    "instruct_pix2pix": "pipeline_bivdiff_instruct_pix2pix.py",
+    "inpaint": "pipeline_bivdiff_inpaint.py",
+    "prompt2prompt": "pipeline_bivdiff_prompt2prompt.py",
+}
 # Prompt2Prompt's stage 1 is deterministic (DDIM from the inverted source): its generator samples the VAE posterior.
 
 
@@ -92,6 +100,29 @@ def case(request):
 
 def seeded(*seeds):
     return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+LAYOUTS = {  # output_type -> the shape of `frames` for one video of F frames at H x W, and its value range
+    "np": lambda f, h, w: (1, f, h, w, 3),
+    "pt": lambda f, h, w: (1, f, 3, h, w),
+    "latent": lambda f, h, w: (1, 4, f, h // 2, w // 2),
+}
+
+
+@pytest.mark.parametrize("output_type", [*LAYOUTS, "pil"])
+@torch.no_grad()
+def test_output_layouts_are_diffusers_video_layouts(case, output_type):
+    name, pipe = case
+    with_idm = name != "bivdiff"  # no stage 1, no frame-wise output
+    out = pipe(**inputs(name, output_type=output_type, **({"return_idm_frames": True} if with_idm else {})))
+    videos = [out.frames, out.idm_frames] if with_idm else [out.frames]
+    for video in videos:
+        if output_type == "pil":
+            assert len(video) == 1 and len(video[0]) == 3 and video[0][0].size == (32, 32)
+            continue
+        assert tuple(video.shape) == LAYOUTS[output_type](3, 32, 32)
+        if output_type != "latent":
+            assert 0 <= float(video.min()) and float(video.max()) <= 1
 
 
 @torch.no_grad()
@@ -182,14 +213,38 @@ def test_a_callback_changing_the_guidance_scale_takes_effect(case):
     assert not torch.allclose(changed, plain, atol=1e-4)
 
 
+def assert_same_components(a, b):
+    """Equal component names and classes, equal weights for every model, equal settings for every scheduler."""
+    classes = [{k: type(v).__name__ for k, v in pipe.components.items()} for pipe in (a, b)]
+    assert classes[0] == classes[1]
+    for name, component in a.components.items():
+        other = b.components[name]
+        if isinstance(component, torch.nn.Module):
+            ours, theirs = component.state_dict(), other.state_dict()
+            assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+        elif hasattr(component, "timesteps"):
+            public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+            assert public(component.config) == public(other.config), name
+
+
 @torch.no_grad()
-def test_saved_pipeline_reloads_without_the_optional_inverse_scheduler(case, tmp_path):
+def test_saved_pipeline_reloads_as_a_class_as_a_community_pipeline_and_without_the_inverse_scheduler(
+    case, tmp_path, modules_cache
+):
     name, pipe = case
     expected = pipe(**inputs(name)).frames
     pipe.save_pretrained(tmp_path / "full")
-    reloaded = type(pipe).from_pretrained(tmp_path / "full")
-    reloaded.set_progress_bar_config(disable=True)
-    torch.testing.assert_close(reloaded(**inputs(name)).frames, expected, atol=1e-5, rtol=0)
+    index = json.loads((tmp_path / "full" / "model_index.json").read_text())
+    assert index["inverse_scheduler"] == ["bivdiff.pipelines.mixed_inversion", "BIVDiffDDIMInverseScheduler"]
+    community = DiffusionPipeline.from_pretrained(
+        tmp_path / "full", custom_pipeline=pipeline_file(FILES[name]), trust_remote_code=True
+    )
+    assert type(community).__name__ == type(pipe).__name__
+    assert type(community).__module__.startswith("diffusers_modules")  # the file, not the installed package
+    for reloaded in (type(pipe).from_pretrained(tmp_path / "full"), community):
+        reloaded.set_progress_bar_config(disable=True)
+        assert_same_components(reloaded, pipe)
+        torch.testing.assert_close(reloaded(**inputs(name)).frames, expected, atol=1e-5, rtol=0)
 
     # Without `inverse_scheduler` the pipeline builds the original's step from `scheduler.config`.
     bare = make_pipe(name, inverse_scheduler=None)
