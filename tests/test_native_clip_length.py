@@ -4,12 +4,7 @@ import pytest
 from diffusers import UNet3DConditionModel
 from video_model_helpers import video_model_components
 
-from bivdiff.pipelines.mixed_inversion import (
-    native_num_frames,
-    temporal_windows,
-    video_model_family,
-    video_windows_for_clip,
-)
+from bivdiff.pipelines.mixed_inversion import native_num_frames, video_model_family
 from bivdiff.tiny_models import tiny_video_unet
 
 
@@ -57,21 +52,3 @@ def test_config_entry_survives_save_and_load(tmp_path):
 def test_unknown_model_has_no_native_length():
     assert video_model_family(object()) is None
     assert native_num_frames(object()) is None
-    assert video_windows_for_clip(100, None) is None
-
-
-@pytest.mark.parametrize(
-    "frames, native, expected",
-    [(8, 16, None), (16, 16, None), (17, 16, (16, 4)), (24, 16, (16, 4)), (12, 8, (8, 4)), (5, 4, (4, 2))],
-)
-def test_longer_clips_get_native_windows_shorter_run_whole(frames, native, expected):
-    assert video_windows_for_clip(frames, native) == expected
-    size, overlap = expected or (None, 0)
-    windows = temporal_windows(frames, size, overlap)
-    assert all(stop - start == min(frames, native) for start, stop in windows)
-
-
-@pytest.mark.parametrize("user", [None, (8, 2), (32, 4)])
-def test_windows_the_user_set_win(user):
-    assert video_windows_for_clip(40, 16, user_windows=user) == user
-    assert video_windows_for_clip(4, 16, user_windows=user) == user

@@ -5,7 +5,7 @@ import torch
 from pipeline_helpers import bivdiff_components, count_forward_calls
 
 from bivdiff import BIVDiffPipeline
-from bivdiff.pipelines.mixed_inversion import temporal_windows, window_weights
+from bivdiff.pipelines.mixed_inversion import temporal_windows, video_windows_for_clip, window_weights
 
 
 @pytest.mark.parametrize(
@@ -86,3 +86,29 @@ def test_bad_overlap_is_refused():
     pipe = BIVDiffPipeline(**bivdiff_components())
     with pytest.raises(ValueError, match="overlap"):
         pipe.enable_video_windows(size=4, overlap=4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# default windows: a clip longer than the video model's native length runs in windows of that length
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_model_of_unknown_length_runs_any_clip_whole():
+    assert video_windows_for_clip(100, None) is None
+
+
+@pytest.mark.parametrize(
+    "frames, native, expected",
+    [(8, 16, None), (16, 16, None), (17, 16, (16, 4)), (24, 16, (16, 4)), (12, 8, (8, 4)), (5, 4, (4, 2))],
+)
+def test_longer_clips_get_native_windows_shorter_run_whole(frames, native, expected):
+    assert video_windows_for_clip(frames, native) == expected
+    size, overlap = expected or (None, 0)
+    windows = temporal_windows(frames, size, overlap)
+    assert all(stop - start == min(frames, native) for start, stop in windows)
+
+
+@pytest.mark.parametrize("user", [None, (8, 2), (32, 4)])
+def test_windows_the_user_set_win(user):
+    assert video_windows_for_clip(40, 16, user_windows=user) == user
+    assert video_windows_for_clip(4, 16, user_windows=user) == user
