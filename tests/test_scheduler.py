@@ -101,3 +101,56 @@ def test_every_step_moves_towards_noise_along_the_given_timesteps(spacing, steps
         assert following >= t
         if i + 1 < len(timesteps):
             assert following == timesteps[i + 1]
+
+
+@pytest.mark.parametrize("steps", [3, 7, 30, 50])
+def test_leading_timesteps_are_ddims_in_reverse_for_any_step_count(steps):
+    """Oracle: with leading spacing the inversion evaluates the UNet on exactly the levels DDIM denoises over,
+    including step counts that do not divide T (their stride is T // N, as DDIM's)."""
+    scheduler = BIVDiffDDIMInverseScheduler(**sd15_scheduler_config())
+    ddim = DDIMScheduler(**sd15_scheduler_config())
+    scheduler.set_timesteps(steps)
+    ddim.set_timesteps(steps)
+    assert scheduler.timesteps.tolist() == ddim.timesteps.flip(0).tolist()
+    assert scheduler.timesteps.dtype == torch.int64
+
+
+@pytest.mark.parametrize("steps", [0, -1, 1001])
+def test_a_step_count_outside_one_to_t_is_refused(scheduler, steps):
+    with pytest.raises(ValueError, match=r"num_inference_steps must be in \[1, 1000\]"):
+        scheduler.set_timesteps(steps)
+
+
+def test_an_off_grid_timestep_moves_up_by_the_step_stride_and_stops_at_the_last_level(scheduler):
+    scheduler.set_timesteps(50)
+    assert scheduler.next_timestep(5) == 25  # 5 + 1000 // 50
+    assert scheduler.next_timestep(torch.tensor(990)) == 999  # min(1010, T - 1)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_every_parameterisation_moves_a_noisy_sample_to_the_next_level(prediction_type):
+    """Oracle: z_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps; whichever of eps, v or x0 the model predicts, the step
+    returns x0 and z_next = sqrt(a_next) x0 + sqrt(1 - a_next) eps."""
+    scheduler = BIVDiffDDIMInverseScheduler(**{**sd15_scheduler_config(), "prediction_type": prediction_type})
+    scheduler.set_timesteps(10)
+    t, generator = 201, torch.Generator().manual_seed(1)
+    a, a_next = scheduler.alphas_cumprod[t], scheduler.alphas_cumprod[301]
+    x0, eps = torch.randn(2, 4, 4, 4, generator=generator), torch.randn(2, 4, 4, 4, generator=generator)
+    z = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    output = {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0, "sample": x0}[prediction_type]
+    z_next, predicted = scheduler.step(output, t, z, return_dict=False)
+    torch.testing.assert_close(predicted, x0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(z_next, a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps, atol=1e-5, rtol=0)
+
+
+def test_a_half_precision_step_is_computed_in_fp32_and_returned_in_the_samples_dtype(scheduler):
+    """Oracle: the fp32 step on the same (half-representable) inputs, rounded once to fp16 at the end."""
+    scheduler.set_timesteps(50)
+    generator = torch.Generator().manual_seed(2)
+    z = torch.randn(1, 4, 8, 8, generator=generator).half()
+    eps = torch.randn(1, 4, 8, 8, generator=generator).half()
+    half = scheduler.step(eps, 981, z)
+    full = scheduler.step(eps.float(), 981, z.float())
+    assert half.prev_sample.dtype == half.pred_original_sample.dtype == torch.float16
+    torch.testing.assert_close(half.prev_sample, full.prev_sample.half(), atol=0, rtol=0)
+    torch.testing.assert_close(half.pred_original_sample, full.pred_original_sample.half(), atol=0, rtol=0)
