@@ -209,3 +209,40 @@ def test_image_inversion_runs_one_clip_per_seam_call(pipe):
     finally:
         del pipe.image_inversion_noise
     assert shapes == [(3, 4, 8, 8)] * 4
+
+
+@torch.no_grad()
+def test_smoothing_without_guidance_is_the_plain_ddim_loop_on_one_batch(pipe, clean_latents):
+    """guidance_scale 1 means no CFG: one video-UNet batch per step (not two), the conditional prediction alone,
+    and `num_timesteps` set for step callbacks."""
+    cond = pipe.encode_video_prompt("a cat", "cpu")[0]
+    neg = pipe.encode_video_prompt("", "cpu")[0]
+    batches = []
+
+    def record(module, args, kwargs):
+        batches.append((args[0] if args else kwargs["sample"]).shape[0])
+
+    hook = pipe.video_unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        out = pipe.temporal_smoothing(clean_latents, cond, neg, 3, guidance_scale=1.0)
+    finally:
+        hook.remove()
+    assert batches == [1, 1, 1] and pipe.num_timesteps == 3
+    scheduler = pipe.smoothing_scheduler()
+    scheduler.set_timesteps(3)
+    z = clean_latents
+    for t in scheduler.timesteps:
+        z = scheduler.step(pipe.video_unet(z, t, encoder_hidden_states=cond).sample, t, z, eta=0.0).prev_sample
+    torch.testing.assert_close(out, z, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_reencoding_a_batch_of_videos_reencodes_each_video(pipe):
+    from types import SimpleNamespace
+
+    call = SimpleNamespace(decode_chunk_size=2, generator=None)
+    latents = torch.randn(2, 4, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    both = pipe.reencode_latents(latents, call)
+    singles = torch.cat([pipe.reencode_latents(latents[i : i + 1], call) for i in range(2)])
+    torch.testing.assert_close(both, singles, atol=1e-5, rtol=0)
+    assert not torch.allclose(both[0], both[1], atol=1e-2)

@@ -154,3 +154,17 @@ def test_a_half_precision_step_is_computed_in_fp32_and_returned_in_the_samples_d
     assert half.prev_sample.dtype == half.pred_original_sample.dtype == torch.float16
     torch.testing.assert_close(half.prev_sample, full.prev_sample.half(), atol=0, rtol=0)
     torch.testing.assert_close(half.pred_original_sample, full.pred_original_sample.half(), atol=0, rtol=0)
+
+
+def test_linspace_and_trailing_inversion_climb_from_the_clean_level_through_the_documented_grid():
+    """Linspace: the levels round(linspace(0, T - 1, N + 1)); trailing: 0, then round(T - i T / N) - 1. Each
+    step goes from one level to the next, so the inversion starts on the clean level 0 and ends on T - 1."""
+    grids = {
+        "linspace": [0, 100, 200, 300, 400, 500, 599, 699, 799, 899, 999],
+        "trailing": [0, 99, 199, 299, 399, 499, 599, 699, 799, 899, 999],
+    }
+    for spacing, levels in grids.items():
+        scheduler = BIVDiffDDIMInverseScheduler(**{**sd15_scheduler_config(), "timestep_spacing": spacing})
+        scheduler.set_timesteps(10)
+        assert scheduler.timesteps.tolist() == levels[:-1], spacing
+        assert [scheduler.next_timestep(t) for t in levels[:-1]] == levels[1:], spacing
