@@ -246,3 +246,35 @@ def test_reencoding_a_batch_of_videos_reencodes_each_video(pipe):
     singles = torch.cat([pipe.reencode_latents(latents[i : i + 1], call) for i in range(2)])
     torch.testing.assert_close(both, singles, atol=1e-5, rtol=0)
     assert not torch.allclose(both[0], both[1], atol=1e-2)
+
+
+@torch.no_grad()
+def test_step_callback_sees_every_step_and_may_replace_latents_and_embeddings(pipe):
+    """Oracle: the CFG DDIM loop written out, with the embeddings the callback swaps in after the first step;
+    three videos, so the guidance halves are split by batch, not by count."""
+    generator = torch.Generator().manual_seed(6)
+    noise = torch.randn(3, 4, 3, 8, 8, generator=generator)
+    cond = pipe.encode_video_prompt(["a cat", "a dog", "a car"], "cpu")[0]
+    neg = pipe.encode_video_prompt(["", "", ""], "cpu")[0]
+    inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    seen = []
+
+    def callback(pipeline, step, timestep, tensors):
+        seen.append((pipeline is pipe, step, int(timestep), sorted(tensors), tensors["latents"]))
+        if step == 0:  # guide away from the prompts from here on
+            return {"prompt_embeds": tensors["negative_prompt_embeds"], "negative_prompt_embeds": cond}
+        return {"latents": torch.zeros_like(tensors["latents"])} if step == 2 else {}
+
+    out = pipe.temporal_smoothing(noise, cond, neg, 3, 5.0, callback, inputs)
+    scheduler = pipe.smoothing_scheduler()
+    scheduler.set_timesteps(3)
+    timesteps = scheduler.timesteps.tolist()
+    assert [entry[:4] for entry in seen] == [(True, i, t, sorted(inputs)) for i, t in enumerate(timesteps)]
+    assert torch.count_nonzero(out) == 0  # the last step's replacement is what comes out
+    z = noise
+    for i, t in enumerate(timesteps):
+        positive, negative = (cond, neg) if i == 0 else (neg, cond)
+        both = pipe.video_unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([negative, positive])).sample
+        uncond, text = both.chunk(2)
+        z = scheduler.step(uncond + 5.0 * (text - uncond), t, z, eta=0.0).prev_sample
+        torch.testing.assert_close(seen[i][4], z, atol=1e-5, rtol=0)
