@@ -278,3 +278,46 @@ def test_step_callback_sees_every_step_and_may_replace_latents_and_embeddings(pi
         uncond, text = both.chunk(2)
         z = scheduler.step(uncond + 5.0 * (text - uncond), t, z, eta=0.0).prev_sample
         torch.testing.assert_close(seen[i][4], z, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_one_source_clip_encodes_into_each_videos_own_posterior_draw(pipe):
+    """Oracle: the VAE posterior of the clip, sampled with each video's generator (its mean without one)."""
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    seeds = (1, 2)
+    both = pipe.encode_frames(pixels, 2, [torch.Generator().manual_seed(s) for s in seeds], num_videos=2)
+    dist = pipe.vae.encode(pipe.video_processor.normalize(pixels)).latent_dist
+    for video, seed in zip(both, seeds):
+        expected = dist.sample(generator=torch.Generator().manual_seed(seed)) * pipe.vae.config.scaling_factor
+        torch.testing.assert_close(video, expected.permute(1, 0, 2, 3), atol=1e-5, rtol=0)
+    means = pipe.encode_frames(pixels, 2, None, num_videos=2)
+    for video in means:
+        torch.testing.assert_close(video, (dist.mode() * pipe.vae.config.scaling_factor).permute(1, 0, 2, 3))
+
+
+class MarkerProcessor:
+    """diffusers' default attention, recording the `marker` cross-attention keyword each call receives."""
+
+    def __init__(self, seen: list):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.seen, self.inner = seen, AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, marker=None):
+        self.seen.append(marker)
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+@torch.no_grad()
+def test_image_inversion_passes_the_calls_cross_attention_kwargs(clean_latents):
+    pipe = BIVDiffPipeline(**bivdiff_components())
+    seen = []
+    pipe.unet.set_attn_processor(MarkerProcessor(seen))
+    frames = clean_latents[0].permute(1, 0, 2, 3)
+    cond = pipe.encode_prompt("", "cpu")[0]
+    plain = pipe.image_inversion_noise(frames, 1, cond, 8)
+    pipe._cross_attention_kwargs = {"marker": "lora scale and the like"}
+    marked = pipe.image_inversion_noise(frames, 1, cond, 8)
+    half = len(seen) // 2
+    assert half and set(seen[:half]) == {None} and set(seen[half:]) == {"lora scale and the like"}
+    torch.testing.assert_close(marked, plain, atol=0, rtol=0)

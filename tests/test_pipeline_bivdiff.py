@@ -119,3 +119,16 @@ def test_an_animatediff_motion_unet_gets_its_text_embeddings_per_frame():
     torch.testing.assert_close(pipe.video_unet_noise(latents, 10, embeds), expected, atol=0, rtol=0)
     out = pipe(video=control_video(), prompt="a dog", num_inference_steps=2, mixing_ratio=0.0, output_type="latent")
     assert out.frames.shape == (1, 4, 3, 16, 16)
+
+
+@torch.no_grad()
+def test_the_calls_step_callback_reaches_smoothing(pipe):
+    seen = []
+
+    def callback(pipeline, step, timestep, tensors):
+        seen.append((step, sorted(tensors)))
+        return {}
+
+    pipe(video=control_video(), prompt="a dog", num_inference_steps=2, mixing_ratio=0.5, output_type="latent",
+         callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+    assert seen == [(0, ["latents", "prompt_embeds"]), (1, ["latents", "prompt_embeds"])]
