@@ -112,3 +112,45 @@ def test_longer_clips_get_native_windows_shorter_run_whole(frames, native, expec
 def test_windows_the_user_set_win(user):
     assert video_windows_for_clip(40, 16, user_windows=user) == user
     assert video_windows_for_clip(4, 16, user_windows=user) == user
+
+
+def test_a_clip_longer_than_the_video_models_native_length_runs_in_its_windows_unless_told():
+    pipe = BIVDiffPipeline(**bivdiff_components())
+    pipe.video_unet.register_to_config(native_num_frames=4)
+    assert pipe.temporal_windows_for(3) == pipe.temporal_windows_for(4) == (None, 0)
+    assert pipe.temporal_windows_for(10) == (4, 2)  # overlap min(4, 4 // 2)
+    pipe.enable_video_windows(6, 1)
+    assert pipe.temporal_windows_for(10) == pipe.temporal_windows_for(3) == (6, 1)
+    pipe.disable_video_windows()
+    assert pipe.temporal_windows_for(10) == (None, 0)
+
+
+def test_blended_windows_are_the_documented_weighted_average():
+    """Oracle: each frame's prediction from every window holding it, weighted 1 inside a window and by the linear
+    ramps k / (overlap + 1) where two windows meet, divided by the sum of its weights. The prediction depends on
+    the window's other frames, so every ramp shows."""
+    pipe = BIVDiffPipeline(**bivdiff_components())
+    pipe.enable_video_windows(size=4, overlap=2)
+    sample = torch.randn(1, 2, 10, 3, 3, generator=torch.Generator().manual_seed(9))
+    sizes = []
+
+    def predict(window):
+        sizes.append(window.shape[2])
+        return window * window.mean(dim=2, keepdim=True)
+
+    out = pipe.blend_windows(sample, 2, predict)
+    windows, overlap = [(0, 4), (2, 6), (4, 8), (6, 10)], 2
+    total, norm = torch.zeros_like(sample), torch.zeros(10)
+    for i, (start, stop) in enumerate(windows):
+        window = sample[:, :, start:stop]
+        prediction = window * window.mean(dim=2, keepdim=True)
+        for f in range(start, stop):
+            weight = 1.0
+            if i > 0 and f < start + overlap:
+                weight = (f - start + 1) / (overlap + 1)
+            if i < len(windows) - 1 and f >= stop - overlap:
+                weight = (stop - f) / (overlap + 1)
+            total[:, :, f] += weight * prediction[:, :, f - start]
+            norm[f] += weight
+    assert sizes == [4, 4, 4, 4]
+    torch.testing.assert_close(out, total / norm.view(1, 1, -1, 1, 1), atol=1e-6, rtol=0)
