@@ -495,3 +495,90 @@ def test_reweight_scales_a_replace_edit(pipe):
     for name, used in controller.attention_maps[0].items():
         remapped = torch.einsum("fqi,ij->fqj", controller.raw_attention_maps[0][name][:, 0], controller.mapper)
         torch.testing.assert_close(used[:, 1][..., dog], 3.0 * remapped[..., dog], atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# local blend, piece by piece
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "queries, height, width, downsample, expected",
+    [
+        (48, 24, 32, 4, (6, 8)),  # the layer's own downsampling
+        (221, 25, 33, 2, (13, 17)),  # odd latents: convolutions round up ...
+        (192, 25, 33, None, (12, 16)),  # ... or down; unknown downsampling: 1, 2, 4, ... are tried
+        (8, 6, 12, 3, (2, 4)),  # a downsampling that is no power of two is only found from the layer
+        (16, 64, 64, None, (4, 4)),
+    ],
+)
+def test_attention_map_size_from_its_query_count(queries, height, width, downsample, expected):
+    assert p2p._map_hw(queries, height, width, downsample) == expected
+
+
+def test_an_attention_map_that_fits_no_downsampling_is_refused():
+    with pytest.raises(ValueError, match="cannot place 7 attention queries on a 8x8 latent"):
+        p2p._map_hw(7, 8, 8, None)
+
+
+def test_local_blend_reads_down_and_up_layers_only():
+    assert [p2p.LocalBlend.uses(p2p.AttentionLayer("a", place, 2)) for place in ("down", "mid", "up", "other")] == [
+        True,
+        False,
+        True,
+        False,
+    ]
+
+
+def test_local_blend_binds_source_words_to_the_source_prompt_and_edited_words_to_the_edited_one(tokenizer):
+    blend = p2p.LocalBlend(("cat", "dog")).bind(tokenizer, "a cat sits", "a big dog sits")
+    expected = torch.zeros_like(blend.word_alphas)
+    expected[0, p2p.word_token_indices(tokenizer, "a cat sits", "cat")] = 1.0
+    expected[1, p2p.word_token_indices(tokenizer, "a big dog sits", "dog")] = 1.0
+    assert torch.equal(blend.word_alphas, expected)
+    for words, which in ((("owl", "dog"), "source"), (("cat", "owl"), "edited")):
+        with pytest.raises(ValueError, match=f"'owl' is not a word of the {which} prompt"):
+            p2p.LocalBlend(words).bind(tokenizer, "a cat sits", "a big dog sits")
+
+
+def test_local_blend_sums_each_layers_word_maps_over_the_steps():
+    blend = p2p.LocalBlend("car")
+    blend.word_alphas = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    layer = p2p.AttentionLayer("up_blocks.1.attn2", "up", 4)
+    steps = [torch.rand(2, 2, 4, 3, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    for maps in steps:
+        blend.accumulate(layer, maps)
+    # Source row: token 1's map; edited row: token 2's; summed over both steps.
+    expected = torch.stack([sum(m[:, 0, :, 1] for m in steps), sum(m[:, 1, :, 2] for m in steps)], dim=1)
+    torch.testing.assert_close(blend._sums[layer.name], expected)
+
+
+def test_local_blend_uses_the_small_layers_or_else_the_smallest_ones():
+    blend = p2p.LocalBlend("car", query_fraction=1 / 4)
+    blend.word_alphas = torch.ones(2, 3)
+    quarter, sixteenth = p2p.AttentionLayer("q", "up", 2), p2p.AttentionLayer("s", "up", 4)
+    blend.accumulate(quarter, torch.rand(1, 2, 16, 3))
+    blend.accumulate(sixteenth, torch.rand(1, 2, 4, 3))
+    assert blend._selected() == ["q", "s"]  # both have at most a quarter of the latent's queries
+    blend.query_fraction = 1 / 64
+    assert blend._selected() == ["s"]  # none that small: the lowest resolution there is
+
+
+def test_local_blend_averages_maps_of_two_resolutions_at_the_finer_one():
+    """Oracle: each map brought to the finest map size (nearest), averaged, 3x3 max-pooled, brought to the latent
+    size, divided by its maximum and thresholded; the layer listed first is the coarse one."""
+    import torch.nn.functional as F
+
+    blend = p2p.LocalBlend("car", threshold=0.5, query_fraction=1 / 4)
+    blend.word_alphas = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    coarse, fine = p2p.AttentionLayer("c", "up", 4), p2p.AttentionLayer("f", "up", 2)
+    coarse_maps = torch.rand(1, 2, 2 * 3, 2, generator=torch.Generator().manual_seed(3))
+    fine_maps = torch.rand(1, 2, 4 * 6, 2, generator=torch.Generator().manual_seed(4))
+    blend.accumulate(coarse, coarse_maps)
+    blend.accumulate(fine, fine_maps)
+    mask = blend.mask(8, 12)
+    maps = [coarse_maps[0, :, :, 1].reshape(2, 1, 2, 3), fine_maps[0, :, :, 1].reshape(2, 1, 4, 6)]
+    average = (F.interpolate(maps[0], size=(4, 6), mode="nearest") + maps[1]) / 2
+    pooled = F.interpolate(F.max_pool2d(average, 3, 1, 1), size=(8, 12), mode="nearest")
+    per_prompt = (pooled / pooled.amax(dim=(-2, -1), keepdim=True)) > 0.5
+    assert torch.equal(mask, (per_prompt[0] | per_prompt[1]).float()[None])
