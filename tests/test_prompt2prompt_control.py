@@ -582,3 +582,8 @@ def test_local_blend_averages_maps_of_two_resolutions_at_the_finer_one():
     pooled = F.interpolate(F.max_pool2d(average, 3, 1, 1), size=(8, 12), mode="nearest")
     per_prompt = (pooled / pooled.amax(dim=(-2, -1), keepdim=True)) > 0.5
     assert torch.equal(mask, (per_prompt[0] | per_prompt[1]).float()[None])
+
+
+def test_an_unbound_local_blend_says_how_to_bind_it():
+    with pytest.raises(RuntimeError, match="not bound to prompts"):
+        p2p.LocalBlend("car").accumulate(p2p.AttentionLayer("a", "up", 2), torch.rand(1, 2, 4, 3))
