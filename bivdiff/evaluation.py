@@ -129,7 +129,7 @@ def clip_scores(frames, prompt: str | None = None, *, clip_path: str | os.PathLi
     - `clip_text_alignment` (when `prompt` is given): mean over frames of the cosine between the frame's image
       embedding and the prompt's text embedding.
 
-    `clip_path` is a local folder holding a transformers `CLIPModel` with its tokenizer and (optionally) its
+    `clip_path` is a local folder holding a transformers `CLIPModel` with its tokenizer and its
     `preprocessor_config.json`, e.g. a download of openai/clip-vit-large-patch14; nothing is downloaded. The
     last model loaded stays in memory, so scoring many videos loads it once.
     """

@@ -345,3 +345,20 @@ def test_smoothing_sampler_keeps_an_explicit_final_alpha_and_defaults_to_sds():
     # Another sampler's config without the key: False, and never DDIM's sample clipping.
     pndm = ddim_sampler(PNDMScheduler.from_config({k: v for k, v in config.items() if k != "set_alpha_to_one"}))
     assert pndm.config.set_alpha_to_one is False and pndm.config.clip_sample is False
+
+
+def test_warp_samples_bilinearly_and_marks_the_points_inside_the_frame():
+    """Oracle: on a linear ramp image bilinear sampling is exact, so frame t+1 sampled at x + flow is the ramp's
+    value there; points farther out than the frame's edges are marked outside and sampled as 0."""
+    height, width = 6, 8
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = (xs + 10 * ys)[..., None].repeat(3, axis=2) / 100.0
+    for dx, dy in ((2.0, -1.0), (-2.0, 3.0), (2.5, -1.5)):
+        flow = np.zeros((height, width, 2), np.float32)
+        flow[..., 0], flow[..., 1] = dx, dy
+        warped, inside = evaluation._warp(image, flow)
+        expected_inside = (xs + dx >= 0) & (xs + dx <= width - 1) & (ys + dy >= 0) & (ys + dy <= height - 1)
+        assert np.array_equal(inside, expected_inside), (dx, dy)
+        np.testing.assert_allclose(warped[inside][:, 0], ((xs + dx + 10 * (ys + dy)) / 100.0)[inside], atol=1e-5)
+        far = (xs + dx < -1) | (xs + dx > width) | (ys + dy < -1) | (ys + dy > height)
+        assert np.all(warped[far] == 0), (dx, dy)
