@@ -286,6 +286,7 @@ def test_one_source_clip_encodes_into_each_videos_own_posterior_draw(pipe):
     pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(8))
     seeds = (1, 2)
     both = pipe.encode_frames(pixels, 2, [torch.Generator().manual_seed(s) for s in seeds], num_videos=2)
+    assert both.shape == (2, 4, 3, 16, 16)
     dist = pipe.vae.encode(pipe.video_processor.normalize(pixels)).latent_dist
     for video, seed in zip(both, seeds):
         expected = dist.sample(generator=torch.Generator().manual_seed(seed)) * pipe.vae.config.scaling_factor

@@ -572,8 +572,11 @@ def test_local_blend_averages_maps_of_two_resolutions_at_the_finer_one():
     blend = p2p.LocalBlend("car", threshold=0.5, query_fraction=1 / 4)
     blend.word_alphas = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
     coarse, fine = p2p.AttentionLayer("c", "up", 4), p2p.AttentionLayer("f", "up", 2)
-    coarse_maps = torch.rand(1, 2, 2 * 3, 2, generator=torch.Generator().manual_seed(3))
-    fine_maps = torch.rand(1, 2, 4 * 6, 2, generator=torch.Generator().manual_seed(4))
+    # The source prompt's maps weaker than the edited one's: each prompt is normalised by its own maximum.
+    # Source words near the top left, edited words near the bottom right, at each resolution.
+    coarse_maps, fine_maps = torch.zeros(1, 2, 2 * 3, 2), torch.zeros(1, 2, 4 * 6, 2)
+    coarse_maps[0, 0, 0, 1], coarse_maps[0, 1, 3 + 2, 1] = 0.2, 1.0
+    fine_maps[0, 0, 0, 1], fine_maps[0, 1, 6 * 3 + 5, 1] = 0.3, 1.5
     blend.accumulate(coarse, coarse_maps)
     blend.accumulate(fine, fine_maps)
     mask = blend.mask(8, 12)
@@ -582,6 +585,7 @@ def test_local_blend_averages_maps_of_two_resolutions_at_the_finer_one():
     pooled = F.interpolate(F.max_pool2d(average, 3, 1, 1), size=(8, 12), mode="nearest")
     per_prompt = (pooled / pooled.amax(dim=(-2, -1), keepdim=True)) > 0.5
     assert torch.equal(mask, (per_prompt[0] | per_prompt[1]).float()[None])
+    assert 0 < mask.mean() < 1
 
 
 def test_an_unbound_local_blend_says_how_to_bind_it():

@@ -125,6 +125,8 @@ def test_an_off_grid_timestep_moves_up_by_the_step_stride_and_stops_at_the_last_
     scheduler.set_timesteps(50)
     assert scheduler.next_timestep(5) == 25  # 5 + 1000 // 50
     assert scheduler.next_timestep(torch.tensor(990)) == 999  # min(1010, T - 1)
+    scheduler.set_timesteps(3)
+    assert scheduler.next_timestep(5) == 338  # a whole stride, 1000 // 3
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
