@@ -465,8 +465,8 @@ def pipeline_call(example: str, without: tuple[str, ...] = ()):
                 return func(**bound.arguments)
 
         call.__signature__ = signature
-        own, examples = func.__doc__.split("\n        Examples:", 1)
-        call.__doc__ = f"{own.rstrip()}\n{_shared_args_doc(without, own)}\n        Examples:{examples}"
+        own_doc, examples = func.__doc__.split("\n        Examples:", 1)
+        call.__doc__ = f"{own_doc.rstrip()}\n{_shared_args_doc(without, own_doc)}\n        Examples:{examples}"
         return replace_example_docstring(f"    Examples:\n        ```py{example}        ```")(call)
 
     return decorate
