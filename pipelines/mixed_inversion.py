@@ -883,18 +883,8 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt, negative) embeddings of the image text encoder, `num_videos_per_prompt` rows per prompt:
         diffusers' `StableDiffusionPipeline.encode_prompt` on this pipeline's `text_encoder` and `tokenizer`."""
-        return self._encode_with(
-            self.text_encoder,
-            self.tokenizer,
-            prompt,
-            device,
-            num_videos_per_prompt,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            lora_scale,
-            clip_skip,
-        )
+        arguments = (prompt, device, num_videos_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        return self._encode_with(self.text_encoder, self.tokenizer, *arguments, lora_scale, clip_skip)
 
     def encode_video_prompt(
         self,
@@ -906,16 +896,8 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
         negative_prompt_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt, negative) embeddings of the video text encoder, as `encode_prompt` does for the image one."""
-        return self._encode_with(
-            self.video_text_encoder,
-            self.video_tokenizer,
-            prompt,
-            device,
-            num_videos_per_prompt,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-        )
+        arguments = (prompt, device, num_videos_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        return self._encode_with(self.video_text_encoder, self.video_tokenizer, *arguments)
 
     def encode_call_prompts(self, call, device) -> SimpleNamespace:
         """Every embedding a call needs, each encoded once: the image model's (stage 1), the video model's
