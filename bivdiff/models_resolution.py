@@ -16,21 +16,13 @@ from bivdiff.errors import UserError
 
 VIDRD_CONVERTER = "conversion_scripts/convert_vidrd_to_diffusers.py"
 VIDRD_WEIGHTS_SOURCE = "the VidRD authors' download link in the README of github.com/anonymous0x233/ReuseAndDiffuse"
-# Files a folder must hold for each kind of part (any one of each group); a "file" part names its own file.
+# A part of a model repo is a component folder ("" = the repo root) or, when its name has a dot, a single file.
+# A folder holds a component when it has one file of each group; its kind is told by its name.
 REQUIRED = {
     "model": (("config.json",), ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")),
     "scheduler": (("scheduler_config.json",),),
     "tokenizer": (("tokenizer_config.json", "vocab.json", "tokenizer.json"),),
 }
-
-
-@dataclass(frozen=True)
-class Part:
-    """One piece of a model repo: a component subfolder ("" = the repo root) or a single file."""
-
-    name: str
-    kind: str  # "model", "tokenizer", "scheduler" or "file" (then `name` is the file's path)
-
 
 _SD = "CreativeML OpenRAIL-M"
 # key: (title, folder under the checkpoints root as in the original release, Hub ids tried in order (some original
@@ -77,7 +69,7 @@ class ModelSpec:
     """A model a run needs: the parts it reads and its local folder (the rest comes from the catalogue)."""
 
     key: str
-    parts: tuple[Part, ...]
+    parts: tuple[str, ...]
     local: Path
     how_to_get: str | None = None  # replaces the download instructions when the model is not on the Hub (VidRD)
 
@@ -88,16 +80,13 @@ class ModelSpec:
 
     def patterns(self) -> tuple[list[str], list[str]]:
         """(allow, ignore) file patterns of the parts: for `hf download` and `snapshot_download` alike."""
-        allow = []
-        for part in self.parts:
-            if part.kind == "file":
-                allow.append(part.name)
-            elif part.name:
-                allow.append(f"{part.name}/*")
-            else:
-                allow += ["*.json", "*.safetensors" if self.safetensors else "diffusion_pytorch_model.*"]
+        root = ["*.json", "*.safetensors" if self.safetensors else "diffusion_pytorch_model.*"]
+        allow = [p for part in self.parts for p in ([part] if "." in part else [f"{part}/*"] if part else root)]
         ignore = ["*.fp16.*", "*non_ema*", "*.ckpt"] + (["*.bin"] if self.safetensors else [])
-        return allow, ignore if any(part.kind != "file" for part in self.parts) else []
+        return allow, ignore if any("." not in part for part in self.parts) else []
+
+
+spec = ModelSpec
 
 
 @dataclass(frozen=True)
@@ -108,9 +97,6 @@ class ResolvedModel:
 
     def describe(self) -> str:
         return f"{self.spec.title}: {self.location}" + ("" if self.is_local else " (Hugging Face Hub)")
-
-
-spec = ModelSpec
 
 
 def checkpoint_path(value: str | os.PathLike | None, root: Path, default: str) -> Path:
@@ -124,24 +110,15 @@ def checkpoint_path(value: str | os.PathLike | None, root: Path, default: str) -
     return path
 
 
-def is_offline(flag: bool) -> bool:
-    """`--offline`, or huggingface_hub's own offline mode (HF_HUB_OFFLINE)."""
-    from huggingface_hub.constants import is_offline_mode
-
-    return flag or is_offline_mode()
-
-
 def complete(folder: Path, parts) -> bool:
-    """Whether `folder` holds every part: its config and, for models, weights."""
-    for part in parts:
-        if part.kind == "file":
-            if not (folder / part.name).is_file():
-                return False
-            continue
-        for group in REQUIRED[part.kind]:
-            if not any(next((folder / part.name).glob(pattern), None) for pattern in group):
-                return False
-    return True
+    """Whether `folder` holds every part: the file itself, or a component's config and, for models, weights."""
+    def holds(part: str) -> bool:
+        if "." in part:
+            return (folder / part).is_file()
+        kind = next((kind for kind in ("tokenizer", "scheduler") if kind in part), "model")
+        return all(any(next((folder / part).glob(p), None) for p in group) for group in REQUIRED[kind])
+
+    return all(map(holds, parts))
 
 
 def resolve(specs: list[ModelSpec], offline: bool, cache_dir: str | None = None, download: bool = True):
@@ -173,9 +150,9 @@ def resolve(specs: list[ModelSpec], offline: bool, cache_dir: str | None = None,
                 location = repo_id
                 break
             except LocalEntryNotFoundError as err:  # huggingface_hub's answer when the Hub cannot be reached
-                unreachable = _first_line(err)
+                unreachable = first_line(err)
             except (HfHubHTTPError, OSError) as err:
-                errors.append(f"{repo_id}: {type(err).__name__}: {_first_line(err)}")
+                errors.append(f"{repo_id}: {type(err).__name__}: {first_line(err)}")
         if location is None:
             missing.append(one)
         else:
@@ -185,60 +162,53 @@ def resolve(specs: list[ModelSpec], offline: bool, cache_dir: str | None = None,
     return found
 
 
-def _first_line(err: BaseException, limit: int = 160) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def first_line(err: BaseException, limit: int = 160) -> str:
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def vidrd_instructions(checkpoint: Path, sd21: Path, output: Path) -> str:
     """How to make the VidRD folder: it is not on the Hub, it is converted from the authors' ModelT2V.pth."""
-    steps = []
-    if not checkpoint.is_file():
-        steps.append(f"download ModelT2V.pth from {VIDRD_WEIGHTS_SOURCE} to {checkpoint}")
-    if not complete(sd21, (Part("tokenizer", "tokenizer"), Part("unet/config.json", "file"))):
+    steps = [f"download ModelT2V.pth from {VIDRD_WEIGHTS_SOURCE} to {checkpoint}"] * (not checkpoint.is_file())
+    if not complete(sd21, ("tokenizer", "unet/config.json")):
         steps.append(
             "get Stable Diffusion 2.1-base's configs and tokenizer for the converter: "
             f'hf download stabilityai/stable-diffusion-2-1-base --include "*.json" --include "*.txt" '
             f"--local-dir {sd21}"
         )
     convert = f"python {VIDRD_CONVERTER} --checkpoint {checkpoint} --sd21 {sd21} --output {output}"
-    steps.append(f"convert it once (script in the bivdiff repository): {convert}")
-    return "; then ".join(steps)
+    return "; then ".join([*steps, f"convert it once (script in the bivdiff repository): {convert}"])
 
 
 class MissingModelsError(UserError):
     def __init__(self, missing: list[ModelSpec], offline: bool, hub_errors=(), hub_unreachable: str | None = None):
         self.missing = missing
-        super().__init__(missing_models_message(missing, offline, list(hub_errors), hub_unreachable))
-
-
-def missing_models_message(missing, offline: bool, hub_errors: list[str], hub_unreachable: str | None = None) -> str:
-    if offline:
-        where = "offline, so only local folders and the Hugging Face cache were searched"
-    elif hub_unreachable:
-        where = f"the Hub could not be reached: {hub_unreachable}; local folders and the cache were searched"
-    else:
-        where = "searched local folders, the Hugging Face cache and the Hub"
-    lines = [f"{len(missing)} model(s) missing ({where}); nothing was run:"]
-    for one in missing:
-        parts = ", ".join(p.name for p in one.parts if p.name)
-        lines += [f"  - {one.title}" + (f" [{parts}]" if parts else ""), f"      not in {one.local}"]
-        if one.hub_ids:
-            where_not = "in the Hugging Face cache as" if offline or hub_unreachable else "on the Hub as"
-            lines.append(f"      not {where_not}: {', '.join(one.hub_ids)}")
-        lines.append(f"      get it: {one.how_to_get or download_command(one)}")
-    if hub_errors:
-        lines.append("Hub errors: " + "; ".join(hub_errors[:4]) + (" ..." if len(hub_errors) > 4 else ""))
-    on_hub = any(one.hub_ids for one in missing)
-    if hub_unreachable and on_hub:
-        lines.append("Or run again once the Hub can be reached: bivdiff then downloads them into the cache.")
-    if offline and on_hub:
-        lines.append(
-            "Or run once without --offline (and with HF_HUB_OFFLINE unset): bivdiff then downloads exactly the "
-            "files it needs into the Hugging Face cache."
-        )
-    lines.append("To try the command line without any model: add --tiny (random weights, the pictures are noise).")
-    return "\n".join(lines)
+        if offline:
+            where = "offline, so only local folders and the Hugging Face cache were searched"
+        elif hub_unreachable:
+            where = f"the Hub could not be reached: {hub_unreachable}; local folders and the cache were searched"
+        else:
+            where = "searched local folders, the Hugging Face cache and the Hub"
+        lines = [f"{len(missing)} model(s) missing ({where}); nothing was run:"]
+        for one in missing:
+            parts = ", ".join(filter(None, one.parts))
+            lines += [f"  - {one.title}" + (f" [{parts}]" if parts else ""), f"      not in {one.local}"]
+            if one.hub_ids:
+                where_not = "in the Hugging Face cache as" if offline or hub_unreachable else "on the Hub as"
+                lines.append(f"      not {where_not}: {', '.join(one.hub_ids)}")
+            lines.append(f"      get it: {one.how_to_get or download_command(one)}")
+        if hub_errors:
+            lines.append("Hub errors: " + "; ".join(hub_errors[:4]) + (" ..." if len(hub_errors) > 4 else ""))
+        on_hub = any(one.hub_ids for one in missing)
+        if hub_unreachable and on_hub:
+            lines.append("Or run again once the Hub can be reached: bivdiff then downloads them into the cache.")
+        if offline and on_hub:
+            lines.append(
+                "Or run once without --offline (and with HF_HUB_OFFLINE unset): bivdiff then downloads exactly the "
+                "files it needs into the Hugging Face cache."
+            )
+        lines.append("To try the command line without any model: add --tiny (random weights, the pictures are noise).")
+        super().__init__("\n".join(lines))
 
 
 def download_command(one: ModelSpec) -> str:

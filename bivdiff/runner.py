@@ -17,8 +17,8 @@ from pathlib import Path
 from bivdiff import configs as shipped
 from bivdiff.config import RunConfig, load_config
 from bivdiff.errors import ConfigError, UserError
-from bivdiff.models_resolution import NATIVE_NUM_FRAMES, ResolvedModel, is_offline, resolve
-from bivdiff.tasks import Inputs, Task, task_for
+from bivdiff.models_resolution import NATIVE_NUM_FRAMES, ResolvedModel, first_line, resolve
+from bivdiff.tasks import SD15_PARTS, VIDEO_MODELS, Inputs, Task, task_for
 from bivdiff.video_io import TooFewFramesError, VideoClip, default_clip_path, default_mask_path, read_video_clip
 
 FIRST_TRY = "controllable_video_generation_with_controlnet_and_zeroscope"
@@ -31,6 +31,7 @@ DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 FALLBACK_FPS = 8.0
 # Stage-1 sampler names of the configs whose diffusers class is not the name + "Scheduler".
 SCHEDULER_CLASSES = {"EulerAncestral": "EulerAncestralDiscrete", "Euler": "EulerDiscrete", "LMS": "LMSDiscrete"}
+VIDEO_COMPONENTS = ("video_unet", "video_text_encoder", "video_tokenizer")
 
 
 @dataclass
@@ -120,7 +121,9 @@ def plan_run(
     models = {}
     if not tiny:
         specs = task.model_specs(run_config, Path(checkpoints).expanduser())
-        models = resolve(specs, is_offline(offline), cache_dir, download=download)
+        from huggingface_hub.constants import is_offline_mode  # HF_HUB_OFFLINE=1 means --offline too
+
+        models = resolve(specs, offline or is_offline_mode(), cache_dir, download=download)
     return Plan(run_config, task, inputs, source, source_path, models, cache_dir)
 
 
@@ -175,40 +178,40 @@ def build_pipeline(plan: Plan, device=None, dtype=None, loaded: dict | None = No
     """The task's pipeline on `device`: tiny random components, or the resolved models through the pipeline's
     own `from_pretrained(SD-1.5, component=...)`, every model passed as a component. `loaded` maps (location,
     subfolder, class, dtype) to models loaded before, which are reused rather than read again, and gains the new."""
-    import torch
-
-    config, task = plan.config, plan.task
-    device = device or pick_device(config.model["device"])
+    config, model = plan.config, plan.config.model
+    device = device or pick_device(model["device"])
     dtype = dtype or pick_dtype(config)
-    if config.tiny:
-        from bivdiff import tiny_models as tiny
-
-        components = {**tiny.tiny_image_components(0, task.unet_in_channels), **tiny.tiny_video_components(0)}
-        if task.unet_in_channels != 4:
-            components["inversion_unet"] = tiny.tiny_unet(4, seed=1)
-        video_unets = {"VidRD": tiny.tiny_vidrd_unet, "ModelScope": tiny.tiny_modelscope_unet}
-        if config.vdm in video_unets:
-            components["video_unet"] = video_unets[config.vdm](seed=0)
-        if config.vdm == "AnimateDiff":
-            base = components.get("inversion_unet") or components["unet"]
-            text = components["text_encoder"], components["tokenizer"]
-            components.update(tiny.tiny_animatediff_components(base, *text))
-        components.update(task.tiny_components(config))
-        components["scheduler"] = make_scheduler(config.idm_options["scheduler"], tiny.sd15_scheduler_config())
-        pipe = task.pipeline_class()(**components)
-        # Tiny models are built in fp32 and cast only when asked for another dtype (a no-op cast still makes
-        # diffusers warn about modules to keep in fp32).
-        if dtype != torch.float32:
-            pipe.to(dtype=dtype)
-    else:
-        pipe = _load_pipeline(plan, dtype, {} if loaded is None else loaded)
-    if config.model["video_window"]:
-        pipe.enable_video_windows(size=config.model["video_window"], overlap=config.model["video_window_overlap"])
-    if config.model["cpu_offload"]:
+    pipe = _tiny_pipeline(plan, dtype) if config.tiny else _load_pipeline(plan, dtype, {} if loaded is None else loaded)
+    if model["video_window"]:
+        pipe.enable_video_windows(size=model["video_window"], overlap=model["video_window_overlap"])
+    if model["cpu_offload"]:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
     return pipe
+
+
+def _tiny_pipeline(plan: Plan, dtype):
+    import torch
+
+    from bivdiff import tiny_models as tiny
+
+    config, task = plan.config, plan.task
+    components = {**tiny.tiny_image_components(0, task.unet_in_channels), **tiny.tiny_video_components(0)}
+    if task.unet_in_channels != 4:
+        components["inversion_unet"] = tiny.tiny_unet(4, seed=1)
+    video_unets = {"VidRD": tiny.tiny_vidrd_unet, "ModelScope": tiny.tiny_modelscope_unet}
+    if config.vdm in video_unets:
+        components["video_unet"] = video_unets[config.vdm](seed=0)
+    if config.vdm == "AnimateDiff":
+        base = components.get("inversion_unet") or components["unet"]
+        components.update(tiny.tiny_animatediff_components(base, components["text_encoder"], components["tokenizer"]))
+    components.update(task.tiny_components(config))
+    components["scheduler"] = make_scheduler(config.idm_options["scheduler"], tiny.sd15_scheduler_config())
+    pipe = task.pipeline_class()(**components)
+    # Tiny models are built in fp32 and cast only when asked for another dtype (a no-op cast still makes diffusers
+    # warn about modules to keep in fp32).
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
 def _load_pipeline(plan: Plan, dtype, loaded: dict):
@@ -223,11 +226,10 @@ def _load_pipeline(plan: Plan, dtype, loaded: dict):
     where = dict(local_files_only=True, cache_dir=plan.cache_dir)
 
     def load(key: str, subfolder: str, cls):
-        location = plan.models[key].location
-        known = (location, subfolder, cls.__name__, str(dtype))
+        known = (plan.models[key].location, subfolder, cls.__name__, str(dtype))
         if known not in loaded:
             args = {} if cls is CLIPTokenizer else {"dtype" if cls is CLIPTextModel else "torch_dtype": dtype}
-            loaded[known] = cls.from_pretrained(location, **({"subfolder": subfolder} if subfolder else {}), **where,
+            loaded[known] = cls.from_pretrained(known[0], **({"subfolder": subfolder} if subfolder else {}), **where,
                                                 **args)
         return loaded[known]
 
@@ -236,25 +238,14 @@ def _load_pipeline(plan: Plan, dtype, loaded: dict):
 
     # SD-1.5's parts go through `load` too, so a batch reuses them across model sets; a task's own UNet (8 or 9
     # input channels) replaces SD-1.5's under `unet`.
-    extra = dict(
-        vae=load("sd15", "vae", AutoencoderKL),
-        text_encoder=load("sd15", "text_encoder", CLIPTextModel),
-        tokenizer=load("sd15", "tokenizer", CLIPTokenizer),
-        **{"unet": load("sd15", "unet", UNet2DConditionModel), **task.components(config, load)},
-    )
+    sd15 = dict(zip(SD15_PARTS, (AutoencoderKL, CLIPTextModel, CLIPTokenizer, UNet2DConditionModel)))
+    extra = {**{name: load("sd15", name, cls) for name, cls in sd15.items()}, **task.components(config, load)}
     if config.vdm == "AnimateDiff":
         video = _animatediff_components(config, load, extra)
     else:
-        key, unet, text_encoder, tokenizer, unet_class = {
-            "ZeroScope": ("zeroscope", "unet", "text_encoder", "tokenizer", UNet3DConditionModel),
-            "ModelScope": ("modelscope", "unet", "text_encoder", "tokenizer", UNet3DConditionModel),
-            "VidRD": ("vidrd", "video_unet", "video_text_encoder", "video_tokenizer", VidRDUNet3DConditionModel),
-        }[config.vdm]
-        video = dict(
-            video_unet=load(key, unet, unet_class),
-            video_text_encoder=load(key, text_encoder, CLIPTextModel),
-            video_tokenizer=load(key, tokenizer, CLIPTokenizer),
-        )
+        key, _, parts = VIDEO_MODELS[config.vdm]
+        classes = (VidRDUNet3DConditionModel if key == "vidrd" else UNet3DConditionModel, CLIPTextModel, CLIPTokenizer)
+        video = {name: load(key, part, cls) for name, part, cls in zip(VIDEO_COMPONENTS, parts, classes)}
         if key in NATIVE_NUM_FRAMES:
             video["video_unet"].register_to_config(native_num_frames=NATIVE_NUM_FRAMES[key])
     sd15_scheduler = scheduler_config("sd15")
@@ -289,28 +280,17 @@ def _animatediff_components(config, load, extra: dict) -> dict:
         if name not in owner:
             owner[name] = load(base, subfolder, cls)
     video_unet = motion_unet_sharing_weights(owner[slot], load("animatediff", "", MotionAdapter))
-    return dict(video_unet=video_unet, video_text_encoder=owner["text_encoder"], video_tokenizer=owner["tokenizer"])
+    return dict(zip(VIDEO_COMPONENTS, (video_unet, owner["text_encoder"], owner["tokenizer"])))
 
 
 def call_arguments(plan: Plan, generator) -> dict:
     """Every keyword argument of the pipeline call: the shared ones, then the task's own."""
-    model, options = plan.config.model, plan.config.idm_options
-    shared = dict(
-        video_prompt=model["vdm_prompt"] + options["prompt_suffix"],
-        negative_prompt=options["negative_prompt"],
-        mixing_ratio=options["mixing_ratio"],
-        pool_norms_over_frames=plan.config.mixed_inversion["pool_norms_over_frames"],
-        reencode_frames=plan.config.mixed_inversion["reencode_frames"],
-        num_inference_steps=model["num_inference_steps"],
-        guidance_scale=model["guidance_scale"],
-        frame_batch_size=model["frame_batch_size"],
-        decode_chunk_size=model["decode_chunk_size"],
-        height=model["height"],
-        width=model["width"],
-        generator=generator,
-        output_type="pil",
-    )
-    return {**shared, **plan.task.call_arguments(plan.config, plan.inputs)}
+    model, options, mixed = plan.config.model, plan.config.idm_options, plan.config.mixed_inversion
+    shared = dict(video_prompt=model["vdm_prompt"] + options["prompt_suffix"], generator=generator, output_type="pil")
+    shared.update({key: options[key] for key in ("negative_prompt", "mixing_ratio")})
+    shared.update({key: mixed[key] for key in ("pool_norms_over_frames", "reencode_frames")})
+    keys = ("num_inference_steps", "guidance_scale", "frame_batch_size", "decode_chunk_size", "height", "width")
+    return {**shared, **{key: model[key] for key in keys}, **plan.task.call_arguments(plan.config, plan.inputs)}
 
 
 def run_job(pipe, plan: Plan, progress: Callable[[int, int], None] | None = None):
@@ -319,16 +299,10 @@ def run_job(pipe, plan: Plan, progress: Callable[[int, int], None] | None = None
 
     from bivdiff.profiling import NetworkCallCounter
 
-    plan.inputs = plan.task.annotate(plan.config, plan.inputs, plan.models)
     arguments = call_arguments(plan, torch.Generator("cpu").manual_seed(plan.config.model["seed"]))
     if progress is not None:
         steps = plan.config.model["num_inference_steps"]
-
-        def report(_pipe, step, _timestep, _tensors):
-            progress(step + 1, steps)
-            return {}
-
-        arguments["callback_on_step_end"] = report
+        arguments["callback_on_step_end"] = lambda _pipe, step, _timestep, _tensors: progress(step + 1, steps) or {}
     with NetworkCallCounter(pipe) as counter:
         try:
             result = pipe(**arguments)
@@ -444,12 +418,17 @@ def run_plan(
             pipe = (pipelines or PipelineCache()).get(plan, device, dtype)
             lap("load_models")
             result, calls = run_job(pipe, plan, progress)
-        except MemoryError as err:
-            raise UserError(out_of_memory_message(plan, device, err)) from err
-        except RuntimeError as err:
-            if "out of memory" not in str(err).lower():  # torch.OutOfMemoryError, MPS's plain RuntimeError
+        except (MemoryError, RuntimeError) as err:
+            # torch.OutOfMemoryError is a RuntimeError, as is MPS's plain "out of memory".
+            if isinstance(err, RuntimeError) and "out of memory" not in str(err).lower():
                 raise
-            raise UserError(out_of_memory_message(plan, device, err)) from err
+            model = config.model
+            raise UserError(
+                f"Out of memory on {device} ({first_line(err)}). Lower Model.frame_batch_size (now "
+                f"{model['frame_batch_size']}) and Model.decode_chunk_size (now {model['decode_chunk_size']}), turn "
+                "on model offload with Model.cpu_offload=true, or smooth long videos in video windows with "
+                "Model.video_window=8."
+            ) from err
         lap("pipeline")
         log("Writing videos ...")
         files = write_outputs(folder, plan, result)
@@ -467,16 +446,6 @@ def run_plan(
     if config.tiny:
         log(TINY_NOTE)
     return folder
-
-
-def out_of_memory_message(plan: Plan, device, err: BaseException) -> str:
-    model = plan.config.model
-    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return (
-        f"Out of memory on {device} ({first_line}). Lower Model.frame_batch_size (now {model['frame_batch_size']}) "
-        f"and Model.decode_chunk_size (now {model['decode_chunk_size']}), turn on model offload with "
-        f"Model.cpu_offload=true, or smooth long videos in video windows with Model.video_window=8."
-    )
 
 
 def run_stats(plan: Plan, pipe, result, calls, seconds, files, device, dtype) -> dict:

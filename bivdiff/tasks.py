@@ -13,24 +13,17 @@ from PIL import Image
 
 from bivdiff import conditions
 from bivdiff.config import RunConfig
-from bivdiff.models_resolution import CATALOGUE, Part, checkpoint_path, spec, vidrd_instructions
+from bivdiff.models_resolution import CATALOGUE, checkpoint_path, spec, vidrd_instructions
 
-SD15_PARTS = (
-    Part("vae", "model"),
-    Part("text_encoder", "model"),
-    Part("tokenizer", "tokenizer"),
-    Part("unet", "model"),
-    Part("scheduler", "scheduler"),
-    Part("model_index.json", "file"),  # the pipeline's from_pretrained reads its component list
-)
-ZEROSCOPE_PARTS = (Part("unet", "model"), Part("text_encoder", "model"), Part("tokenizer", "tokenizer"))
-VIDRD_PARTS = (Part("video_unet", "model"), Part("video_text_encoder", "model"), Part("video_tokenizer", "tokenizer"))
-UNET_AND_SAMPLER = (Part("unet", "model"), Part("scheduler", "scheduler"))
+# The pipeline's from_pretrained reads SD-1.5's component list from model_index.json.
+SD15_PARTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "model_index.json")
+ZEROSCOPE_PARTS = ("unet", "text_encoder", "tokenizer")
 # Model.vdm -> (catalogue key, the VDM option naming its folder, the parts read); VidRD's folder is converted.
 VIDEO_MODELS = {
     "ZeroScope": ("zeroscope", "ckpt_path", ZEROSCOPE_PARTS),
     "ModelScope": ("modelscope", "ckpt_path", ZEROSCOPE_PARTS),
-    "AnimateDiff": ("animatediff", "motion_adapter_path", (Part("", "model"),)),
+    "AnimateDiff": ("animatediff", "motion_adapter_path", ("",)),
+    "VidRD": ("vidrd", "diffusers_path", ("video_unet", "video_text_encoder", "video_tokenizer")),
 }
 
 
@@ -59,27 +52,27 @@ class Task:
         return getattr(importlib.import_module("bivdiff"), self.pipeline_class_name)
 
     def model_specs(self, config: RunConfig, root: Path) -> list:
-        sd15 = checkpoint_path(config.mixed_inversion["pretrained_model_path"], root, "stable-diffusion-v1-5")
+        """The models a run of `config` reads, with their folders under the checkpoints `root`."""
         options = config.vdm_options
-        if config.vdm in VIDEO_MODELS:
-            key, option, parts = VIDEO_MODELS[config.vdm]
-            video = [spec(key, parts, checkpoint_path(options[option], root, CATALOGUE[key][1]))]
-        else:
-            folder = checkpoint_path(options["diffusers_path"], root, "VidRD/diffusers")
+        key, option, parts = VIDEO_MODELS[config.vdm]
+        local = checkpoint_path(options[option], root, CATALOGUE[key][1])
+        how = None
+        if key == "vidrd":
             checkpoint = checkpoint_path(options["ckpt_path"], root, "VidRD/ModelT2V.pth")
             sd21 = checkpoint_path(options["pretrained_model_path"], root, "stable-diffusion-2-1-base")
-            video = [spec("vidrd", VIDRD_PARTS, folder, vidrd_instructions(checkpoint, sd21, folder))]
+            how = vidrd_instructions(checkpoint, sd21, local)
+        specs = [spec("sd15", SD15_PARTS, checkpoint_path(config.mixed_inversion["pretrained_model_path"], root,
+                                                          CATALOGUE["sd15"][1])), spec(key, parts, local, how)]
         if config.vdm == "AnimateDiff" and options["pretrained_model_path"] is not None:
             base = checkpoint_path(options["pretrained_model_path"], root, "")
-            video.append(spec("animatediff-base", ZEROSCOPE_PARTS, base, f"a diffusers SD-1.5-family model in {base}"))
-        return [spec("sd15", SD15_PARTS, sd15), *video, *self.idm_specs(config, root)]
+            specs.append(spec("animatediff-base", ZEROSCOPE_PARTS, base, f"a diffusers SD-1.5-family model in {base}"))
+        return specs + self.idm_specs(config, root)
 
     def idm_specs(self, config: RunConfig, root: Path) -> list:
         if self.idm_model is None:
             return []
-        value = config.idm_options["pretrained_model_path"]
-        local = checkpoint_path(value, root, CATALOGUE[self.idm_model][1])
-        return [spec(self.idm_model, UNET_AND_SAMPLER, local)]
+        local = checkpoint_path(config.idm_options["pretrained_model_path"], root, CATALOGUE[self.idm_model][1])
+        return [spec(self.idm_model, ("unet", "scheduler"), local)]
 
     def components(self, config: RunConfig, load) -> dict:
         """Components besides SD-1.5's and the video model's; `load(key, subfolder, cls)` reads a resolved model.
@@ -106,10 +99,8 @@ class Task:
 
     def call_arguments(self, config: RunConfig, inputs: Inputs) -> dict:
         """The task's own keyword arguments of the pipeline call (the shared ones are added by the runner)."""
-        raise NotImplementedError
-
-    def idm_prompt(self, config: RunConfig) -> str:
-        return config.model["idm_prompt"] + config.idm_options["prompt_suffix"]
+        prompt = config.model["idm_prompt"] + config.idm_options["prompt_suffix"]
+        return dict(video=inputs.source, prompt=prompt)
 
 
 class ControllableTask(Task):
@@ -117,8 +108,8 @@ class ControllableTask(Task):
 
     pipeline_class_name = "BIVDiffControllablePipeline"
 
-    def __init__(self, idm: str, title: str, prefix: str):
-        self.idm, self.title, self.prefix = idm, title, prefix
+    def __init__(self, idm: str, title: str, prefix: str, component: str):
+        self.idm, self.title, self.prefix, self.component = idm, title, prefix, component
 
     def channels(self, config: RunConfig) -> int:
         return conditions.condition_channels(self.idm, config.idm_options["condition"])
@@ -130,33 +121,31 @@ class ControllableTask(Task):
         )
 
     def idm_specs(self, config: RunConfig, root: Path) -> list:
-        key = f"{self.prefix}-{config.idm_options['condition']}"
-        local = checkpoint_path(config.idm_options["pretrained_model_path"], root, CATALOGUE[key][1])
-        specs = [spec(key, (Part("", "model"),), local)]
+        condition = config.idm_options["condition"]
+        key = f"{self.prefix}-{condition}"
+        specs = [spec(key, ("",), checkpoint_path(config.idm_options["pretrained_model_path"], root, CATALOGUE[key][1]))]
         if self.uses_annotator(config):
-            files = tuple(Part(name, "file") for name in conditions.ANNOTATOR_FILES[config.idm_options["condition"]])
-            specs.append(spec("annotators", files, root / CATALOGUE["annotators"][1]))
+            specs.append(spec("annotators", conditions.ANNOTATOR_FILES[condition], root / CATALOGUE["annotators"][1]))
         return specs
 
     def components(self, config: RunConfig, load) -> dict:
-        from diffusers import ControlNetModel, T2IAdapter
+        import diffusers
 
-        key = f"{self.prefix}-{config.idm_options['condition']}"
-        if self.idm == "ControlNet":
-            return {"controlnet": load(key, "", ControlNetModel), "adapter": None}
-        return {"adapter": load(key, "", T2IAdapter), "controlnet": None}
+        other = {"controlnet": "adapter", "adapter": "controlnet"}[self.component]
+        cls = getattr(diffusers, "ControlNetModel" if self.component == "controlnet" else "T2IAdapter")
+        return {self.component: load(f"{self.prefix}-{config.idm_options['condition']}", "", cls), other: None}
 
     def tiny_components(self, config: RunConfig) -> dict:
         from bivdiff.tiny_models import tiny_adapter, tiny_controlnet
 
-        if self.idm == "ControlNet":
+        if self.component == "controlnet":
             return {"controlnet": tiny_controlnet()}
         return {"adapter": tiny_adapter(in_channels=self.channels(config))}
 
     def inputs(self, config, source, read) -> Inputs:
         options, condition = config.idm_options, config.idm_options["condition"]
-        mode = "L" if self.channels(config) == 1 else "RGB"
         if options["condition_video"] is not None:
+            mode = "L" if self.channels(config) == 1 else "RGB"
             frames = [f.convert(mode) for f in read(f"IDM.{self.idm}.condition_video", False)]
             return Inputs(source, frames, condition, f"{condition} (given)")
         if self.uses_annotator(config):
@@ -176,10 +165,10 @@ class ControllableTask(Task):
         return inputs
 
     def call_arguments(self, config, inputs) -> dict:
-        scale = config.idm_options["conditioning_scale"]
-        key = "controlnet_conditioning_scale" if self.idm == "ControlNet" else "adapter_conditioning_scale"
-        num_frames = config.model["video_length"]
-        return {"prompt": self.idm_prompt(config), "conditioning_frames": inputs.condition, "num_frames": num_frames, key: scale}
+        arguments = super().call_arguments(config, inputs)
+        del arguments["video"]
+        scale = {f"{self.component}_conditioning_scale": config.idm_options["conditioning_scale"]}
+        return dict(arguments, conditioning_frames=inputs.condition, num_frames=config.model["video_length"], **scale)
 
 
 class InstructPix2PixTask(Task):
@@ -191,7 +180,7 @@ class InstructPix2PixTask(Task):
 
     def call_arguments(self, config, inputs) -> dict:
         image_scale = config.idm_options["image_guidance_scale"]
-        return dict(video=inputs.source, prompt=self.idm_prompt(config), image_guidance_scale=image_scale)
+        return dict(super().call_arguments(config, inputs), image_guidance_scale=image_scale)
 
 
 class Prompt2PromptTask(Task):
@@ -202,18 +191,16 @@ class Prompt2PromptTask(Task):
     def call_arguments(self, config, inputs) -> dict:
         options = config.idm_options
         source_prompt, edited_prompt = (p + options["prompt_suffix"] for p in options["prompts"])
+        same = ("cross_replace_steps", "self_replace_steps", "upcast_editing", "local_blend_threshold")
         return dict(
             video=inputs.source,
             source_prompt=source_prompt,
             prompt=edited_prompt,
             edit_type=options["controller_type"].removeprefix("Attention").lower(),
-            cross_replace_steps=options["cross_replace_steps"],
             reweight=dict(zip(options["reweight_words"], options["reweight_strengths"])) or None,
             edit_with_ddim=options["scheduler"] == "DDIM",
-            upcast_editing=options["upcast_editing"],
-            self_replace_steps=options["self_replace_steps"],
             local_blend_words=options["local_blend_words"] or None,
-            local_blend_threshold=options["local_blend_threshold"],
+            **{key: options[key] for key in same},
         )
 
 
@@ -237,13 +224,15 @@ class InpaintTask(Task):
 
     def call_arguments(self, config, inputs) -> dict:
         outpaint = config.idm_options.get("mask_type")
-        return dict(video=inputs.source, prompt=self.idm_prompt(config), paste_back=config.idm_options["paste_back"],
+        return dict(super().call_arguments(config, inputs), paste_back=config.idm_options["paste_back"],
                     **({"outpaint": outpaint} if outpaint else {"mask": inputs.mask}))
 
 
 TASKS: dict[str, Task] = {
-    "ControlNet": ControllableTask("ControlNet", "controllable video generation (ControlNet)", "controlnet"),
-    "T2IAdapter": ControllableTask("T2IAdapter", "controllable video generation (T2I-Adapter)", "t2iadapter"),
+    "ControlNet": ControllableTask("ControlNet", "controllable video generation (ControlNet)", "controlnet",
+                                   "controlnet"),
+    "T2IAdapter": ControllableTask("T2IAdapter", "controllable video generation (T2I-Adapter)", "t2iadapter",
+                                   "adapter"),
     "InstructPix2Pix": InstructPix2PixTask(),
     "Prompt2Prompt": Prompt2PromptTask(),
     "StableDiffusionInpainting": InpaintTask("StableDiffusionInpainting", "video inpainting (SD Inpainting)"),

@@ -165,7 +165,7 @@ def models_table(config: RunConfig, models: dict[str, ResolvedModel] | None) -> 
     rows = []
     for resolved in models.values():
         spec = resolved.spec
-        parts = ", ".join(p.name or "(whole model)" for p in spec.parts)
+        parts = ", ".join(p or "(whole model)" for p in spec.parts)
         hub_id = resolved.location if not resolved.is_local else (spec.hub_ids[0] if spec.hub_ids else None)
         source = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else "converted locally"
         rows.append(f"| {parts} | {spec.title} | {source} | {spec.licence} |")
