@@ -1,15 +1,22 @@
-"""The `bivdiff` command line: `run` a task config, `batch` a file of runs, `list` the configs, `eval` a video or a
-batch."""
-
-from __future__ import annotations
+"""The `bivdiff` command line: `run` a task config, `batch` a file of runs, `list` the configs, `eval` videos."""
 
 import argparse
 import json
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
+from bivdiff import __version__, configs as shipped, demo
+from bivdiff.batch import evaluate_batch, run_batch
 from bivdiff.errors import ConfigError, UserError
+from bivdiff.evaluation import evaluate_video
+from bivdiff.run_folder import write_text
+from bivdiff.runner import run_config
+
+print_line = partial(print, flush=True)
+# transformers' notice that its image processors fall back to PIL without torchvision: noise, the pipelines skip them.
+logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requires torchvision" not in r.getMessage())
 
 DESCRIPTION = """\
 BIVDiff (CVPR 2024): training-free video synthesis. An image diffusion model does the task on every frame
@@ -24,8 +31,7 @@ commands:
   demo   open the web demo in the browser (pip install "bivdiff[demo]"); see: bivdiff demo --help
 
 first try (no download, no video of your own, about a minute on a CPU; tiny random models, the pictures are noise):
-  bivdiff run --tiny --config-name controllable_video_generation_with_controlnet_and_zeroscope
-"""
+  bivdiff run --tiny --config-name controllable_video_generation_with_controlnet_and_zeroscope"""
 
 RUN_DESCRIPTION = """\
 Run one task config, like the original `python inference.py --config-name=NAME`. Each run writes a new folder
@@ -36,7 +42,6 @@ the final video (MP4 and GIF each), a labelled side-by-side comparison, the reso
 Models are read from the original checkpoints/ layout (--checkpoints), else from the Hugging Face cache, and
 downloaded into it on first use unless --offline. If any model is missing, one message lists them all and how
 to get each, and nothing runs."""
-
 RUN_EPILOG = """\
 overrides (Hydra style, any key of the config by its dotted name):
   Model.num_inference_steps=20  Model.video_length=16  Model.video_path=my_clip.mp4  Model.seed=0
@@ -48,45 +53,7 @@ examples:
   bivdiff run --tiny --config-name controllable_video_generation_with_t2iadapter_and_vidrd
   bivdiff run --config-name controllable_video_generation_with_controlnet_and_zeroscope Model.video_path=bear.mp4
   bivdiff run --config my_task.yaml --checkpoints /data/checkpoints --offline
-  bivdiff run --dry-run --config-name video_editing_with_instruct_pix2pix_and_zeroscope
-"""
-
-
-def command_parser(prog: str, description: str, epilog: str | None = None, parents=()) -> argparse.ArgumentParser:
-    """A parser whose description and epilog keep their line breaks."""
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, parents=list(parents),
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
-def model_options(tiny_help: str = "tiny random-weight models (see bivdiff run --help)") -> argparse.ArgumentParser:
-    """--tiny, --checkpoints and --offline: where the models of every command that runs them come from."""
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--tiny", action="store_true", help=tiny_help)
-    parent.add_argument("--checkpoints", metavar="DIR", default="checkpoints",
-                        help="root of the original checkpoints/ layout; config paths under ./checkpoints/ follow it "
-                        "(default: ./checkpoints)")
-    parent.add_argument("--offline", action="store_true",
-                        help="use only local folders and the Hugging Face cache, never the network (also: "
-                        "HF_HUB_OFFLINE=1)")
-    return parent
-
-
-def build_run_parser() -> argparse.ArgumentParser:
-    tiny_help = ("tiny random-weight models of the same families, offline, small defaults (64x64, 4 frames, 4 steps, "
-                 "overridable): checks the whole path in about a minute on a CPU; the pictures are noise")
-    parser = command_parser("bivdiff run", RUN_DESCRIPTION, RUN_EPILOG, [model_options(tiny_help)])
-    parser.add_argument("items", nargs="*", metavar="[CONFIG] KEY=VALUE",
-                        help="optionally a config name or YAML path first, then any number of dotted overrides")
-    parser.add_argument("--config-name", metavar="NAME", help="a shipped config (bivdiff list shows them)")
-    parser.add_argument("--config", metavar="PATH", help="a YAML file in the same layout (an original one works)")
-    parser.add_argument("--list", action="store_true", help="list the shipped configs and exit")
-    parser.add_argument("--output-dir", metavar="DIR", help="where run folders go (sets Model.output_path)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (sets Model.device; default: cuda when available)")
-    parser.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), help="sets Model.dtype")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="check the config, the input videos and the models, print the plan, and stop")
-    return parser
-
+  bivdiff run --dry-run --config-name video_editing_with_instruct_pix2pix_and_zeroscope"""
 
 BATCH_DESCRIPTION = """\
 Run every job of JOBS, a YAML file (a list of jobs) or a JSON-lines file (.jsonl, one job per line). A job has a
@@ -97,7 +64,6 @@ apply to every job (a job's own overrides win).
 Every job is checked before any model loads; a job with bad input is recorded as failed and the others run.
 Jobs sharing models run back to back on one loaded pipeline. Each job that finishes or fails is appended to
 <output-dir>/ledger.jsonl; a summary table ends the batch, and the exit code is 1 if any job failed."""
-
 BATCH_EPILOG = """\
 example JOBS file (YAML):
   - id: bear-canny
@@ -111,20 +77,7 @@ examples:
   bivdiff batch jobs.yaml --output-dir runs/ --resume          # after a crash: skip the finished jobs
   bivdiff batch jobs.yaml --output-dir runs/ --retry-failed    # rerun the failed ones too
   accelerate launch --num_processes 4 -m bivdiff batch jobs.yaml --output-dir runs/   # 4 GPUs, one per process
-  bivdiff eval runs/                                           # runs/eval.csv and runs/eval.md
-"""
-
-
-def build_batch_parser() -> argparse.ArgumentParser:
-    parser = command_parser("bivdiff batch", BATCH_DESCRIPTION, BATCH_EPILOG, [model_options()])
-    parser.add_argument("jobs", metavar="JOBS", help="a YAML or JSON-lines file of jobs")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every job")
-    parser.add_argument("--output-dir", metavar="DIR", required=True, help="the batch folder: run folders, ledger")
-    parser.add_argument("--resume", action="store_true", help="skip the jobs the ledger lists as finished or failed")
-    parser.add_argument("--retry-failed", action="store_true", help="as --resume, and rerun the failed jobs")
-    parser.add_argument("--dry-run", action="store_true", help="check every job and the models, and stop")
-    return parser
-
+  bivdiff eval runs/                                           # runs/eval.csv and runs/eval.md"""
 
 EVAL_DESCRIPTION = """\
 Scores of one video as JSON: frame_difference and warp_error (optical-flow warping error, [0, 1] intensity units;
@@ -133,75 +86,88 @@ alignment. Given a batch folder, the scores of every finished job (the warp foll
 alignment against the job's video prompt) go to eval.csv and eval.md there, with the means per task."""
 
 
-def build_eval_parser() -> argparse.ArgumentParser:
-    parser = command_parser("bivdiff eval", EVAL_DESCRIPTION)
-    parser.add_argument("video", help="an MP4, a GIF or a folder of images (e.g. a run's video_by_bivdiff.mp4), or a "
-                        "batch folder")
-    parser.add_argument("--source", help="the source video: the warp then follows the source's motion instead of the "
-                        "video's own")
-    parser.add_argument("--prompt", help="text for CLIP text alignment (needs --clip)")
-    parser.add_argument("--clip", metavar="DIR", help="a local CLIP model folder (transformers format)")
-    parser.add_argument("--output", metavar="FILE", help="also write the JSON here")
-    return parser
-
-
-def build_main_parser() -> argparse.ArgumentParser:
-    parser = command_parser("bivdiff", DESCRIPTION)
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `bivdiff` parser and each command's own by name; descriptions and epilogs keep their line breaks."""
+    raw = partial(argparse.ArgumentParser, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = raw(prog="bivdiff", description=DESCRIPTION)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    parser.add_argument("command", nargs="?", choices=COMMANDS, help="run, batch, list, eval or demo")
-    return parser
+    commands = parser.add_subparsers(dest="command", parser_class=raw, help="run, batch, list, eval or demo")
+
+    def command(name: str, func, description: str, epilog: str | None = None, tiny_help: str | None = None):
+        """A command's parser; with `tiny_help`, first the options saying where its models come from."""
+        sub = commands.add_parser(name, description=description, epilog=epilog)
+        sub.set_defaults(func=func)
+        if tiny_help:
+            sub.add_argument("--tiny", action="store_true", help=tiny_help)
+            sub.add_argument("--checkpoints", help="root of the original checkpoints/ layout; config paths under "
+                             "./checkpoints/ follow it (default: ./checkpoints)", metavar="DIR", default="checkpoints")
+            sub.add_argument("--offline", action="store_true", help="use only local folders and the Hugging Face "
+                             "cache, never the network (also: HF_HUB_OFFLINE=1)")
+        return sub
+
+    run = command("run", run_command, RUN_DESCRIPTION, RUN_EPILOG, tiny_help=(
+        "tiny random-weight models of the same families, offline, small defaults (64x64, 4 frames, 4 steps, "
+        "overridable): checks the whole path in about a minute on a CPU; the pictures are noise"))
+    run.add_argument("items", nargs="*", metavar="[CONFIG] KEY=VALUE",
+                     help="optionally a config name or YAML path first, then any number of dotted overrides")
+    run.add_argument("--config-name", metavar="NAME", help="a shipped config (bivdiff list shows them)")
+    run.add_argument("--config", metavar="PATH", help="a YAML file in the same layout (an original one works)")
+    run.add_argument("--list", action="store_true", help="list the shipped configs and exit")
+    run.add_argument("--output-dir", metavar="DIR", help="where run folders go (sets Model.output_path)")
+    run.add_argument("--device", help="cpu, cuda, cuda:N or mps (sets Model.device; default: cuda when available)")
+    run.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), help="sets Model.dtype")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check the config, the input videos and the models, print the plan, and stop")
+    batch = command("batch", batch_command, BATCH_DESCRIPTION, BATCH_EPILOG,
+                    tiny_help="tiny random-weight models (see bivdiff run --help)")
+    batch.add_argument("jobs", metavar="JOBS", help="a YAML or JSON-lines file of jobs")
+    batch.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every job")
+    batch.add_argument("--output-dir", metavar="DIR", required=True, help="the batch folder: run folders, ledger")
+    batch.add_argument("--resume", action="store_true", help="skip the jobs the ledger lists as finished or failed")
+    batch.add_argument("--retry-failed", action="store_true", help="as --resume, and rerun the failed jobs")
+    batch.add_argument("--dry-run", action="store_true", help="check every job and the models, and stop")
+    command("list", run_command, "List the shipped task configs.").set_defaults(list=True)
+    evaluate = command("eval", eval_command, EVAL_DESCRIPTION)
+    evaluate.add_argument("video", help="an MP4, a GIF or a folder of images (e.g. a run's video_by_bivdiff.mp4), or "
+                          "a batch folder")
+    evaluate.add_argument("--source", help="the source video: the warp then follows the source's motion instead of "
+                          "the video's own")
+    evaluate.add_argument("--prompt", help="text for CLIP text alignment (needs --clip)")
+    evaluate.add_argument("--clip", metavar="DIR", help="a local CLIP model folder (transformers format)")
+    evaluate.add_argument("--output", metavar="FILE", help="also write the JSON here")
+    web = command("demo", demo.main, demo.DESCRIPTION, tiny_help=demo.TINY_HELP)
+    for flag, options in demo.OPTIONS.items():
+        web.add_argument(flag, **options)
+    return parser, commands.choices
 
 
-def print_line(text: str) -> None:
-    print(text, flush=True)
-
-
-def run_command(argv: list[str]) -> int:
-    from bivdiff.runner import run_config
-
-    args = build_run_parser().parse_intermixed_args(argv)
+def run_command(args: argparse.Namespace) -> int:
     if args.list:
-        return list_command([])
+        print("Task configs (bivdiff run --config-name NAME; add --tiny to try one offline with random weights):\n",
+              *(f"  {name}\n      {shipped.config_description(name)}" for name in shipped.config_names()), sep="\n")
+        return 0
     overrides = [item for item in args.items if "=" in item]
     others = [item for item in args.items if "=" not in item]
-    if len(others) > 1 or (others and (args.config_name or args.config)) or (args.config_name and args.config):
-        raise ConfigError(
-            f"Unexpected argument(s) {', '.join(others) or '--config with --config-name'}: give one config (a name "
-            "or a .yaml path) and KEY=VALUE overrides, e.g. bivdiff run --config-name NAME Model.seed=1"
-        )
-    overrides += [f"{key}={value}" for key, value in (("Model.device", args.device), ("Model.dtype", args.dtype))
-                  if value is not None]
+    if len(others + [name for name in (args.config_name, args.config) if name]) > 1:
+        raise ConfigError(f"Unexpected argument(s) {', '.join(others) or '--config with --config-name'}: give one "
+                          "config (a name or a .yaml path) and KEY=VALUE overrides, e.g. bivdiff run --config-name "
+                          "NAME Model.seed=1")
+    overrides += [f"Model.{key}={getattr(args, key)}" for key in ("device", "dtype") if getattr(args, key) is not None]
     config = Path(args.config) if args.config else args.config_name or (others[0] if others else None)
     run_config(config, overrides, tiny=args.tiny, checkpoints=args.checkpoints, output_dir=args.output_dir,
                offline=args.offline, dry_run=args.dry_run, log=print_line)
     return 0
 
 
-def list_command(argv: list[str]) -> int:
-    from bivdiff import configs as shipped
-
-    command_parser("bivdiff list", "List the shipped task configs.").parse_args(argv)
-    print("Task configs (bivdiff run --config-name NAME; add --tiny to try one offline with random weights):\n")
-    for name in shipped.config_names():
-        print(f"  {name}\n      {shipped.config_description(name)}")
-    return 0
-
-
-def eval_command(argv: list[str]) -> int:
-    args = build_eval_parser().parse_args(argv)
+def eval_command(args: argparse.Namespace) -> int:
     batch = (Path(args.video).expanduser() / "ledger.jsonl").is_file()
     for label, value in (("video", args.video), ("--source", args.source), ("--clip", args.clip)):
         if value is not None and (label == "--clip" or not batch) and not Path(value).expanduser().exists():
             raise UserError(f"{label}: nothing at {value}: give an existing path.")
     if batch:
-        from bivdiff.batch import evaluate_batch
-
-        for path in evaluate_batch(args.video, args.clip, log=print_line):
-            print(f"wrote {path}")
+        print(*(f"wrote {path}" for path in evaluate_batch(args.video, args.clip, log=print_line)), sep="\n")
         print((Path(args.video).expanduser() / "eval.md").read_text())
         return 0
-    from bivdiff.evaluation import evaluate_video
-
     if args.prompt and not args.clip:
         print("note: --prompt is only used with --clip (CLIP text alignment); ignoring it.", file=sys.stderr)
     try:
@@ -210,66 +176,33 @@ def eval_command(argv: list[str]) -> int:
         raise UserError(f"Cannot evaluate {args.video}: {err}") from err
     text = json.dumps({"video": str(args.video), "source": args.source, **scores}, indent=2)
     if args.output:
-        from bivdiff.run_folder import write_text
-
-        output = Path(args.output).expanduser()
-        output.parent.mkdir(parents=True, exist_ok=True)
-        write_text(output, text + "\n")
+        Path(args.output).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        write_text(Path(args.output).expanduser(), text + "\n")
     print(text)
     return 0
 
 
-def demo_command(argv: list[str]) -> int:
-    from bivdiff.demo import main as demo_main
-
-    return demo_main(argv)
-
-
-def batch_command(argv: list[str]) -> int:
-    from bivdiff.batch import run_batch
-
-    args = build_batch_parser().parse_intermixed_args(argv)
+def batch_command(args: argparse.Namespace) -> int:
     bad = [item for item in args.overrides if "=" not in item]
     if bad:
         raise ConfigError(f"Unexpected argument(s) {', '.join(bad)}: give one JOBS file, then KEY=VALUE overrides.")
-    options = vars(args)
-    return run_batch(options.pop("jobs"), options.pop("output_dir"), options.pop("overrides"), **options,
-                     log=print_line)
-
-
-COMMANDS = {"run": run_command, "batch": batch_command, "list": list_command, "eval": eval_command,
-            "demo": demo_command}
-
-
-def quiet_torchvision_notice():
-    """transformers announces at import that its image processors fall back to PIL without torchvision; the
-    pipelines never use those processors, so the notice is noise on every command."""
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.get_logger("transformers")  # makes sure transformers' handler exists
-    for handler in logging.getLogger("transformers").handlers:
-        handler.addFilter(lambda record: "requires torchvision" not in record.getMessage())
+    options = {key: vars(args)[key] for key in ("tiny", "checkpoints", "offline", "resume", "retry_failed", "dry_run")}
+    return run_batch(args.jobs, args.output_dir, args.overrides, **options, log=print_line)
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_torchvision_notice()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        build_main_parser().print_help()
+    argv = list(sys.argv[1:] if argv is None else argv) or ["--help"]
+    parser, commands = build_parser()
+    if argv[0] in ("-h", "--help", "--version"):
+        sys.stdout.write(f"bivdiff {__version__}\n" if argv[0] == "--version" else parser.format_help())
         return 0
-    if argv[0] == "--version":
-        from bivdiff import __version__
-
-        print(f"bivdiff {__version__}")
-        return 0
-    command = COMMANDS.get(argv[0])
-    if command is None:
-        build_main_parser().print_usage(sys.stderr)
-        print(f"bivdiff: error: unknown command {argv[0]!r}: use run, batch, list, eval or demo (bivdiff --help).",
-              file=sys.stderr)
+    if argv[0] not in commands:
+        print(f"{parser.format_usage()}bivdiff: error: unknown command {argv[0]!r}: use run, batch, list, eval or "
+              "demo (bivdiff --help).", file=sys.stderr)
         return 2
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
     try:
-        return command(argv[1:])
+        return args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1

@@ -5,25 +5,33 @@ is exactly the command-line run with those overrides: same checks and messages b
 folder. Gradio's queue runs one job at a time per process; the others wait their turn.
 """
 
-from __future__ import annotations
-
-import argparse
+import contextlib
 import json
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from bivdiff import configs as shipped
+from bivdiff.config import load_config
 from bivdiff.errors import UserError
+from bivdiff.models_resolution import MissingModelsError
+from bivdiff.runner import run_config
 
 FIRST_CONFIG = "controllable_video_generation_with_controlnet_and_zeroscope"
 INPAINTING = "StableDiffusionInpainting"
 TINY_LABEL = "Tiny models: random weights, built offline in seconds. The pictures are NOISE (checks the app only)."
-TINY_OFFER = (
-    "No weights here? Tick **Tiny models** to try every task with tiny random models: it runs in seconds, "
-    "and the pictures are noise."
-)
+TINY_OFFER = ("No weights here? Tick **Tiny models** to try every task with tiny random models: it runs in seconds, "
+              "and the pictures are noise.")
 INSTALL_HINT = 'The web demo needs gradio: pip install "bivdiff[demo]"'
+# The `bivdiff demo` command line; bivdiff.cli adds the options saying where the models come from.
+DESCRIPTION = ("Open the BIVDiff web demo (Gradio): every task config, with the same checks, run folders and models "
+               f"as `bivdiff run`. {INSTALL_HINT}.")
+TINY_HELP = "start with tiny random-weight models ticked (offline, seconds per run; the pictures are noise)"
+OPTIONS = {"--output-dir": dict(metavar="DIR", default="outputs", help="where run folders go"),
+           "--host": dict(default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+           "--port": dict(type=int, default=7860, help="port (default 7860; the next free one if taken)"),
+           "--share": dict(action="store_true", help="also open a public gradio.live link")}
 
 
 @dataclass
@@ -36,73 +44,9 @@ class DemoSettings:
     offline: bool = False
 
 
-def run_config(name: str, overrides: list[str], settings: DemoSettings, tiny: bool, log) -> Path:
-    """Run a shipped config with `bivdiff run`'s own code path; returns the run folder. `log(text)` gets every
-    line the command line prints. Raises UserError (with the command line's message) for bad input."""
-    from bivdiff.runner import run_config as run
-
-    return run(name, overrides, tiny=tiny, checkpoints=settings.checkpoints, output_dir=settings.output_dir,
-               offline=settings.offline, log=log)
-
-
-def config_values(name: str, tiny: bool) -> dict:
-    """The resolved config (sections VDM, IDM, MixedInversion, Model), as a run with no override would use it."""
-    from bivdiff.config import load_config
-
-    return load_config(shipped.config_path(name), tiny=tiny, name=name).data
-
-
-def is_missing_models(err: UserError) -> bool:
-    from bivdiff.models_resolution import MissingModelsError
-
-    return isinstance(err, MissingModelsError)
-
-
-@dataclass
-class Form:
-    """The run fields of the page, in the order of the Gradio inputs."""
-
-    config: str
-    tiny: bool
-    video: str | None
-    mask: str | None
-    idm_prompt: str
-    vdm_prompt: str
-    steps: float | None
-    mixing_ratio: float | None
-    frames: float | None
-    stride: float | None
-    seed: float | None
-    extra: str = ""
-
-    def overrides(self) -> list[str]:
-        """Dotted overrides for the fields that hold a value; `extra` adds any others, one per line."""
-        # An unknown config name is left to the runner, which names the nearest shipped ones.
-        known = self.config in shipped.config_names()
-        idm = config_values(self.config, self.tiny)["Model"]["idm"] if known else None
-        pairs = [
-            ("Model.video_path", self.video),
-            (f"IDM.{INPAINTING}.video_mask_path", self.mask if idm == INPAINTING else None),
-            ("Model.idm_prompt", self.idm_prompt),
-            ("Model.vdm_prompt", self.vdm_prompt),
-            ("Model.num_inference_steps", _whole(self.steps)),
-            (f"IDM.{idm}.mixing_ratio", self.mixing_ratio if known else None),
-            ("Model.video_length", _whole(self.frames)),
-            ("Model.frame_rate", _whole(self.stride)),
-            ("Model.seed", _whole(self.seed)),
-        ]
-        overrides = [f"{key}={value}" for key, value in pairs if value is not None]
-        return overrides + [line.strip() for line in (self.extra or "").splitlines() if line.strip()]
-
-
-def _whole(value):
-    # Gradio numbers arrive as floats; a fractional value is passed on as typed so the config check names it.
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
 def form_defaults(name: str, tiny: bool) -> dict:
     """The page's field values for a config: what a run with no override uses."""
-    data = config_values(name, tiny)
+    data = load_config(shipped.config_path(name), tiny=tiny, name=name).data
     model = data["Model"]
     return dict(description=shipped.config_description(name), idm=model["idm"], vdm=model["vdm"],
                 idm_prompt=model["idm_prompt"] or "", vdm_prompt=model["vdm_prompt"] or "",
@@ -110,76 +54,63 @@ def form_defaults(name: str, tiny: bool) -> dict:
                 frames=model["video_length"], stride=model["frame_rate"], seed=model["seed"])
 
 
-STAGE_LABELS = {
-    "source_video": "source",
-    "source_mask": "mask",
-    "video_inverted_and_reconstructed": "source, inverted and reconstructed",
-}
+def form_overrides(config, tiny, video, mask, idm_prompt, vdm_prompt, steps, mixing_ratio, frames, stride, seed,
+                   extra="") -> list[str]:
+    """Dotted overrides for the page's fields (in the order of the Gradio inputs) that hold a value; `extra` adds
+    any others, one per line."""
+    # An unknown config name is left to the runner, which names the nearest shipped ones.
+    idm = form_defaults(config, tiny)["idm"] if config in shipped.config_names() else None
+    # Gradio numbers arrive as floats; a fractional value is passed on as typed so the config check names it.
+    steps, frames, stride, seed = (int(value) if isinstance(value, float) and value.is_integer() else value
+                                   for value in (steps, frames, stride, seed))
+    pairs = {"Model.video_path": video, f"IDM.{INPAINTING}.video_mask_path": mask if idm == INPAINTING else None,
+             "Model.idm_prompt": idm_prompt, "Model.vdm_prompt": vdm_prompt, "Model.num_inference_steps": steps,
+             f"IDM.{idm}.mixing_ratio": mixing_ratio if idm else None, "Model.video_length": frames,
+             "Model.frame_rate": stride, "Model.seed": seed}
+    overrides = [f"{key}={value}" for key, value in pairs.items() if value is not None]
+    return overrides + [line.strip() for line in (extra or "").splitlines() if line.strip()]
 
 
 def stage_videos(folder: Path, stats: dict) -> list[tuple[str, str]]:
     """(MP4 path, label) of each video of the run but the comparison, in pipeline order."""
-    videos = []
-    for what, names in stats["files"].items():
-        mp4 = next((n for n in names if n.endswith(".mp4")), None)
-        if mp4 is None or what == "comparison":
-            continue
-        noise = " (tiny: noise)" if stats.get("tiny") else ""
-        labels = {**STAGE_LABELS, "video_by_idm": f"image model: {stats['idm']}{noise}",
-                  "video_by_bivdiff": f"BIVDiff: {stats['vdm']}{noise}"}
-        condition = what.removesuffix("_condition")
-        label = f"condition ({condition})" if condition != what else labels.get(what, what)
-        videos.append((str(folder / mp4), label))
-    return videos
+    noise = " (tiny: noise)" if stats.get("tiny") else ""
+    labels = {"source_video": "source", "source_mask": "mask", "video_by_idm": f"image model: {stats['idm']}{noise}",
+              "video_inverted_and_reconstructed": "source, inverted and reconstructed",
+              "video_by_bivdiff": f"BIVDiff: {stats['vdm']}{noise}"}
+    labels.update({what: f"condition ({what.removesuffix('_condition')})" for what in stats["files"]
+                   if what.endswith("_condition")})
+    mp4s = {what: next((n for n in names if n.endswith(".mp4")), None) for what, names in stats["files"].items()}
+    return [(str(folder / mp4), labels.get(what, what)) for what, mp4 in mp4s.items() if mp4 and what != "comparison"]
 
 
 def stats_table(stats: dict) -> str:
     """Markdown: time, network calls and peak memory of each pipeline stage, then the run's totals."""
+
+    def number(value, form="{:.2f}", scale=1) -> str:
+        return "-" if value is None else form.format(value / scale)
+
+    mib = ("{:,.0f} MiB", 2**20)
     rows = ["| stage | seconds | network calls | peak memory |", "|---|---:|---|---:|"]
     for stage in stats["stages"]:
         calls = ", ".join(f"{name} {count}" for name, count in stage["network_calls"].items()) or "-"
-        rows.append(f"| {stage['stage']} | {_number(stage['seconds'], '{:.2f}')} | {calls} | "
-                    f"{_number(stage['peak_memory_bytes'], MIB)} |")
-    rows += [f"| *{step.replace('_', ' ')}* | {_number(s, '{:.2f}')} | | |" for step, s in stats["seconds"].items()]
+        rows.append(f"| {stage['stage']} | {number(stage['seconds'])} | {calls} | "
+                    f"{number(stage['peak_memory_bytes'], *mib)} |")
+    rows += [f"| *{step.replace('_', ' ')}* | {number(s)} | | |" for step, s in stats["seconds"].items()]
     peak = stats["peak_memory"]
     kind = "CUDA peak allocated" if peak["kind"] == "cuda_max_allocated" else "process peak RSS"
-    rows.append(f"\nPeak memory of the run ({kind}): **{_number(peak['bytes'], MIB)}**; "
+    rows.append(f"\nPeak memory of the run ({kind}): **{number(peak['bytes'], *mib)}**; "
                 f"{stats['unet_calls_total']} network calls on {stats['device']} ({stats['dtype']}).")
     return "\n".join(rows)
-
-
-MIB = "{:,.0f} MiB"
-
-
-def _number(value, form: str) -> str:
-    return "-" if value is None else form.format(value / 2**20 if form == MIB else value)
-
-
-def shown_path(path: Path) -> str:
-    """Relative to the working directory when under it (as the command line prints run folders), else absolute."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
-def error_text(err: UserError, tiny: bool) -> str:
-    text = f"**Nothing was run.**\n\n```text\n{err}\n```"
-    if not tiny and is_missing_models(err):
-        text += "\n\n" + TINY_OFFER
-    return text
 
 
 def build_app(settings: DemoSettings):
     import gradio as gr
 
-    names = shipped.config_names()
     first = form_defaults(FIRST_CONFIG, settings.tiny)
 
     # Gradio finds the progress tracker by its default value; track_tqdm follows the pipelines' own stage bars.
     def run(config, tiny, video, mask, idm_prompt, vdm_prompt, steps, ratio, frames, stride, seed, extra,
             progress=gr.Progress(track_tqdm=True)):  # noqa: B008
-        form = Form(config, tiny, video, mask, idm_prompt, vdm_prompt, steps, ratio, frames, stride, seed, extra)
         lines = []
 
         def log(text: str):
@@ -187,13 +118,20 @@ def build_app(settings: DemoSettings):
             progress(None, desc=text.splitlines()[0])
 
         try:
-            folder = run_config(form.config, form.overrides(), settings, form.tiny, log)
+            overrides = form_overrides(config, tiny, video, mask, idm_prompt, vdm_prompt, steps, ratio, frames, stride,
+                                       seed, extra)
+            folder = run_config(config, overrides, tiny=tiny, checkpoints=settings.checkpoints,
+                                output_dir=settings.output_dir, offline=settings.offline, log=log)
         except UserError as err:
-            return error_text(err, form.tiny), None, [], "", None
+            offer = "\n\n" + TINY_OFFER if not tiny and isinstance(err, MissingModelsError) else ""
+            return f"**Nothing was run.**\n\n```text\n{err}\n```{offer}", None, [], "", None
         except Exception as err:  # noqa: BLE001 - the page reports any failure and stays up for the next run
             return f"**The run failed:** `{type(err).__name__}: {err}`\n\n" + "\n".join(lines[-2:]), None, [], "", None
         stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
-        status = [f"**{TINY_LABEL}**"] * bool(stats.get("tiny")) + [f"Run folder: `{shown_path(folder)}`"]
+        # Relative to the working directory when under it, as the command line prints run folders.
+        cwd = Path.cwd().resolve()
+        shown = folder.resolve().relative_to(cwd) if folder.resolve().is_relative_to(cwd) else folder
+        status = [f"**{TINY_LABEL}**"] * bool(stats.get("tiny")) + [f"Run folder: `{shown}`"]
         archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
         return ("\n\n".join(status), str(folder / "comparison.mp4"), stage_videos(folder, stats), stats_table(stats),
                 archive)
@@ -206,15 +144,13 @@ def build_app(settings: DemoSettings):
         return about, gr.update(visible=values["idm"] == INPAINTING, value=None), *fields, gr.update(visible=tiny)
 
     with gr.Blocks(title="BIVDiff demo") as app:
-        gr.Markdown(
-            "# BIVDiff: training-free video synthesis\n"
-            "An image model does the task on every frame, Mixed Inversion and a text-to-video model make the "
-            "result temporally coherent. Each run writes a run folder, as `bivdiff run` does."
-        )
+        gr.Markdown("# BIVDiff: training-free video synthesis\nAn image model does the task on every frame, Mixed "
+                    "Inversion and a text-to-video model make the result temporally coherent. Each run writes a run "
+                    "folder, as `bivdiff run` does.")
         tiny_banner = gr.Markdown(f"**{TINY_LABEL}**", visible=settings.tiny)
         with gr.Row():
             with gr.Column(scale=2):
-                config = gr.Dropdown(names, value=FIRST_CONFIG, label="Task config (bivdiff list)")
+                config = gr.Dropdown(shipped.config_names(), value=FIRST_CONFIG, label="Task config (bivdiff list)")
                 about = gr.Markdown()
                 tiny = gr.Checkbox(value=settings.tiny, label=TINY_LABEL)
                 video = gr.Video(label="Source video (empty: the shipped Big Buck Bunny clip)", sources=["upload"],
@@ -253,48 +189,29 @@ def build_app(settings: DemoSettings):
     return app
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from bivdiff.cli import command_parser, model_options
-
-    tiny_help = "start with tiny random-weight models ticked (offline, seconds per run; the pictures are noise)"
-    parser = command_parser("bivdiff demo", "Open the BIVDiff web demo (Gradio): every task config, with the same "
-                            f"checks, run folders and models as `bivdiff run`. {INSTALL_HINT}.", None,
-                            [model_options(tiny_help)])
-    parser.add_argument("--output-dir", metavar="DIR", default="outputs", help="where run folders go")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=7860, help="port (default 7860; the next free one if taken)")
-    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    return parser
-
-
 def launch(app, settings: DemoSettings, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
            block: bool = True):
-    """Serve the app; run folders are served from `settings.output_dir`, wherever it is. Without a port, one the
-    system picks as free (Gradio's own search from 7860 races with any other server starting at the same time)."""
-    return app.launch(server_name=host, server_port=port or _free_port(host, 0), share=share, quiet=not block,
+    """Serve the app, and the run folders in `settings.output_dir` wherever it is, on the first free port from `port`
+    (none: one the system picks; Gradio's own search from 7860 races with other servers starting at the same time)."""
+    return app.launch(server_name=host, server_port=free_port(host, port or 0), share=share, quiet=not block,
                       allowed_paths=[str(Path(settings.output_dir).resolve())], prevent_thread_lock=not block)
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+def main(args) -> int:
+    """`bivdiff demo` with the options `bivdiff.cli` parsed."""
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise UserError(INSTALL_HINT) from None
     settings = DemoSettings(args.tiny, args.checkpoints, args.output_dir, args.offline)
-    launch(build_app(settings), settings, host=args.host, port=_free_port(args.host, args.port), share=args.share)
+    launch(build_app(settings), settings, host=args.host, port=args.port, share=args.share)
     return 0
 
 
-def _free_port(host: str, port: int, tries: int = 100) -> int:
+def free_port(host: str, port: int, tries: int = 100) -> int:
     """The first port from `port` that binds on `host` (port 0: one the system picks)."""
-    import socket
-
     for candidate in range(port, port + tries):
-        with socket.socket() as probe:
-            try:
-                probe.bind((host, candidate))
-            except OSError:
-                continue
+        with socket.socket() as probe, contextlib.suppress(OSError):
+            probe.bind((host, candidate))
             return probe.getsockname()[1]
     raise UserError(f"No free port in {port}..{port + tries - 1} on {host}: give another with --port.")

@@ -19,7 +19,7 @@ from cli_helpers import run_cli, stats
 
 from bivdiff import configs as shipped
 from bivdiff.config import load_config
-from bivdiff.demo import FIRST_CONFIG, TINY_LABEL, TINY_OFFER, DemoSettings, Form, form_defaults
+from bivdiff.demo import FIRST_CONFIG, TINY_LABEL, TINY_OFFER, DemoSettings, form_defaults, form_overrides
 
 INPAINTING = "video_inpainting_with_stable_diffusion_inpainting_and_vidrd"
 
@@ -170,18 +170,18 @@ def test_the_pages_fields_reproduce_each_configs_own_values(name):
     nothing in the resolved config (with and without the tiny defaults)."""
     path = shipped.config_path(name)
     for tiny in (False, True):
-        form = Form(**page_fields(name, tiny))
+        overrides = form_overrides(**page_fields(name, tiny))
         assert (
-            load_config(path, form.overrides(), tiny=tiny, name=name).data
+            load_config(path, overrides, tiny=tiny, name=name).data
             == load_config(path, tiny=tiny, name=name).data
         )
 
 
 def test_the_mask_field_only_reaches_the_inpainting_config(tmp_path):
     mask = str(tmp_path / "mask.mp4")
-    inpainting = Form(**page_fields(INPAINTING, mask=mask)).overrides()
+    inpainting = form_overrides(**page_fields(INPAINTING, mask=mask))
     assert f"IDM.StableDiffusionInpainting.video_mask_path={mask}" in inpainting
-    assert not any("video_mask_path" in item for item in Form(**page_fields(mask=mask)).overrides())
+    assert not any("video_mask_path" in item for item in form_overrides(**page_fields(mask=mask)))
 
 
 def test_runs_are_queued_one_at_a_time(server):
