@@ -1,11 +1,6 @@
 """Per-frame inputs of the image models: condition videos (canny, depth, pose) and masks (inpainting, outpainting).
-
-Canny runs on OpenCV alone. Depth (MiDaS) and pose (OpenPose, body only) need `controlnet_aux`, an optional extra
-(`pip install "bivdiff[annotators]"`), and its weights (lllyasviel/Annotators). A ready condition video can be
-given instead of any annotator.
-"""
-
-from __future__ import annotations
+Canny needs OpenCV alone; depth (MiDaS) and pose (OpenPose, body only) need the optional extra `controlnet_aux`
+(`pip install "bivdiff[annotators]"`) and its weights (lllyasviel/Annotators), or a ready condition video instead."""
 
 import numpy as np
 from PIL import Image
@@ -14,10 +9,8 @@ from bivdiff.errors import UserError
 
 ANNOTATORS_HUB_ID = "lllyasviel/Annotators"
 # Files each controlnet_aux detector reads from lllyasviel/Annotators.
-ANNOTATOR_FILES = {
-    "depth_midas": ("dpt_hybrid-midas-501f0c75.pt",),
-    "openpose": ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"),
-}
+ANNOTATOR_FILES = {"depth_midas": ("dpt_hybrid-midas-501f0c75.pt",),
+                   "openpose": ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")}
 INSTALL_ANNOTATORS = 'pip install "bivdiff[annotators]"'
 
 
@@ -40,47 +33,39 @@ def canny_frames(frames: list[Image.Image], low: float = 100, high: float = 200,
 
 def check_annotators_installed(condition: str, dotted_key: str) -> None:
     """Raise a UserError saying how to get the annotator of `condition`, unless controlnet_aux imports."""
-    if not needs_annotator(condition):
-        return
     try:
-        import controlnet_aux  # noqa: F401
+        if needs_annotator(condition):
+            import controlnet_aux  # noqa: F401
     except Exception as err:  # noqa: BLE001 - a broken torchvision raises RuntimeError, not ImportError
-        raise UserError(
-            f"{dotted_key}={condition} needs the controlnet_aux annotators, which cannot be imported here "
-            f"({type(err).__name__}: {err}). Install them with: {INSTALL_ANNOTATORS}\n"
-            f"Or use {dotted_key}=canny (OpenCV only), or give a ready condition video with "
-            f"{dotted_key.rsplit('.', 1)[0]}.condition_video=PATH."
-        ) from err
+        raise UserError(f"{dotted_key}={condition} needs the controlnet_aux annotators, which cannot be imported "
+                        f"here ({type(err).__name__}: {err}). Install them with: {INSTALL_ANNOTATORS}\nOr use "
+                        f"{dotted_key}=canny (OpenCV only), or give a ready condition video with "
+                        f"{dotted_key.rsplit('.', 1)[0]}.condition_video=PATH.") from err
 
 
 def annotate_frames(frames: list[Image.Image], condition: str, annotator_path: str, channels: int = 3) -> list:
-    """Depth (`depth_midas`) or pose (`openpose`, body only) of each frame at the frame's size.
-
-    `annotator_path` is a local folder or the Hub id holding the annotator weights.
-    """
-    from tqdm.auto import tqdm
-
+    """Depth (`depth_midas`) or pose (`openpose`, body only) of each frame at the frame's size, by the annotator
+    weights in `annotator_path` (a local folder or a Hub id)."""
     import controlnet_aux
+    from tqdm.auto import tqdm
 
     detector_class = {"depth_midas": "MidasDetector", "openpose": "OpenposeDetector"}[condition]
     detector = getattr(controlnet_aux, detector_class).from_pretrained(annotator_path)
-    width, height = frames[0].size
-    kwargs = dict(detect_resolution=min(width, height), image_resolution=min(width, height), output_type="pil")
-    if condition == "openpose":
-        kwargs.update(include_body=True, include_hand=False, include_face=False)
-    results = (detector(frame.convert("RGB"), **kwargs) for frame in tqdm(frames, desc=f"Conditions ({condition})"))
+    size = frames[0].size
     mode = "L" if channels == 1 else "RGB"
-    return [result.resize((width, height), Image.Resampling.BILINEAR).convert(mode) for result in results]
+    body_only = dict(include_body=True, include_hand=False, include_face=False) if condition == "openpose" else {}
+    kwargs = dict(detect_resolution=min(size), image_resolution=min(size), output_type="pil", **body_only)
+    bar = tqdm(frames, desc=f"Conditions ({condition})")
+    return [detector(f.convert("RGB"), **kwargs).resize(size, Image.Resampling.BILINEAR).convert(mode) for f in bar]
 
 
 def binarise_masks(frames: list[Image.Image]) -> list[Image.Image]:
     """Grey mask frames -> pure black and white at mid-grey, so video compression noise cannot leak in."""
-    return [Image.fromarray(np.where(np.asarray(f.convert("L")) >= 128, 255, 0).astype(np.uint8)) for f in frames]
+    return [frame.convert("L").point(lambda value: 255 if value >= 128 else 0) for frame in frames]
 
 
 def outpainting_masks(num_frames: int, height: int, width: int, mask_type: str) -> list[Image.Image]:
-    """The band masks the inpainting pipeline uses for `outpaint=mask_type` (white = regenerate), to save and show
-    beside the result."""
+    """The inpainting pipeline's band masks for `outpaint=mask_type` (white = regenerate), shown beside the result."""
     from bivdiff.pipelines.pipeline_bivdiff_inpaint import outpaint_mask
 
     mask = (outpaint_mask(height, width, mask_type) * 255).astype(np.uint8)

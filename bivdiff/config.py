@@ -1,15 +1,15 @@
-"""Run configs in the original BIVDiff layout (sections VDM, IDM, MixedInversion, Model) as OmegaConf structured
-configs. The dataclasses below are the schema: every key, its type, its default and its allowed range. OmegaConf
-merges the layers (defaults < the YAML file < the `--tiny` defaults < `key=value` overrides) in struct mode,
-refusing unknown keys and converting types; this module adds the messages and the range checks, all of which run
-before any model loads. Original config files load unchanged (their `hydra:` section is ignored).
+"""Run configs in the original BIVDiff layout (sections VDM, IDM, MixedInversion, Model; `hydra:` is ignored) as
+OmegaConf structured configs: the dataclasses below are the schema (keys, types, defaults, ranges). OmegaConf merges
+defaults < the YAML file < the `--tiny` defaults < `key=value` overrides in struct mode, refusing unknown keys and
+converting types; this module adds the messages and the range checks, all run before any model loads.
 
-Overrides are parsed here rather than with Hydra's grammar so that a prompt may hold commas and colons unquoted
-(`"Model.idm_prompt=A fox: running, fast"`), as the original's users typed them.
+Overrides are parsed here, not with Hydra's grammar, which rejects unquoted commas: a prompt may hold commas and
+colons unquoted (`"Model.idm_prompt=A fox: running, fast"`), as the original's users typed them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import math
@@ -23,22 +23,10 @@ from bivdiff.errors import ConfigError
 
 # The original's POS_PROMPT and NEG_PROMPT for ControlNet and InstructPix2Pix (models/*/infer.py), verbatim,
 # typo included: they are the prompts the published results were made with.
-QUALITY_SUFFIX = (
-    " ,best quality, extremely detailed, HD, ultra-realistic, 8K, HQ, masterpiece, trending on artstation, art, smooth"
-)
-QUALITY_NEGATIVE = (
-    "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer difits, cropped, worst quality, "
-    "low quality, deformed body, bloated, ugly, unrealistic"
-)
-IDMS = (
-    "ControlNet",
-    "T2IAdapter",
-    "InstructPix2Pix",
-    "Prompt2Prompt",
-    "StableDiffusionInpainting",
-    "StableDiffusionOutpainting",
-)
-VDMS = ("VidRD", "ZeroScope", "AnimateDiff", "ModelScope")
+QUALITY_SUFFIX = (" ,best quality, extremely detailed, HD, ultra-realistic, 8K, HQ, masterpiece, "
+                  "trending on artstation, art, smooth")
+QUALITY_NEGATIVE = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer difits, cropped, "
+                    "worst quality, low quality, deformed body, bloated, ugly, unrealistic")
 SCHEDULERS = ("default", "DDIM", "PNDM", "EulerAncestral", "Euler", "DPMSolverMultistep", "UniPC", "LMS")
 TINY_DEFAULTS = {"Model": {"width": 64, "height": 64, "video_length": 4, "num_inference_steps": 4}}
 
@@ -47,12 +35,11 @@ def bounded(default, low, high=None, hint=""):
     return field(default=default, metadata={"low": low, "high": high, "hint": hint})
 
 
-def mixing(default):
-    return bounded(default, 0.0, 1.0, " 1 = image-model inversion only, 0 = video only.")
-
-
 def one_of(default, *choices):
     return field(default=default, metadata={"choices": choices})
+
+
+mixing = functools.partial(bounded, low=0.0, high=1.0, hint=" 1 = image-model inversion only, 0 = video only.")
 
 
 @dataclass
@@ -188,36 +175,28 @@ class MixedInversionOptions:
     reencode_frames: bool = True
 
 
-IDM_SCHEMAS = dict(zip(IDMS, (ControlNetOptions, T2IAdapterOptions, InstructPix2PixOptions, Prompt2PromptOptions,
-                               InpaintingOptions, OutpaintingOptions)))
+IDM_SCHEMAS = {"ControlNet": ControlNetOptions, "T2IAdapter": T2IAdapterOptions,
+               "InstructPix2Pix": InstructPix2PixOptions, "Prompt2Prompt": Prompt2PromptOptions,
+               "StableDiffusionInpainting": InpaintingOptions, "StableDiffusionOutpainting": OutpaintingOptions}
 VDM_SCHEMAS = {"VidRD": VidRDOptions, "ZeroScope": ZeroScopeOptions, "AnimateDiff": AnimateDiffOptions,
                "ModelScope": ModelScopeOptions}
+IDMS, VDMS = tuple(IDM_SCHEMAS), tuple(VDM_SCHEMAS)
 SECTIONS = {"VDM": VDM_SCHEMAS, "IDM": IDM_SCHEMAS, "MixedInversion": MixedInversionOptions, "Model": ModelOptions}
 
 
 @functools.cache
 def _schema():
-    """The defaults of every section; merges copy it, nothing changes it."""
+    """The defaults of every section, refusing unknown keys; merges copy it, nothing changes it."""
     from omegaconf import OmegaConf
 
-    def node(spec):
-        if isinstance(spec, dict):
-            return {name: node(value) for name, value in spec.items()}
-        return OmegaConf.structured(spec)
-
-    schema = OmegaConf.create(node(SECTIONS))
-    OmegaConf.set_struct(schema, True)
-    return schema
+    return OmegaConf.create(SECTIONS, flags={"struct": True})
 
 
 def valid_keys() -> list[str]:
     """Every dotted key a config may set."""
-    keys = []
-    for section, spec in SECTIONS.items():
-        for name, cls in spec.items() if isinstance(spec, dict) else [(None, spec)]:
-            prefix = f"{section}.{name}." if name else f"{section}."
-            keys += [prefix + f.name for f in fields(cls)]
-    return keys
+    nested = {f"{section}.{name}": cls for section in ("VDM", "IDM") for name, cls in SECTIONS[section].items()}
+    classes = {**nested, "MixedInversion": MixedInversionOptions, "Model": ModelOptions}
+    return [f"{section}.{f.name}" for section, cls in classes.items() for f in fields(cls)]
 
 
 @dataclass
@@ -249,53 +228,39 @@ class RunConfig:
 
 
 def load_config(path: str | Path, overrides=(), tiny: bool = False, name: str | None = None) -> RunConfig:
-    """Load a YAML config, lay the `--tiny` defaults and the `key=value` overrides over it, check it.
-
-    Raises ConfigError naming an unknown key (with the nearest valid ones), or listing every bad value.
-    """
-    from omegaconf import OmegaConf
+    """Load a YAML config, lay the `--tiny` defaults and the `key=value` overrides over it, check it: a ConfigError
+    names an unknown key (with the nearest valid ones), or lists every bad value."""
+    from omegaconf import DictConfig, OmegaConf
 
     path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"No config file at {path}: give the path of a YAML file, or --config-name NAME.")
+    try:
+        file = OmegaConf.load(path)
+    except Exception as err:  # noqa: BLE001 - YAML, OS and OmegaConf errors alike mean an unreadable file
+        raise ConfigError(f"Cannot read the config file {path}: {err}") from err
+    if not isinstance(file, DictConfig):
+        raise ConfigError(f"The config file {path} must hold sections (VDM, IDM, MixedInversion, Model).")
+    file.pop("hydra", None)  # the original files' settings of Hydra itself
+    layers = {f"the config file {path}": file, "the --tiny defaults": OmegaConf.create(TINY_DEFAULTS if tiny else {}),
+              "the command-line overrides": parse_overrides(overrides)}
     merged = _schema()
-    layers = [(_read_yaml(path), f"the config file {path}")]
-    if tiny:
-        layers.append((OmegaConf.create(TINY_DEFAULTS), "the --tiny defaults"))
-    layers.append((parse_overrides(overrides), "the command-line overrides"))
-    for layer, where in layers:
-        merged = _merge(merged, _stride_alias(layer, where), where)
+    for where, layer in layers.items():
+        merged = _merge(merged, layer, where)
     data = OmegaConf.to_container(merged)
     model = data["Model"]
-    for dotted, known, kind in (("Model.idm", IDMS, "an image"), ("Model.vdm", VDMS, "a video")):
-        value = model[dotted[6:]]
-        if value not in known:
-            raise ConfigError(
-                f"{dotted}={value!r} in {path} is not {kind} model bivdiff knows: use one of {', '.join(known)}."
-            )
-    data["IDM"] = {model["idm"]: data["IDM"][model["idm"]]}
-    data["VDM"] = {model["vdm"]: data["VDM"][model["vdm"]]}
+    for key, known, kind in (("idm", IDMS, "an image"), ("vdm", VDMS, "a video")):
+        if model[key] not in known:
+            raise ConfigError(f"Model.{key}={model[key]!r} in {path} is not {kind} model bivdiff knows: "
+                              f"use one of {', '.join(known)}.")
+        data[key.upper()] = {model[key]: data[key.upper()][model[key]]}  # only the chosen model's section
     for options in (model, data["IDM"][model["idm"]]):  # an empty YAML value means empty text (or no words)
-        for key in ("idm_prompt", "vdm_prompt", "prompt_suffix", "negative_prompt", "local_blend_words"):
-            if key in options and options[key] is None:
-                options[key] = [] if key == "local_blend_words" else ""
+        blank = dict(idm_prompt="", vdm_prompt="", prompt_suffix="", negative_prompt="", local_blend_words=[])
+        options.update({key: value for key, value in blank.items() if key in options and options[key] is None})
     model["frame_stride"] = model["frame_rate"]
     config = RunConfig(name=name or path.stem, data=data, tiny=tiny, overrides=tuple(overrides))
     validate(config)
     return config
-
-
-def _read_yaml(path: Path):
-    from omegaconf import DictConfig, OmegaConf
-
-    if not path.is_file():
-        raise ConfigError(f"No config file at {path}: give the path of a YAML file, or --config-name NAME.")
-    try:
-        loaded = OmegaConf.load(path)
-    except Exception as err:  # noqa: BLE001 - YAML, OS and OmegaConf errors alike mean an unreadable file
-        raise ConfigError(f"Cannot read the config file {path}: {err}") from err
-    if not isinstance(loaded, DictConfig):
-        raise ConfigError(f"The config file {path} must hold sections (VDM, IDM, MixedInversion, Model).")
-    loaded.pop("hydra", None)  # the original files' settings of Hydra itself
-    return loaded
 
 
 def parse_overrides(overrides):
@@ -303,35 +268,23 @@ def parse_overrides(overrides):
     (surrounding quotes removed); a value for a list, or `null`, is parsed as YAML; the schema converts the rest."""
     import yaml
     from omegaconf import OmegaConf, StringNode
+    from omegaconf._impl import select_node
 
-    schema, layer = _schema(), OmegaConf.create()
+    layer = OmegaConf.create()
     for item in overrides:
         key, equals, raw = item.partition("=")
-        key = key.strip()
+        key, text = key.strip(), raw.strip()
         if not equals:
-            raise ConfigError(
-                f"Override {item!r} must be KEY=VALUE with a dotted key, e.g. Model.num_inference_steps=20."
-            )
-        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"Override {item!r} must be KEY=VALUE with a dotted key, "
+                              "e.g. Model.num_inference_steps=20.")
+        if not all(key.split(".")):
             raise ConfigError(f"Override {item!r} has no valid key before '=': e.g. Model.num_inference_steps=20.")
-        text = raw.strip()
-        try:
-            node = schema._get_node(key.split(".")[0])
-            for part in key.split(".")[1:]:
-                node = node._get_node(part)
-        except Exception:  # noqa: BLE001 - an unknown key: the merge names it
-            node = None
-        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-            value = text[1:-1]
-        elif text == "null":
-            value = None
-        elif isinstance(node, StringNode) or not text.startswith("["):
-            value = raw
-        else:
-            try:
+        node = select_node(_schema(), key)  # its type says whether `[...]` is a list or text; None: an unknown key
+        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+        value = text[1:-1] if quoted else None if text == "null" else raw
+        if not quoted and text.startswith("[") and not isinstance(node, StringNode):
+            with contextlib.suppress(yaml.YAMLError):  # unparsable: the schema then says what is wrong
                 value = yaml.safe_load(text)
-            except yaml.YAMLError:
-                value = raw  # the schema then says what is wrong
         try:
             OmegaConf.update(layer, key, value, force_add=True)
         except Exception as err:  # noqa: BLE001 - e.g. a key set both as a value and as a section
@@ -339,106 +292,79 @@ def parse_overrides(overrides):
     return layer
 
 
-def _stride_alias(layer, where: str):
-    """`frame_stride` is another name for the original's `frame_rate` (a frame stride): keep `frame_rate`."""
-    model = layer.get("Model") if hasattr(layer, "get") else None
-    if hasattr(model, "get") and model.get("frame_stride") is not None:
-        stride, rate = model.pop("frame_stride"), model.get("frame_rate")
-        if rate is not None and str(rate) != str(stride):
-            raise ConfigError(
-                f"Model.frame_rate={rate} and Model.frame_stride={stride} in {where} disagree: both name the frame "
-                "stride (the original called it frame_rate). Set only one."
-            )
-        model["frame_rate"] = stride
-    return layer
-
-
 def _merge(base, layer, where: str):
-    from omegaconf import OmegaConf
+    """`layer` over `base`. `Model.frame_stride` is another name for the original's `Model.frame_rate` (a frame
+    stride): it is set as `frame_rate`. An unknown key is named with the nearest valid ones."""
+    from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import ConfigKeyError, ValidationError
 
+    model = layer.get("Model")
+    stride = model.pop("frame_stride", None) if isinstance(model, DictConfig) else None
+    if stride is not None:
+        rate = model.get("frame_rate")
+        if rate is not None and str(rate) != str(stride):
+            raise ConfigError(f"Model.frame_rate={rate} and Model.frame_stride={stride} in {where} disagree: both "
+                              "name the frame stride (the original called it frame_rate). Set only one.")
+        model["frame_rate"] = stride
     try:
         return OmegaConf.merge(base, layer)
     except ConfigKeyError as err:
-        raise ConfigError(_unknown_key_message(err.full_key, where)) from None
+        keys, dotted = valid_keys(), err.full_key
+        sections = sorted({k.rsplit(".", 1)[0] for k in keys} | set(SECTIONS))
+        near = difflib.get_close_matches(dotted, keys + sections, n=3, cutoff=0.6)
+        # The same key name in another section, e.g. Model.mixing_ratio -> IDM.ControlNet.mixing_ratio.
+        near += [k for k in keys if k.rsplit(".", 1)[-1] == dotted.rsplit(".", 1)[-1] and k not in near][:3]
+        hint = f" Did you mean: {', '.join(near)}?" if near else " Sections: VDM, IDM, MixedInversion, Model."
+        raise ConfigError(f"Unknown config key {dotted!r} in {where}.{hint}") from None
     except ValidationError as err:
         if err.full_key:
             raise ConfigError(f"Bad value for {err.full_key} in {where}: {err.msg.splitlines()[0]}.") from None
         raise ConfigError(f"{where} sets a section to a value: set keys inside it, e.g. Model.seed=1.") from None
 
 
-def _unknown_key_message(dotted: str, where: str) -> str:
-    keys = valid_keys()
-    sections = sorted({k.rsplit(".", 1)[0] for k in keys} | set(SECTIONS))
-    near = difflib.get_close_matches(dotted, keys + sections, n=3, cutoff=0.6)
-    # The same key name in another section, e.g. Model.mixing_ratio -> IDM.ControlNet.mixing_ratio.
-    last = dotted.rsplit(".", 1)[-1]
-    near += [k for k in keys if k.rsplit(".", 1)[-1] == last and k not in near][:3]
-    message = f"Unknown config key {dotted!r} in {where}."
-    return message + (f" Did you mean: {', '.join(near)}?" if near else " Sections: VDM, IDM, MixedInversion, Model.")
-
-
 def validate(config: RunConfig) -> None:
     """Check every value the run will use; raise one ConfigError listing all problems with their fixes."""
     model, options, prefix = config.model, config.idm_options, f"IDM.{config.idm}"
-    problems = _range_problems(ModelOptions, model, "Model")
-    problems += _range_problems(IDM_SCHEMAS[config.idm], options, prefix)
-    problems += _range_problems(MixedInversionOptions, config.mixed_inversion, "MixedInversion")
+    problems = []
+    for section, schema, values in (("Model", ModelOptions, model), (prefix, IDM_SCHEMAS[config.idm], options),
+                                    ("MixedInversion", MixedInversionOptions, config.mixed_inversion)):
+        for spec in fields(schema):  # the keys whose schema field declares choices or bounds
+            meta, value, dotted = spec.metadata, values.get(spec.name), f"{section}.{spec.name}"
+            low, high = meta.get("low"), meta.get("high")
+            if "choices" in meta and value not in meta["choices"]:
+                problems.append(f"{dotted}={value!r} must be one of: {', '.join(meta['choices'])}.")
+            elif isinstance(value, int) and low is not None and value < low:
+                problems.append(f"{dotted}={value!r} must be a whole number >= {low}.")
+            elif isinstance(value, float) and low is not None:
+                if not (math.isfinite(value) and low <= value <= (math.inf if high is None else high)):
+                    bounds = f" >= {low}" if high is None else f" in [{low}, {high}]"
+                    problems.append(f"{dotted}={value!r} must be a number{bounds}.{meta['hint']}")
     for key in ("width", "height"):
         if model[key] >= 8 and model[key] % 8:
             low = model[key] // 8 * 8
-            problems.append(
-                f"Model.{key}={model[key]} is not a multiple of 8 (the VAE works on 8x8 pixel blocks): "
-                f"use {low} or {low + 8}."
-            )
+            problems.append(f"Model.{key}={model[key]} is not a multiple of 8 (the VAE works on 8x8 pixel blocks): "
+                            f"use {low} or {low + 8}.")
     if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", model["device"]):
         problems.append(f"Model.device={model['device']!r} must be auto, cpu, cuda, cuda:N or mps.")
     window, overlap = model["video_window"], model["video_window_overlap"]
     if window is not None and window >= 2 and not overlap < window:
-        problems.append(
-            f"Model.video_window_overlap={overlap!r} must be a whole number from 0 to "
-            f"Model.video_window - 1 ({window - 1})."
-        )
-    needs = {"InstructPix2Pix": "an editing instruction", "ControlNet": "a prompt describing the frames"}
-    needs["T2IAdapter"] = needs["ControlNet"]
-    if config.idm in needs and not model["idm_prompt"].strip():
-        problems.append(f"Model.idm_prompt is empty: {config.idm} needs {needs[config.idm]}.")
+        problems.append(f"Model.video_window_overlap={overlap!r} must be a whole number from 0 to "
+                        f"Model.video_window - 1 ({window - 1}).")
+    need = {"InstructPix2Pix": "an editing instruction"}.get(config.idm, "a prompt describing the frames")
+    if config.idm in ("ControlNet", "T2IAdapter", "InstructPix2Pix") and not model["idm_prompt"].strip():
+        problems.append(f"Model.idm_prompt is empty: {config.idm} needs {need}.")
     prompts = options.get("prompts", ["-", "-"])
     if not (prompts and len(prompts) == 2 and all(p.strip() for p in prompts)):
-        problems.append(
-            f"{prefix}.prompts={prompts!r} must be two non-empty prompts, [source, edited], e.g. "
-            f"{prefix}.prompts='[A car is moving on the road, A white car is moving on the road]'."
-        )
+        problems.append(f"{prefix}.prompts={prompts!r} must be two non-empty prompts, [source, edited], e.g. "
+                        f"{prefix}.prompts='[A car is moving on the road, A white car is moving on the road]'.")
     if len(options.get("reweight_words", [])) != len(options.get("reweight_strengths", [])):
         problems.append(f"{prefix}.reweight_words and {prefix}.reweight_strengths need one strength per word.")
     for dotted in ("Model.video_path", f"{prefix}.condition_video", f"{prefix}.video_mask_path"):
-        section, key = dotted.rsplit(".", 1)
-        value = (model if section == "Model" else options).get(key)
+        value = (model if dotted.startswith("Model.") else options).get(dotted.rsplit(".", 1)[1])
         if value is not None and not Path(value).expanduser().exists():
             # Input files must exist now, not after minutes of model loading.
-            problems.append(
-                f"{dotted}: no file or folder at {value} (from {Path.cwd()}): give an MP4, a GIF or a folder of "
-                f"images, or null for the clip shipped with bivdiff."
-            )
+            problems.append(f"{dotted}: no file or folder at {value} (from {Path.cwd()}): give an MP4, a GIF or a "
+                            "folder of images, or null for the clip shipped with bivdiff.")
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(f"The config {config.name} has {len(problems)} problem(s):\n{lines}")
-
-
-def _range_problems(schema, values: dict, prefix: str) -> list[str]:
-    """The problems of the keys whose schema field declares choices or bounds."""
-    problems = []
-    for spec in fields(schema):
-        meta, value = spec.metadata, values.get(spec.name)
-        if "choices" in meta and value not in meta["choices"]:
-            problems.append(f"{prefix}.{spec.name}={value!r} must be one of: {', '.join(meta['choices'])}.")
-        if "low" not in meta or value is None:
-            continue
-        low, high = meta["low"], meta["high"]
-        if isinstance(value, int):
-            if value < low:
-                problems.append(f"{prefix}.{spec.name}={value!r} must be a whole number >= {low}.")
-        elif not math.isfinite(value) or value < low or (high is not None and value > high):
-            bounds = f" in [{low}, {high}]" if high is not None else f" >= {low}"
-            problems.append(f"{prefix}.{spec.name}={value!r} must be a number{bounds}.{meta['hint']}")
-    return problems
