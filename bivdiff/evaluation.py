@@ -2,10 +2,9 @@
 
 Pixel metrics (`warp_error`, `frame_difference`) are mean absolute differences in [0, 1] intensity units, so
 0.01 is about 2.5 grey levels; multiply by 1000 to compare with tables that report them "x 10^-3". CLIP
-scores are 100 x cosine similarity, in [-100, 100].
-
-Every function takes frames in any form `bivdiff.video_io.to_numpy_frames` accepts (PIL list, numpy array,
-torch tensor), measured at 8 bits per channel as a saved video would be; `evaluate_video` also takes paths.
+scores are 100 x cosine similarity, in [-100, 100]. Every function takes frames in any form
+`bivdiff.video_io.to_numpy_frames` accepts (PIL list, numpy array, torch tensor), measured at 8 bits per channel
+as a saved video would be; `evaluate_video` also takes paths.
 """
 
 from __future__ import annotations
@@ -13,12 +12,9 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from bivdiff.video_io import read_video, to_numpy_frames, to_pil_frames
 
@@ -50,19 +46,22 @@ def warp_error(frames, source=None) -> float:
     destination cancel, |f + b|^2 < 0.01 (|f|^2 + |b|^2) + 0.5, and its destination lies inside the frame.
     Pairs with no such pixel are skipped; NaN when every pair is.
     """
+    import cv2
+
     video = _float_frames(frames, "warp_error")
     motion = video if source is None else _float_frames(source, "warp_error")
     if motion.shape != video.shape:
         raise ValueError(
-            f"warp_error's source is {_describe(motion)} but the video is {_describe(video)}: pass the source "
-            "frames the video was made from, read at its size, e.g. read_video(path, num_frames=F, "
-            "stride=s, height=H, width=W)."
+            f"warp_error's source is {len(motion)} frames of {motion.shape[2]}x{motion.shape[1]} but the video is "
+            f"{len(video)} frames of {video.shape[2]}x{video.shape[1]}: pass the source frames the video was made "
+            "from, read at its size, e.g. read_video(path, num_frames=F, stride=s, height=H, width=W)."
         )
-    gray = [_gray_uint8(frame) for frame in motion]
+    gray = [cv2.cvtColor((frame * 255.0).round().astype(np.uint8), cv2.COLOR_RGB2GRAY) for frame in motion]
     errors = []
     for t in range(len(video) - 1):
-        forward = _flow(gray[t], gray[t + 1])
-        backward = _flow(gray[t + 1], gray[t])
+        # Dense flows (H, W, 2) with first(x) ~ second(x + flow(x)).
+        forward = cv2.calcOpticalFlowFarneback(gray[t], gray[t + 1], None, **_FARNEBACK)
+        backward = cv2.calcOpticalFlowFarneback(gray[t + 1], gray[t], None, **_FARNEBACK)
         warped, inside = _warp(video[t + 1], forward)
         valid = inside & _consistent(forward, backward)
         if valid.any():
@@ -75,23 +74,6 @@ def _float_frames(frames, metric: str) -> np.ndarray:
     if len(video) < 2:
         raise ValueError(f"{metric} compares consecutive frames and needs at least 2; got {len(video)}.")
     return video
-
-
-def _describe(video: np.ndarray) -> str:
-    return f"{len(video)} frames of {video.shape[2]}x{video.shape[1]}"
-
-
-def _gray_uint8(frame: np.ndarray) -> np.ndarray:
-    import cv2
-
-    return cv2.cvtColor((frame * 255.0).round().astype(np.uint8), cv2.COLOR_RGB2GRAY)
-
-
-def _flow(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """Dense flow (H, W, 2) with first(x) ~ second(x + flow(x))."""
-    import cv2
-
-    return cv2.calcOpticalFlowFarneback(first, second, None, **_FARNEBACK)
 
 
 def _warp(image: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,14 +95,6 @@ def _consistent(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
     return mismatch < 0.01 * scale + 0.5
 
 
-@dataclass(frozen=True)
-class _Clip:
-    model: object
-    tokenizer: object
-    preprocess: Callable[[list[Image.Image]], object]
-    device: str
-
-
 def clip_scores(frames, prompt: str | None = None, *, clip_path: str | os.PathLike, batch_size: int = 16) -> dict:
     """CLIP scores of a video, 100 x cosine similarity of projected embeddings, in [-100, 100]:
 
@@ -136,22 +110,42 @@ def clip_scores(frames, prompt: str | None = None, *, clip_path: str | os.PathLi
     import torch
 
     pil_frames = to_pil_frames(frames)
-    clip = _load_clip(str(Path(clip_path).resolve()), "cuda" if torch.cuda.is_available() else "cpu")
-    images = _image_embeddings(clip, pil_frames, batch_size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, processor = _load_clip(str(Path(clip_path).resolve()), device)
+    embeddings = []
+    # The towers and projections directly: get_image_features' return type differs across transformers versions
+    # (a tensor in 4.x, a model output in 5.x).
+    with torch.no_grad():
+        for begin in range(0, len(pil_frames), batch_size):
+            pixels = processor(images=pil_frames[begin : begin + batch_size], return_tensors="pt")["pixel_values"]
+            pooled = model.vision_model(pixel_values=pixels.to(device, torch.float32)).pooler_output
+            embeddings.append(model.visual_projection(pooled))
+    images = torch.nn.functional.normalize(torch.cat(embeddings).float(), dim=-1).cpu()
     scores = {}
     if len(images) > 1:
         scores["clip_frame_consistency"] = 100.0 * float((images[:-1] * images[1:]).sum(-1).mean())
     if prompt is not None:
-        scores["clip_text_alignment"] = 100.0 * float((images @ _text_embedding(clip, prompt)).mean())
+        max_length = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
+        tokens = tokenizer([prompt], truncation=True, max_length=max_length, return_tensors="pt").to(device)
+        with torch.no_grad():
+            pooled = model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            text = torch.nn.functional.normalize(model.text_projection(pooled.pooler_output).float(), dim=-1)
+        scores["clip_text_alignment"] = 100.0 * float((images @ text.cpu()[0]).mean())
     if not scores:
         raise ValueError("clip_scores got 1 frame and no prompt: give a prompt, or at least 2 frames.")
     return scores
 
 
 @functools.lru_cache(maxsize=1)
-def _load_clip(path: str, device: str) -> _Clip:
+def _load_clip(path: str, device: str) -> tuple:
+    """The folder's CLIPModel, tokenizer and image processor. The processor runs on its PIL backend, preferred over
+    transformers' torchvision one so a score does not depend on whether torchvision is installed."""
     from transformers import AutoTokenizer, CLIPModel
 
+    try:
+        from transformers import CLIPImageProcessorPil as Processor  # transformers 5
+    except ImportError:
+        from transformers import CLIPImageProcessor as Processor  # transformers 4: PIL-based already
     if not Path(path).is_dir():
         raise FileNotFoundError(
             f"No CLIP folder at {path}: give clip_path a local folder holding a CLIPModel, its tokenizer and "
@@ -160,46 +154,10 @@ def _load_clip(path: str, device: str) -> _Clip:
     try:
         model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        preprocess = _image_preprocessor(path)
+        processor = Processor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ValueError(f"Cannot load a CLIPModel, its tokenizer and image processor from {path}: {err}") from err
-    return _Clip(model, tokenizer, preprocess, device)
-
-
-def _image_preprocessor(path: str) -> Callable[[list[Image.Image]], object]:
-    """The folder's CLIP image processor on its PIL backend, preferred over transformers' torchvision one so a
-    score does not depend on whether torchvision is installed."""
-    try:
-        from transformers import CLIPImageProcessorPil as Processor  # transformers 5
-    except ImportError:
-        from transformers import CLIPImageProcessor as Processor  # transformers 4: PIL-based already
-    processor = Processor.from_pretrained(path, local_files_only=True)
-    return lambda images: processor(images=images, return_tensors="pt")["pixel_values"]
-
-
-def _image_embeddings(clip: _Clip, frames: list[Image.Image], batch_size: int):
-    import torch
-
-    embeddings = []
-    with torch.no_grad():
-        for begin in range(0, len(frames), batch_size):
-            pixels = clip.preprocess(frames[begin : begin + batch_size]).to(clip.device, torch.float32)
-            # vision_model + visual_projection directly: get_image_features' return type differs across
-            # transformers versions (a tensor in 4.x, a model output in 5.x).
-            pooled = clip.model.vision_model(pixel_values=pixels).pooler_output
-            embeddings.append(clip.model.visual_projection(pooled))
-    return torch.nn.functional.normalize(torch.cat(embeddings).float(), dim=-1).cpu()
-
-
-def _text_embedding(clip: _Clip, prompt: str):
-    import torch
-
-    max_length = min(clip.tokenizer.model_max_length, clip.model.config.text_config.max_position_embeddings)
-    tokens = clip.tokenizer([prompt], truncation=True, max_length=max_length, return_tensors="pt").to(clip.device)
-    with torch.no_grad():
-        pooled = clip.model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        embedding = clip.model.text_projection(pooled.pooler_output)
-    return torch.nn.functional.normalize(embedding.float(), dim=-1).cpu()[0]
+    return model, tokenizer, processor
 
 
 def evaluate_video(video, source=None, prompt: str | None = None, clip_path: str | os.PathLike | None = None) -> dict:

@@ -229,8 +229,7 @@ def _load_pipeline(plan: Plan, dtype, loaded: dict):
         known = (plan.models[key].location, subfolder, cls.__name__, str(dtype))
         if known not in loaded:
             args = {} if cls is CLIPTokenizer else {"dtype" if cls is CLIPTextModel else "torch_dtype": dtype}
-            loaded[known] = cls.from_pretrained(known[0], **({"subfolder": subfolder} if subfolder else {}), **where,
-                                                **args)
+            loaded[known] = cls.from_pretrained(known[0], subfolder=subfolder, **where, **args)
         return loaded[known]
 
     def scheduler_config(key: str) -> dict:
@@ -252,15 +251,10 @@ def _load_pipeline(plan: Plan, dtype, loaded: dict):
     # Smoothing derives its DDIM schedule from stage 1's scheduler config, so SD-1.5's DDIM settings (no sample
     # clipping, alphas_cumprod[0] as the final alpha) lie under the IDM's own sampler keys.
     idm_scheduler = {**sd15_scheduler, **(scheduler_config(task.idm_model) if task.idm_model else {})}
-    return task.pipeline_class().from_pretrained(
-        plan.models["sd15"].location,
-        scheduler=make_scheduler(config.idm_options["scheduler"], idm_scheduler),
-        inverse_scheduler=BIVDiffDDIMInverseScheduler.from_config(sd15_scheduler),
-        **video,
-        **extra,
-        torch_dtype=dtype,
-        **where,
-    )
+    scheduler = make_scheduler(config.idm_options["scheduler"], idm_scheduler)
+    inverse_scheduler = BIVDiffDDIMInverseScheduler.from_config(sd15_scheduler)
+    return task.pipeline_class().from_pretrained(plan.models["sd15"].location, scheduler=scheduler, **video, **extra,
+                                                 inverse_scheduler=inverse_scheduler, torch_dtype=dtype, **where)
 
 
 def _animatediff_components(config, load, extra: dict) -> dict:
@@ -312,19 +306,10 @@ def run_job(pipe, plan: Plan, progress: Callable[[int, int], None] | None = None
     return result, counter.as_dict()
 
 
-def run_config(
-    config: str | os.PathLike,
-    overrides: Sequence[str] = (),
-    *,
-    tiny: bool = False,
-    checkpoints: str | os.PathLike = "checkpoints",
-    output_dir: str | os.PathLike | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    offline: bool = False,
-    dry_run: bool = False,
-    cache_dir: str | None = None,
-    log: Callable[[str], None] = lambda text: None,
-) -> Path | None:
+def run_config(config: str | os.PathLike, overrides: Sequence[str] = (), *, tiny: bool = False,
+               checkpoints: str | os.PathLike = "checkpoints", output_dir: str | os.PathLike | None = None,
+               progress: Callable[[int, int], None] | None = None, offline: bool = False, dry_run: bool = False,
+               cache_dir: str | None = None, log: Callable[[str], None] = lambda text: None) -> Path | None:
     """Run a config (a shipped name or a YAML path) with `key=value` overrides and write a new run folder under
     `output_dir` (default: the config's Model.output_path); returns the folder (None for a dry run).
 
@@ -376,17 +361,9 @@ class PipelineCache:
                 torch.cuda.empty_cache()
 
 
-def run_plan(
-    plan: Plan,
-    *,
-    output_root: str | os.PathLike | None = None,
-    name: str | None = None,
-    pipelines: PipelineCache | None = None,
-    device=None,
-    progress: Callable[[int, int], None] | None = None,
-    log: Callable[[str], None] = lambda text: None,
-    started: float | None = None,
-) -> Path:
+def run_plan(plan: Plan, *, output_root: str | os.PathLike | None = None, name: str | None = None,
+             pipelines: PipelineCache | None = None, device=None, progress: Callable[[int, int], None] | None = None,
+             log: Callable[[str], None] = lambda text: None, started: float | None = None) -> Path:
     """Run a checked plan into a new run folder `<output_root>/<name>-<timestamp>/` (default: Model.output_path and
     the config's name), written under a staging name and renamed when complete; returns the folder.
 

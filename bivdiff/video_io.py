@@ -1,31 +1,22 @@
-"""Reading and writing videos: MP4 (imageio v3 with its ffmpeg plugin), GIF and folders of images.
-
-Frames travel as lists of PIL images, the form the diffusers image pipelines take and return. Readers pick
-frames `start, start + stride, ...` and stop decoding at the last frame they need; sizes are fitted with diffusers'
-VaeImageProcessor. Writers go to a temporary name beside the target and rename it when complete, so an
-interrupted run never leaves a half-written file under the final name.
-"""
+"""Reading and writing videos (MP4 with imageio v3's ffmpeg plugin, GIF, folders of images) as lists of PIL images,
+the form the diffusers image pipelines take and return. Writers go to a temporary name beside the target and rename
+it when complete, so an interrupted run never leaves a half-written file under the final name."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import os
 import re
-import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import GifImagePlugin, Image, ImageOps
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 RESIZE_MODES = ("crop", "pad", "resize")
-# imageio-ffmpeg maps quality q to x264's CRF as int((1 - q / 10) * 51): 8 gives CRF 10, visually lossless
-# for generated frames, which a later evaluation or a second pass reads back.
-_MP4_QUALITY = 8
 # GIF delays are whole 1/100 s; browsers slow any delay under 2/100 s down to 1/10 s.
 GIF_MAX_FPS = 50.0
 # ffmpeg's default YUV<->RGB conversion truncates (about -1 grey level on average) and upsamples chroma coarsely;
@@ -42,11 +33,13 @@ class VideoClip:
     fps: float | None
 
 
-def default_clip_path() -> Path:
-    """The demo clip shipped with the package: 132 frames of *Big Buck Bunny* at 25 fps, 512x288.
+class TooFewFramesError(ValueError):
+    """A readable video with fewer frames than the selection needs."""
 
-    Its attribution (CC-BY 3.0, Blender Foundation) is `media/ATTRIBUTION.md` beside it.
-    """
+
+def default_clip_path() -> Path:
+    """The demo clip shipped with the package: 132 frames of *Big Buck Bunny* at 25 fps, 512x288. Its attribution
+    (CC-BY 3.0, Blender Foundation) is `media/ATTRIBUTION.md` beside it."""
     return _MEDIA_DIR / "big_buck_bunny_512x288_25fps.mp4"
 
 
@@ -61,20 +54,18 @@ def read_video(path, *args, **kwargs) -> list[Image.Image]:
     return read_video_clip(path, *args, **kwargs).frames
 
 
-def read_video_clip(
-    path, num_frames=None, stride=1, start=0, height=None, width=None, resize_mode="crop", as_mask=False
-) -> VideoClip:
+def read_video_clip(path, num_frames=None, stride=1, start=0, height=None, width=None, resize_mode="crop",
+                    as_mask=False) -> VideoClip:
     """Frames `start, start + stride, ...` (at most `num_frames`, all to the end when None) of an MP4 (or any video
     ffmpeg reads), a GIF, or a folder of images sorted naturally (`frame2` before `frame10`), and the source's fps.
 
-    Sizes: with neither `height` nor `width` the frames keep the source size. A given size is rounded down to a
-    multiple of 8 (never below 8), since the VAE downsamples by 8; with only one of them given, the other
-    follows the source aspect ratio. `resize_mode` says how the source fits the target: "crop" scales to cover it
-    and crops the centre, "pad" scales to fit inside it and letterboxes with black, "resize" stretches.
-    `as_mask=True` returns grayscale ("L") frames resized with nearest neighbour, so mask edges stay hard.
+    Sizes: the source's unless `height` or `width` is given; a given side is rounded down to a multiple of 8 (at
+    least 8), a missing one follows the source aspect ratio. `resize_mode`: "crop" covers the target and crops the
+    centre, "pad" fits inside it with black margins, "resize" stretches. `as_mask=True` returns grayscale ("L")
+    frames resized with nearest neighbour, so mask edges stay hard.
 
-    Raises FileNotFoundError for a missing path, and ValueError when the source is unreadable or holds too
-    few frames for `num_frames` x `stride` from `start`.
+    Raises FileNotFoundError for a missing path, ValueError for an unreadable source, and TooFewFramesError (a
+    ValueError) when it holds too few frames for `num_frames` x `stride` from `start`.
     """
     path = Path(path)
     for name, value, low in (("num_frames", num_frames or 1, 1), ("stride", stride, 1), ("start", start, 0)):
@@ -87,8 +78,7 @@ def read_video_clip(
     mode = "L" if as_mask else "RGB"
     with contextlib.closing(_frame_stream(path, mode)) as stream:
         fps = next(stream)
-        frames = select_frames(stream, path, num_frames, stride, start)
-    frames = [Image.fromarray(np.asarray(frame)).convert(mode) for frame in frames]
+        frames = [Image.fromarray(f).convert(mode) for f in select_frames(stream, path, num_frames, stride, start)]
     if height is not None or width is not None:
         frames = resize_frames(frames, height, width, resize_mode, as_mask)
     return VideoClip(frames=frames, fps=fps)
@@ -99,14 +89,19 @@ def _frame_stream(path: Path, mode: str):
     import imageio.v3 as iio
 
     if path.is_dir():
-        files = sorted(
-            (p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")),
-            key=lambda p: [int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", p.name)],
-        )
+        files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+        files.sort(key=lambda p: [int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", p.name)])
         if not files:
             raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}): give a folder of frames.")
+
+        def load(file: Path) -> np.ndarray:
+            try:
+                return iio.imread(file, plugin="pillow", mode=mode)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"Cannot read the frame {file}: {err}. Replace or remove the file.") from err
+
         yield None
-        yield from ((lambda file=file: _open_image(file, mode)) for file in files)
+        yield from ((lambda file=file: load(file)) for file in files)
         return
     gif = path.suffix.lower() == ".gif"
     # Passthrough keeps every decoded frame once, where a constant-rate output would duplicate or drop frames of a
@@ -115,82 +110,59 @@ def _frame_stream(path: Path, mode: str):
     try:
         with iio.imopen(path, "r", plugin="pillow" if gif else "FFMPEG") as file:
             if gif:
-                count = file.properties().n_images
-                total_ms = sum(file.metadata(index=i).get("duration", 0) for i in range(count))
-                yield 1000.0 * count / total_ms if total_ms > 0 else None
+                delays_ms = [file.metadata(index=i).get("duration", 0) for i in range(file.properties().n_images)]
+                yield 1000.0 * len(delays_ms) / sum(delays_ms) if sum(delays_ms) > 0 else None
             else:
                 yield float(file.metadata()["fps"]) or None
             yield from ((lambda frame=frame: frame) for frame in file.iter(**options))
     except (OSError, RuntimeError, ValueError, SyntaxError, IndexError) as err:
-        raise ValueError(f"Cannot read video frames from {path}: {_reason(err)}. Check that the file is a complete "
-                         "video.") from err
-
-
-def _reason(err: BaseException) -> str:
-    """imageio's message without ffmpeg's banner: its first part and ffmpeg's last line, the one naming the cause."""
-    head, _, stderr = str(err).partition("=== stderr ===")
-    last = [line.strip() for line in stderr.splitlines() if line.strip()][-1:]
-    return " ".join([head.strip().rstrip("."), *(f"({line})" for line in last)])
-
-
-def _open_image(file: Path, mode: str) -> np.ndarray:
-    import imageio.v3 as iio
-
-    try:
-        return iio.imread(file, plugin="pillow", mode=mode)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"Cannot read the frame {file}: {err}. Replace or remove the file.") from err
-
-
-class TooFewFramesError(ValueError):
-    """A readable video with fewer frames than the selection needs."""
+        # imageio's message without ffmpeg's banner: its first part and ffmpeg's last line, the one naming the cause.
+        head, _, stderr = str(err).partition("=== stderr ===")
+        cause = [f"({line.strip()})" for line in stderr.splitlines() if line.strip()][-1:]
+        raise ValueError(f"Cannot read video frames from {path}: {' '.join([head.strip().rstrip('.'), *cause])}. "
+                         "Check that the file is a complete video.") from err
 
 
 def select_frames(loaders, path, num_frames: int | None, stride: int, start: int) -> list:
     """Frames `start, start + stride, ...` of a lazy stream of frame loaders, each loaded only when chosen; the
     stream is not consumed past the last frame needed."""
     stop = None if num_frames is None else start + (num_frames - 1) * stride + 1
-    frames, available = [], 0
-    for index, load in enumerate(itertools.islice(loaders, stop)):
-        available = index + 1
-        if index >= start and (index - start) % stride == 0:
-            frames.append(load())
-    if (stop is not None and available < stop) or not frames:
+    read = itertools.count()  # zip draws from it after each loader it gets, so it ends on the number of loaders read
+    frames = [load() for load, _ in itertools.islice(zip(loaders, read), start, stop, stride)]
+    available = next(read)
+    if available == 0:
+        raise ValueError(f"{path} holds no video frames: give a video with frames in it.")
+    if num_frames is None and not frames:
+        raise ValueError(f"{path} has {available} frames, none at or after start={start}. Lower start.")
+    if num_frames is not None and available < stop:
         fitting = max(0, (available - start - 1) // stride + 1)
-        if available == 0:
-            raise ValueError(f"{path} holds no video frames: give a video with frames in it.")
-        if num_frames is None:
-            raise ValueError(f"{path} has {available} frames, none at or after start={start}. Lower start.")
         raise TooFewFramesError(
             f"{path} has {available} frames, but num_frames={num_frames} at stride={stride} from start={start} "
-            f"needs {stop}. Lower num_frames or stride: at stride {stride}, {fitting} frames fit from start {start}."
-        )
+            f"needs {stop}. Lower num_frames or stride: at stride {stride}, {fitting} frames fit from start {start}.")
     return frames
 
 
 def resize_frames(frames, height=None, width=None, resize_mode="crop", as_mask=False) -> list[Image.Image]:
-    """Resize frames as `read_video` does, with VaeImageProcessor's "crop" and "default" (stretch) modes."""
+    """Resize frames as `read_video` does: "crop" and "resize" with diffusers' VaeImageProcessor ("crop" and
+    "default"), "pad" with Pillow's ImageOps.pad (diffusers' "fill" stretches the border pixels into the margin)."""
     from diffusers.image_processor import VaeImageProcessor
 
     if resize_mode not in RESIZE_MODES:
         raise ValueError(f"resize_mode={resize_mode!r} is not one of {RESIZE_MODES}.")
     if not frames:
         return []
-    dst_w, dst_h = target_size(frames[0].size, height, width)
+    size = target_size(frames[0].size, height, width)
+    if resize_mode == "pad":  # black margins, also "keep" in a mask
+        method = Image.Resampling.NEAREST if as_mask else Image.Resampling.LANCZOS
+        return [ImageOps.pad(frame, size, method=method, color=0) for frame in frames]
     processor = VaeImageProcessor(resample="nearest" if as_mask else "lanczos")
-    if resize_mode != "pad":
-        mode = "crop" if resize_mode == "crop" else "default"
-        return [processor.resize(frame, dst_h, dst_w, resize_mode=mode).convert(frame.mode) for frame in frames]
-    # diffusers' "fill" mode stretches the border pixels into the margin; "pad" letterboxes with black instead
-    # (also "keep" in a mask), which Pillow's ImageOps.pad does.
-    method = Image.Resampling.NEAREST if as_mask else Image.Resampling.LANCZOS
-    return [ImageOps.pad(frame, (dst_w, dst_h), method=method, color=0) for frame in frames]
+    mode = "crop" if resize_mode == "crop" else "default"
+    return [processor.resize(frame, size[1], size[0], resize_mode=mode).convert(frame.mode) for frame in frames]
 
 
 def target_size(source_size: tuple[int, int], height: int | None, width: int | None) -> tuple[int, int]:
     """(width, height) of resized frames: each given side rounded down to a multiple of 8 (at least 8), a missing
-    side from the source aspect ratio (diffusers' processors would keep the source's), the source size when
-    neither is given."""
+    side from the source aspect ratio (diffusers' would keep the source's), the source size when neither is given."""
     src_w, src_h = source_size
     for name, value in (("height", height), ("width", width)):
         if value is not None and value < 1:
@@ -203,64 +175,52 @@ def target_size(source_size: tuple[int, int], height: int | None, width: int | N
 
 
 def to_numpy_frames(frames) -> np.ndarray:
-    """Frames as a uint8 array (F, H, W, 3).
-
-    Accepts a list of PIL images (any mode) or of arrays, a numpy array (F, H, W, 3), (F, H, W, 1) or (F, H, W),
-    or a torch tensor (F, 3, H, W) or (F, H, W, 3). uint8 data is taken as [0, 255], bool as black/white masks,
-    float data as [0, 1] and clipped there (a decoder overshoots a little), but float data beyond [-0.5, 1.5] is
-    refused: it is almost surely [0, 255] or [-1, 1] data, which clipping would silently turn into a blank video.
-    """
-    if isinstance(frames, (list, tuple)):
-        arrays = [np.asarray(f.convert("RGB") if isinstance(f, Image.Image) else f) for f in frames]
-        for index, array in enumerate(arrays):
-            if array.shape[:2] != arrays[0].shape[:2]:
-                first = arrays[0].shape
-                raise ValueError(f"Frame {index} is {array.shape[1]}x{array.shape[0]} but frame 0 is {first[1]}x"
-                                 f"{first[0]}: all frames of a video must share one size.")
-        array = np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8)
-    elif type(frames).__module__.startswith("torch"):
+    """Frames as a uint8 array (F, H, W, 3), from a list of PIL images (any mode) or arrays, a numpy array
+    (F, H, W, 3), (F, H, W, 1) or (F, H, W), or a torch tensor (F, 3, H, W) or (F, H, W, 3). uint8 data is taken as
+    [0, 255], bool as black/white masks, float data as [0, 1] and clipped there (a decoder overshoots a little), but
+    float data beyond [-0.5, 1.5] is refused: it is almost surely [0, 255] or [-1, 1] data, which clipping would
+    silently turn into a blank video."""
+    if type(frames).__module__.startswith("torch"):
         if frames.ndim != 4:
             raise ValueError(f"A torch video must be (F, 3, H, W) or (F, H, W, 3); got shape {tuple(frames.shape)}. "
                              "For a batch of videos pass one of them, e.g. video[0].")
-        tensor = frames.detach().cpu()
-        array = (tensor.float() if tensor.is_floating_point() else tensor).numpy()  # numpy has no bfloat16
-        array = array.transpose(0, 2, 3, 1) if array.shape[1] in (1, 3) else array
-    else:
-        array = np.asarray(frames)
-        if array.ndim == 4 and array.shape[-1] not in (1, 3) and array.shape[1] in (1, 3):
-            raise ValueError(f"A numpy video must be channels-last (F, H, W, 3); got shape {array.shape}. "
-                             "Transpose it with array.transpose(0, 2, 3, 1).")
+        frames = frames.detach().cpu()
+        frames = (frames.float() if frames.is_floating_point() else frames).numpy()  # numpy has no bfloat16
+        frames = frames.transpose(0, 2, 3, 1) if frames.shape[1] in (1, 3) else frames
+    elif isinstance(frames, (list, tuple)):
+        frames = [np.asarray(f.convert("RGB") if isinstance(f, Image.Image) else f) for f in frames]
+        for index, (height, width) in enumerate(frame.shape[:2] for frame in frames):
+            if (height, width) != frames[0].shape[:2]:
+                raise ValueError(f"Frame {index} is {width}x{height} but frame 0 is {frames[0].shape[1]}x"
+                                 f"{frames[0].shape[0]}: all frames of a video must share one size.")
+    array = np.asarray(frames)
     if len(array) == 0:
         raise ValueError("No frames: the video is empty.")
-    if np.issubdtype(array.dtype, np.floating):
+    if array.dtype.kind in "bf":  # float, and bool masks: [0, 1]
         low, high = float(array.min()), float(array.max())
         if low < -0.5 or high > 1.5:
             raise ValueError(f"Float frames must be in [0, 1]; these span [{low:.3g}, {high:.3g}]. "
                              "Divide [0, 255] data by 255, or map [-1, 1] data with (x + 1) / 2.")
         array = (np.clip(array, 0.0, 1.0) * 255.0).round()
-    elif array.dtype == np.bool_:  # a binary mask: white = True
-        array = array * 255
-    elif not (np.issubdtype(array.dtype, np.integer) and 0 <= array.min() and array.max() <= 255):
+    elif array.dtype.kind not in "ui" or array.min() < 0 or array.max() > 255:
         raise ValueError(f"Frames of dtype {array.dtype} are not supported: give uint8 or float in [0, 1].")
     array = array.astype(np.uint8)[..., None] if array.ndim == 3 else array.astype(np.uint8)
     if array.ndim != 4 or array.shape[-1] not in (1, 3):
-        raise ValueError(f"Expected frames shaped (F, H, W, 3), (F, H, W, 1) or (F, H, W); got {array.shape}.")
-    return np.ascontiguousarray(np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array)
+        raise ValueError(f"Expected frames shaped (F, H, W, 3), (F, H, W, 1) or (F, H, W); got {array.shape}. "
+                         "Transpose channels-first numpy frames with array.transpose(0, 2, 3, 1).")
+    return np.ascontiguousarray(np.broadcast_to(array, (*array.shape[:3], 3)))
 
 
 def to_pil_frames(frames) -> list[Image.Image]:
     """Frames as a list of RGB PIL images; accepts everything `to_numpy_frames` does."""
-    if isinstance(frames, (list, tuple)) and frames and all(isinstance(f, Image.Image) for f in frames):
-        return [f if f.mode == "RGB" else f.convert("RGB") for f in frames]
     return [Image.fromarray(frame) for frame in to_numpy_frames(frames)]
 
 
 @contextlib.contextmanager
 def atomic_path(path: Path):
-    """A fresh hidden name beside `path` (keeping its extension, so ffmpeg picks the container from it), renamed to
-    `path` when the block succeeds and removed when it fails. Not created here (tempfile would make it private,
-    mode 0600, and the rename would keep that)."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.part{path.suffix}")
+    """A fresh hidden name beside `path` (with its extension, which ffmpeg reads), renamed to `path` when the block
+    succeeds and removed when it fails; not created (tempfile's would be private, mode 0600, after the rename too)."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{os.urandom(4).hex()}.part{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -270,18 +230,17 @@ def atomic_path(path: Path):
 
 
 def write_video(frames, path, fps: float) -> Path:
-    """Write frames to `path` and return it; the format follows the extension.
+    """Write frames (anything `to_numpy_frames` accepts) to `path`, under a temporary name renamed when complete,
+    and return it. The extension picks the format:
 
-    - `.mp4`: H.264 in yuv420p (imageio's ffmpeg plugin). yuv420p needs even sizes, so an odd width or height is
-      padded by one replicated row or column (never rescaled).
+    - `.mp4`: H.264 in yuv420p; an odd width or height is padded by one replicated row or column, never rescaled.
     - `.gif`: looping forever, every frame kept (identical ones too, so the frame count survives a round trip),
-      each delay a whole 1/100 s rounded so the running total keeps time (8 fps: 130 and 120 ms); fps above 50 is
-      refused.
-    - no extension: a folder of PNG frames `00000.png, 00001.png, ...` (fps is not stored). An existing folder
-      that holds anything is refused rather than replaced.
-
-    `frames` is anything `to_numpy_frames` accepts. Written under a temporary name and renamed when complete.
+      each delay a whole 1/100 s rounded so the running total keeps time (8 fps: 130 and 120 ms); at most 50 fps.
+    - none: a folder of PNG frames `00000.png, 00001.png, ...` (no fps); an existing folder that holds anything is
+      refused rather than replaced.
     """
+    import imageio.v3 as iio
+
     path = Path(path)
     suffix = path.suffix.lower()
     if not fps > 0:
@@ -295,9 +254,12 @@ def write_video(frames, path, fps: float) -> Path:
     array = to_numpy_frames(frames)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        if suffix == ".mp4":
+        if suffix == ".mp4":  # yuv420p needs even sizes: pad an odd side by one replicated row or column
             array = np.pad(array, ((0, 0), (0, array.shape[1] % 2), (0, array.shape[2] % 2), (0, 0)), mode="edge")
-            _write_mp4(array, tmp, fps)
+            # imageio-ffmpeg maps quality q to x264's CRF as int((1 - q / 10) * 51): 8 gives CRF 10, visually lossless
+            # for generated frames, which a later evaluation or a second pass reads back.
+            iio.imwrite(tmp, array, plugin="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p", quality=8,
+                        macro_block_size=1, ffmpeg_log_level="error", output_params=_SWS_FLAGS)
         elif suffix == ".gif":
             _write_gif(array, tmp, fps)
         else:
@@ -309,18 +271,9 @@ def write_video(frames, path, fps: float) -> Path:
     return path
 
 
-def _write_mp4(array: np.ndarray, path: Path, fps: float) -> None:
-    import imageio.v3 as iio
-
-    iio.imwrite(path, array, plugin="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p", quality=_MP4_QUALITY,
-                macro_block_size=1, ffmpeg_log_level="error", output_params=_SWS_FLAGS)
-
-
 def _write_gif(array: np.ndarray, path: Path, fps: float) -> None:
     # Pillow's save_all (and so imageio's GIF writers) merges identical consecutive frames into one, which would
     # change the frame count of a still or paused video; Pillow's frame-level GIF writers keep every frame.
-    from PIL import GifImagePlugin
-
     paletted = [Image.fromarray(frame).quantize(256) for frame in array]
     header, _ = GifImagePlugin.getheader(paletted[0], info={"loop": 0})
     with open(path, "xb") as file:
@@ -332,5 +285,5 @@ def _write_gif(array: np.ndarray, path: Path, fps: float) -> None:
 
 def gif_delays_ms(num_frames: int, fps: float) -> list[int]:
     """Per-frame GIF delays in ms, each a whole 1/100 s, rounded so the running total stays on frame_index / fps."""
-    ends = [math.floor((index + 1) * 100 / fps + 0.5) for index in range(num_frames)]  # halves up, not to even
+    ends = [int((index + 1) * 100 / fps + 0.5) for index in range(num_frames)]  # halves up, not to even
     return [10 * (end - begin) for begin, end in zip([0] + ends[:-1], ends)]

@@ -2,6 +2,7 @@ import os
 import stat
 import subprocess
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
@@ -101,10 +102,11 @@ def test_reading_stops_at_the_last_frame_needed():
 def test_folder_reads_open_only_the_chosen_frames(tmp_path, monkeypatch):
     write_video(indexed_frames(), tmp_path / "frames", fps=10)
     opened = []
-    original = video_io._open_image
-    monkeypatch.setattr(video_io, "_open_image", lambda file, mode: opened.append(file.name) or original(file, mode))
-    read_video(tmp_path / "frames", num_frames=2, stride=5)
+    original = iio.imread
+    monkeypatch.setattr(iio, "imread", lambda file, **kwargs: opened.append(file.name) or original(file, **kwargs))
+    frames = read_video(tmp_path / "frames", num_frames=2, stride=5)
     assert opened == ["00000.png", "00005.png"]
+    assert frame_indices(frames) == [0, 5]
 
 
 def test_folder_sorts_naturally(tmp_path):
@@ -259,12 +261,12 @@ def test_a_crash_mid_write_leaves_the_old_file_and_no_partial(tmp_path, monkeypa
     final = tmp_path / name
     final.write_text("earlier")
 
-    def write_half_then_crash(array, path, fps):
+    def write_half_then_crash(path, *args, **kwargs):
         path.write_text("half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(video_io, "_write_gif", write_half_then_crash)
-    monkeypatch.setattr(video_io, "_write_mp4", write_half_then_crash)
+    monkeypatch.setattr(video_io, "_write_gif", lambda array, path, fps: write_half_then_crash(path))
+    monkeypatch.setattr(iio, "imwrite", write_half_then_crash)  # the MP4 writer
     with pytest.raises(KeyboardInterrupt):
         write_video(textured_frames(2), final, fps=8)
     assert [(p.name, p.read_text()) for p in tmp_path.iterdir()] == [(name, "earlier")]
