@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bivdiff import conditions
 from bivdiff.errors import UserError
 
 VIDRD_CONVERTER = "conversion_scripts/convert_vidrd_to_diffusers.py"
@@ -25,39 +26,56 @@ REQUIRED = {
 }
 
 _SD = "CreativeML OpenRAIL-M"
+# The components a model gives a pipeline: name -> (subfolder, class name); the subfolders are the parts read.
+_SD15 = {"vae": ("vae", "AutoencoderKL"), "text_encoder": ("text_encoder", "CLIPTextModel"),
+         "tokenizer": ("tokenizer", "CLIPTokenizer"), "unet": ("unet", "UNet2DConditionModel")}
+_UNET = {"unet": ("unet", "UNet2DConditionModel")}
+_CONTROLNET, _ADAPTER = {"controlnet": ("", "ControlNetModel")}, {"adapter": ("", "T2IAdapter")}
+_T2V = {"video_unet": ("unet", "UNet3DConditionModel"), "video_text_encoder": ("text_encoder", "CLIPTextModel"),
+        "video_tokenizer": ("tokenizer", "CLIPTokenizer")}
+_VIDRD = {"video_unet": ("video_unet", "VidRDUNet3DConditionModel"),
+          "video_text_encoder": ("video_text_encoder", "CLIPTextModel"),
+          "video_tokenizer": ("video_tokenizer", "CLIPTokenizer")}
+# AnimateDiff's own base model: its UNet carries the motion modules, its CLIP encodes the video prompt.
+_MOTION_BASE = {"motion_base": ("unet", "UNet2DConditionModel"), "video_text_encoder": _T2V["video_text_encoder"],
+                "video_tokenizer": _T2V["video_tokenizer"]}
 # key: (title, folder under the checkpoints root as in the original release, Hub ids tried in order (some original
-# repos moved when their first owners took them down), licence, whether every part is on the Hub as safetensors).
+# repos moved when their first owners took them down), licence, whether every part is on the Hub as safetensors,
+# the components it gives).
 CATALOGUE = {
     "sd15": ("Stable Diffusion 1.5", "stable-diffusion-v1-5",
-             "stable-diffusion-v1-5/stable-diffusion-v1-5 runwayml/stable-diffusion-v1-5", _SD, True),
+             "stable-diffusion-v1-5/stable-diffusion-v1-5 runwayml/stable-diffusion-v1-5", _SD, True, _SD15),
     "controlnet-depth_midas": ("ControlNet v1.1 depth", "ControlNet/control_v11f1p_sd15_depth",
-                               "lllyasviel/control_v11f1p_sd15_depth", "OpenRAIL", True),
+                               "lllyasviel/control_v11f1p_sd15_depth", "OpenRAIL", True, _CONTROLNET),
     "controlnet-canny": ("ControlNet v1.1 canny", "ControlNet/control_v11p_sd15_canny",
-                         "lllyasviel/control_v11p_sd15_canny", "OpenRAIL", True),
+                         "lllyasviel/control_v11p_sd15_canny", "OpenRAIL", True, _CONTROLNET),
     "controlnet-openpose": ("ControlNet v1.1 openpose", "ControlNet/control_v11p_sd15_openpose",
-                            "lllyasviel/control_v11p_sd15_openpose", "OpenRAIL", True),
+                            "lllyasviel/control_v11p_sd15_openpose", "OpenRAIL", True, _CONTROLNET),
     "t2iadapter-depth_midas": ("T2I-Adapter depth (SD 1.5 v2)", "T2IAdapter/t2iadapter_depth_sd15v2",
-                               "TencentARC/t2iadapter_depth_sd15v2", "Apache-2.0", False),
+                               "TencentARC/t2iadapter_depth_sd15v2", "Apache-2.0", False, _ADAPTER),
     "t2iadapter-canny": ("T2I-Adapter canny (SD 1.5 v2)", "T2IAdapter/t2iadapter_canny_sd15v2",
-                         "TencentARC/t2iadapter_canny_sd15v2", "Apache-2.0", False),
+                         "TencentARC/t2iadapter_canny_sd15v2", "Apache-2.0", False, _ADAPTER),
     "instruct-pix2pix": ("InstructPix2Pix", "InstructPix2Pix/instruct-pix2pix", "timbrooks/instruct-pix2pix", "MIT",
-                         True),
+                         True, _UNET),
     "sd-inpainting": ("Stable Diffusion Inpainting", "StableDiffusionInpainting/stable-diffusion-inpainting",
                       "stable-diffusion-v1-5/stable-diffusion-inpainting runwayml/stable-diffusion-inpainting", _SD,
-                      True),
+                      True, _UNET),
     "zeroscope": ("ZeroScope v2 576w", "ZeroScope/zeroscope_v2_576w", "cerspense/zeroscope_v2_576w", "CC-BY-NC-4.0",
-                  False),
+                  False, _T2V),
     "modelscope": ("ModelScope text-to-video 1.7B", "ModelScope/text-to-video-ms-1.7b",
-                   "ali-vilab/text-to-video-ms-1.7b damo-vilab/text-to-video-ms-1.7b", "CC-BY-NC-4.0", False),
+                   "ali-vilab/text-to-video-ms-1.7b damo-vilab/text-to-video-ms-1.7b", "CC-BY-NC-4.0", False, _T2V),
     "animatediff": ("AnimateDiff motion adapter v1-5-3", "AnimateDiff/animatediff-motion-adapter-v1-5-3",
                     "guoyww/animatediff-motion-adapter-v1-5-3 guoyww/animatediff-motion-adapter-v1-5-2", "Apache-2.0",
-                    True),
-    "animatediff-base": ("AnimateDiff's SD-1.5-family base model", "stable-diffusion-v1-5", "", _SD, True),
+                    True, {"motion_adapter": ("", "MotionAdapter")}),
+    "animatediff-base": ("AnimateDiff's SD-1.5-family base model", "", "", _SD, True, _MOTION_BASE),
     "vidrd": ("VidRD (converted to diffusers)", "VidRD/diffusers", "",
-              "the VidRD authors' terms (github.com/anonymous0x233/ReuseAndDiffuse)", False),
+              "the VidRD authors' terms (github.com/anonymous0x233/ReuseAndDiffuse)", False, _VIDRD),
     "annotators": ("controlnet_aux annotator weights", "Annotators", "lllyasviel/Annotators",
-                   "see lllyasviel/Annotators", False),
+                   "see lllyasviel/Annotators", False, {}),
 }
+# Model.vdm -> (catalogue key, the VDM option naming its folder).
+VIDEO_MODELS = {"ZeroScope": ("zeroscope", "ckpt_path"), "ModelScope": ("modelscope", "ckpt_path"),
+                "AnimateDiff": ("animatediff", "motion_adapter_path"), "VidRD": ("vidrd", "diffusers_path")}
 
 # Clip lengths a loaded model cannot tell by itself (ZeroScope has ModelScope's class and config), written into its
 # config as `native_num_frames`, which the pipelines read to choose default video windows.
@@ -72,6 +90,8 @@ class ModelSpec:
     parts: tuple[str, ...]
     local: Path
     how_to_get: str | None = None  # replaces the download instructions when the model is not on the Hub (VidRD)
+
+    components = property(lambda self: CATALOGUE[self.key][5])
 
     title = property(lambda self: CATALOGUE[self.key][0])
     hub_ids = property(lambda self: tuple(CATALOGUE[self.key][2].split()))
@@ -108,6 +128,46 @@ def checkpoint_path(value: str | os.PathLike | None, root: Path, default: str) -
     if not path.is_absolute() and path.parts and path.parts[0] == "checkpoints":
         return root.joinpath(*path.parts[1:])
     return path
+
+
+def parts_of(key: str, *extra: str) -> tuple[str, ...]:
+    """The parts of a model repo a run reads: its components' folders, then `extra` parts."""
+    return (*(subfolder for subfolder, _ in CATALOGUE[key][5].values()), *extra)
+
+
+SD15_PARTS = parts_of("sd15", "scheduler", "model_index.json")  # the pipeline's from_pretrained reads the index
+
+
+def model_specs(config, root: Path) -> list[ModelSpec]:
+    """The models a run of `config` reads: SD-1.5, the video model (and AnimateDiff's own base), the image model's
+    own (its UNet comes with its sampler) and the annotator weights a condition needs, each with its folder under
+    the checkpoints `root`."""
+    from bivdiff.tasks import task_for
+
+    options, idm_options = config.vdm_options, config.idm_options
+    video, option = VIDEO_MODELS[config.vdm]
+    local = checkpoint_path(options[option], root, CATALOGUE[video][1])
+    how = None
+    if video == "vidrd":
+        checkpoint = checkpoint_path(options["ckpt_path"], root, "VidRD/ModelT2V.pth")
+        sd21 = checkpoint_path(options["pretrained_model_path"], root, "stable-diffusion-2-1-base")
+        how = vidrd_instructions(checkpoint, sd21, local)
+    sd15 = checkpoint_path(config.mixed_inversion["pretrained_model_path"], root, CATALOGUE["sd15"][1])
+    specs = [spec("sd15", SD15_PARTS, sd15), spec(video, parts_of(video), local, how)]
+    if config.vdm == "AnimateDiff" and options["pretrained_model_path"] is not None:
+        base = checkpoint_path(options["pretrained_model_path"], root, "")
+        specs.append(spec("animatediff-base", parts_of("animatediff-base"), base,
+                          f"a diffusers SD-1.5-family model in {base}"))
+    task = task_for(config)
+    if task.own_model:
+        key = task.own_model.format(**idm_options)
+        local = checkpoint_path(idm_options["pretrained_model_path"], root, CATALOGUE[key][1])
+        extra = ("scheduler",) if "unet" in CATALOGUE[key][5] else ()  # an image model's own UNet brings its sampler
+        specs.append(spec(key, parts_of(key, *extra), local))
+    if task.annotator(config):
+        files = conditions.ANNOTATOR_FILES[task.annotator(config)]
+        specs.append(spec("annotators", files, root / CATALOGUE["annotators"][1]))
+    return specs
 
 
 def complete(folder: Path, parts) -> bool:

@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bivdiff import configs as shipped
+from bivdiff import conditions, configs as shipped
 from bivdiff.config import RunConfig, load_config
 from bivdiff.errors import ConfigError, UserError
-from bivdiff.models_resolution import NATIVE_NUM_FRAMES, ResolvedModel, first_line, resolve
-from bivdiff.tasks import SD15_PARTS, VIDEO_MODELS, Inputs, Task, task_for
+from bivdiff.models_resolution import NATIVE_NUM_FRAMES, ModelSpec, ResolvedModel, first_line, model_specs, resolve
+from bivdiff.tasks import Inputs, Task, task_for
 from bivdiff.video_io import TooFewFramesError, VideoClip, default_clip_path, default_mask_path, read_video_clip
 
 FIRST_TRY = "controllable_video_generation_with_controlnet_and_zeroscope"
@@ -31,7 +31,6 @@ DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 FALLBACK_FPS = 8.0
 # Stage-1 sampler names of the configs whose diffusers class is not the name + "Scheduler".
 SCHEDULER_CLASSES = {"EulerAncestral": "EulerAncestralDiscrete", "Euler": "EulerDiscrete", "LMS": "LMSDiscrete"}
-VIDEO_COMPONENTS = ("video_unet", "video_text_encoder", "video_tokenizer")
 
 
 @dataclass
@@ -43,7 +42,8 @@ class Plan:
     inputs: Inputs
     source: VideoClip
     source_path: Path
-    models: dict[str, ResolvedModel]
+    specs: list[ModelSpec]
+    models: dict[str, ResolvedModel]  # by spec key; none with --tiny
     cache_dir: str | None = None
 
     @property
@@ -118,13 +118,12 @@ def plan_run(
     task = task_for(run_config)
     source, source_path = read_input(run_config, "Model.video_path")
     inputs = task.inputs(run_config, source.frames, lambda key, mask: read_input(run_config, key, mask)[0].frames)
-    models = {}
+    specs, models = model_specs(run_config, Path(checkpoints).expanduser()), {}
     if not tiny:
-        specs = task.model_specs(run_config, Path(checkpoints).expanduser())
         from huggingface_hub.constants import is_offline_mode  # HF_HUB_OFFLINE=1 means --offline too
 
         models = resolve(specs, offline or is_offline_mode(), cache_dir, download=download)
-    return Plan(run_config, task, inputs, source, source_path, models, cache_dir)
+    return Plan(run_config, task, inputs, source, source_path, specs, models, cache_dir)
 
 
 def describe_plan(plan: Plan) -> str:
@@ -175,13 +174,23 @@ def make_scheduler(name: str, config: dict):
 
 
 def build_pipeline(plan: Plan, device=None, dtype=None, loaded: dict | None = None):
-    """The task's pipeline on `device`: tiny random components, or the resolved models through the pipeline's
-    own `from_pretrained(SD-1.5, component=...)`, every model passed as a component. `loaded` maps (location,
-    subfolder, class, dtype) to models loaded before, which are reused rather than read again, and gains the new."""
+    """The task's pipeline on `device`: tiny random components, or the resolved models passed as components to the
+    pipeline's own `from_pretrained(SD-1.5, component=...)`. `loaded` maps (location, subfolder, class, dtype) to
+    models loaded before, which are reused rather than read again, and gains the new."""
+    import torch
+
     config, model = plan.config, plan.config.model
     device = device or pick_device(model["device"])
     dtype = dtype or pick_dtype(config)
-    pipe = _tiny_pipeline(plan, dtype) if config.tiny else _load_pipeline(plan, dtype, {} if loaded is None else loaded)
+    components = pipeline_components(plan, dtype, {} if loaded is None else loaded)
+    if config.tiny:
+        pipe = plan.task.pipeline_class()(**components)
+        # Tiny models are built in fp32 and cast only when asked for another dtype (a no-op cast still makes
+        # diffusers warn about modules to keep in fp32).
+        pipe = pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    else:
+        pipe = plan.task.pipeline_class().from_pretrained(plan.models["sd15"].location, **components,
+                                                          torch_dtype=dtype, **_cached(plan))
     if model["video_window"]:
         pipe.enable_video_windows(size=model["video_window"], overlap=model["video_window_overlap"])
     if model["cpu_offload"]:
@@ -191,90 +200,61 @@ def build_pipeline(plan: Plan, device=None, dtype=None, loaded: dict | None = No
     return pipe
 
 
-def _tiny_pipeline(plan: Plan, dtype):
-    import torch
-
-    from bivdiff import tiny_models as tiny
-
-    config, task = plan.config, plan.task
-    components = {**tiny.tiny_image_components(0, task.unet_in_channels), **tiny.tiny_video_components(0)}
-    if task.unet_in_channels != 4:
-        components["inversion_unet"] = tiny.tiny_unet(4, seed=1)
-    video_unets = {"VidRD": tiny.tiny_vidrd_unet, "ModelScope": tiny.tiny_modelscope_unet}
-    if config.vdm in video_unets:
-        components["video_unet"] = video_unets[config.vdm](seed=0)
-    if config.vdm == "AnimateDiff":
-        base = components.get("inversion_unet") or components["unet"]
-        components.update(tiny.tiny_animatediff_components(base, components["text_encoder"], components["tokenizer"]))
-    components.update(task.tiny_components(config))
-    components["scheduler"] = make_scheduler(config.idm_options["scheduler"], tiny.sd15_scheduler_config())
-    pipe = task.pipeline_class()(**components)
-    # Tiny models are built in fp32 and cast only when asked for another dtype (a no-op cast still makes diffusers
-    # warn about modules to keep in fp32).
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+def _cached(plan: Plan) -> dict:
+    # Everything was fetched into the cache (or found locally) while planning.
+    return dict(local_files_only=True, cache_dir=plan.cache_dir)
 
 
-def _load_pipeline(plan: Plan, dtype, loaded: dict):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet3DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def pipeline_components(plan: Plan, dtype, loaded: dict) -> dict:
+    """Every component of the plan's pipeline: the components of each model (tiny random ones with --tiny); an image
+    model's own UNet in SD-1.5's place, whose UNet then inverts frame by frame; AnimateDiff's motion UNet on its
+    base model's UNet (by default SD-1.5's, held once), with that model's CLIP as the video text encoder; and the
+    stage-1 and inversion samplers."""
+    import diffusers
+    import transformers
 
-    from bivdiff.models import VidRDUNet3DConditionModel
+    from bivdiff import models, tiny_models
     from bivdiff.schedulers import BIVDiffDDIMInverseScheduler
 
-    config, task = plan.config, plan.task
-    # Everything was fetched into the cache (or found locally) while planning.
-    where = dict(local_files_only=True, cache_dir=plan.cache_dir)
+    config, components, sampler_configs = plan.config, {}, []
 
-    def load(key: str, subfolder: str, cls):
-        known = (plan.models[key].location, subfolder, cls.__name__, str(dtype))
+    def load(location: str, subfolder: str, class_name: str):
+        known = (location, subfolder, class_name, str(dtype))
         if known not in loaded:
-            args = {} if cls is CLIPTokenizer else {"dtype" if cls is CLIPTextModel else "torch_dtype": dtype}
-            loaded[known] = cls.from_pretrained(known[0], subfolder=subfolder, **where, **args)
+            module = transformers if class_name.startswith("CLIP") else models if "VidRD" in class_name else diffusers
+            dtype_name = "dtype" if class_name == "CLIPTextModel" else "torch_dtype"
+            args = {} if class_name == "CLIPTokenizer" else {dtype_name: dtype}
+            loaded[known] = getattr(module, class_name).from_pretrained(location, subfolder=subfolder, **args,
+                                                                        **_cached(plan))
         return loaded[known]
 
-    def scheduler_config(key: str) -> dict:
-        return dict(DDIMScheduler.load_config(plan.models[key].location, subfolder="scheduler", **where))
-
-    # SD-1.5's parts go through `load` too, so a batch reuses them across model sets; a task's own UNet (8 or 9
-    # input channels) replaces SD-1.5's under `unet`.
-    sd15 = dict(zip(SD15_PARTS, (AutoencoderKL, CLIPTextModel, CLIPTokenizer, UNet2DConditionModel)))
-    extra = {**{name: load("sd15", name, cls) for name, cls in sd15.items()}, **task.components(config, load)}
-    if config.vdm == "AnimateDiff":
-        video = _animatediff_components(config, load, extra)
-    else:
-        key, _, parts = VIDEO_MODELS[config.vdm]
-        classes = (VidRDUNet3DConditionModel if key == "vidrd" else UNet3DConditionModel, CLIPTextModel, CLIPTokenizer)
-        video = {name: load(key, part, cls) for name, part, cls in zip(VIDEO_COMPONENTS, parts, classes)}
-        if key in NATIVE_NUM_FRAMES:
-            video["video_unet"].register_to_config(native_num_frames=NATIVE_NUM_FRAMES[key])
-    sd15_scheduler = scheduler_config("sd15")
-    # Smoothing derives its DDIM schedule from stage 1's scheduler config, so SD-1.5's DDIM settings (no sample
-    # clipping, alphas_cumprod[0] as the final alpha) lie under the IDM's own sampler keys.
-    idm_scheduler = {**sd15_scheduler, **(scheduler_config(task.idm_model) if task.idm_model else {})}
-    scheduler = make_scheduler(config.idm_options["scheduler"], idm_scheduler)
-    inverse_scheduler = BIVDiffDDIMInverseScheduler.from_config(sd15_scheduler)
-    return task.pipeline_class().from_pretrained(plan.models["sd15"].location, scheduler=scheduler, **video, **extra,
-                                                 inverse_scheduler=inverse_scheduler, torch_dtype=dtype, **where)
-
-
-def _animatediff_components(config, load, extra: dict) -> dict:
-    """AnimateDiff's video side: a motion UNet on the base SD-1.5 UNet's own weights, and that model's CLIP as the
-    video text encoder. On the image model's own SD-1.5 (the default) they are the image side's objects, added to
-    `extra`: SD-1.5 is held once and each prompt encoded once."""
-    from diffusers import MotionAdapter, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from bivdiff.models import motion_unet_sharing_weights
-
-    own = config.vdm_options["pretrained_model_path"] is None
-    base, owner = ("sd15", extra) if own else ("animatediff-base", {})
-    slot = "inversion_unet" if "inversion_unet" in extra else "unet"  # SD-1.5's UNet beside an IDM's own
-    for name, subfolder, cls in ((slot, "unet", UNet2DConditionModel), ("text_encoder", "text_encoder",
-                                 CLIPTextModel), ("tokenizer", "tokenizer", CLIPTokenizer)):
-        if name not in owner:
-            owner[name] = load(base, subfolder, cls)
-    video_unet = motion_unet_sharing_weights(owner[slot], load("animatediff", "", MotionAdapter))
-    return dict(zip(VIDEO_COMPONENTS, (video_unet, owner["text_encoder"], owner["tokenizer"])))
+    for spec in plan.specs:
+        if config.tiny:
+            channels = conditions.condition_channels(config.idm, config.idm_options.get("condition"))
+            made = tiny_models.tiny_components_of(spec.key, channels)
+            sampler_configs += [tiny_models.sd15_scheduler_config()] if "scheduler" in spec.parts else []
+        else:
+            location = plan.models[spec.key].location
+            made = {name: load(location, *where) for name, where in spec.components.items()}
+            if "scheduler" in spec.parts:
+                sampler_configs.append(diffusers.DDIMScheduler.load_config(location, subfolder="scheduler",
+                                                                           **_cached(plan)))
+            if spec.key in NATIVE_NUM_FRAMES:
+                made["video_unet"].register_to_config(native_num_frames=NATIVE_NUM_FRAMES[spec.key])
+        if "unet" in made and "unet" in components:
+            components["inversion_unet"] = components["unet"]
+        components.update(made)
+    if "motion_adapter" in components:
+        base = components.pop("motion_base", None) or components.get("inversion_unet") or components["unet"]
+        components["video_unet"] = models.motion_unet_sharing_weights(base, components.pop("motion_adapter"))
+        components.setdefault("video_text_encoder", components["text_encoder"])
+        components.setdefault("video_tokenizer", components["tokenizer"])
+    # Smoothing derives its DDIM schedule from stage 1's sampler config, so SD-1.5's DDIM settings (no sample
+    # clipping, alphas_cumprod[0] as the final alpha) lie under the image model's own sampler keys.
+    stage1 = {key: value for sampler in sampler_configs for key, value in sampler.items()}
+    components["scheduler"] = make_scheduler(config.idm_options["scheduler"], stage1)
+    components["inverse_scheduler"] = BIVDiffDDIMInverseScheduler.from_config(sampler_configs[0])
+    return components
 
 
 def call_arguments(plan: Plan, generator) -> dict:

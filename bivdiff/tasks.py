@@ -1,30 +1,17 @@
-"""What differs between the tasks (one per image model, IDM): the models each needs besides Stable Diffusion 1.5 and
-the video model, the components they add, the condition or mask each reads, its pipeline class, and how that
-pipeline is called. Everything the tasks share (loading, running, writing) lives in the runner.
+"""What differs between the tasks (one per image model, IDM): the image model's own weights beside Stable Diffusion
+1.5's, the condition or mask each reads, its pipeline class, and how that pipeline is called. The models are found
+in `models_resolution`, loaded and run in the runner.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from pathlib import Path
 
 from PIL import Image
 
 from bivdiff import conditions
 from bivdiff.config import RunConfig
-from bivdiff.models_resolution import CATALOGUE, checkpoint_path, spec, vidrd_instructions
-
-# The pipeline's from_pretrained reads SD-1.5's component list from model_index.json.
-SD15_PARTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "model_index.json")
-ZEROSCOPE_PARTS = ("unet", "text_encoder", "tokenizer")
-# Model.vdm -> (catalogue key, the VDM option naming its folder, the parts read); VidRD's folder is converted.
-VIDEO_MODELS = {
-    "ZeroScope": ("zeroscope", "ckpt_path", ZEROSCOPE_PARTS),
-    "ModelScope": ("modelscope", "ckpt_path", ZEROSCOPE_PARTS),
-    "AnimateDiff": ("animatediff", "motion_adapter_path", ("",)),
-    "VidRD": ("vidrd", "diffusers_path", ("video_unet", "video_text_encoder", "video_tokenizer")),
-}
 
 
 @dataclass
@@ -44,54 +31,21 @@ class Task:
     idm: str
     title: str
     pipeline_class_name: str
-    unet_in_channels = 4  # the IDM's own UNet; when not 4, SD-1.5's UNet inverts frame by frame
-    idm_model: str | None = None  # catalogue key of the IDM's own model (its UNet and sampler)
+    # The catalogue key of the image model's own weights (formatted with the IDM options), beside SD-1.5's.
+    own_model: str | None = None
 
     def pipeline_class(self):
         """Imported on use, so listing and checking configs never pays for importing diffusers."""
         return getattr(importlib.import_module("bivdiff"), self.pipeline_class_name)
 
-    def model_specs(self, config: RunConfig, root: Path) -> list:
-        """The models a run of `config` reads, with their folders under the checkpoints `root`."""
-        options = config.vdm_options
-        key, option, parts = VIDEO_MODELS[config.vdm]
-        local = checkpoint_path(options[option], root, CATALOGUE[key][1])
-        how = None
-        if key == "vidrd":
-            checkpoint = checkpoint_path(options["ckpt_path"], root, "VidRD/ModelT2V.pth")
-            sd21 = checkpoint_path(options["pretrained_model_path"], root, "stable-diffusion-2-1-base")
-            how = vidrd_instructions(checkpoint, sd21, local)
-        specs = [spec("sd15", SD15_PARTS, checkpoint_path(config.mixed_inversion["pretrained_model_path"], root,
-                                                          CATALOGUE["sd15"][1])), spec(key, parts, local, how)]
-        if config.vdm == "AnimateDiff" and options["pretrained_model_path"] is not None:
-            base = checkpoint_path(options["pretrained_model_path"], root, "")
-            specs.append(spec("animatediff-base", ZEROSCOPE_PARTS, base, f"a diffusers SD-1.5-family model in {base}"))
-        return specs + self.idm_specs(config, root)
-
-    def idm_specs(self, config: RunConfig, root: Path) -> list:
-        if self.idm_model is None:
-            return []
-        local = checkpoint_path(config.idm_options["pretrained_model_path"], root, CATALOGUE[self.idm_model][1])
-        return [spec(self.idm_model, ("unet", "scheduler"), local)]
-
-    def components(self, config: RunConfig, load) -> dict:
-        """Components besides SD-1.5's and the video model's; `load(key, subfolder, cls)` reads a resolved model.
-        A task with its own UNet takes it from its model (its text encoder and VAE are SD-1.5's), and SD-1.5's
-        UNet inverts frame by frame."""
-        if self.idm_model is None:
-            return {}
-        from diffusers import UNet2DConditionModel
-
-        unet = load(self.idm_model, "unet", UNet2DConditionModel)
-        return {"unet": unet, "inversion_unet": load("sd15", "unet", UNet2DConditionModel)}
-
-    def tiny_components(self, config: RunConfig) -> dict:
-        return {}
-
     def inputs(self, config: RunConfig, source: list[Image.Image], read) -> Inputs:
         """The condition or mask, read (and so checked, with the environment) before any model loads;
         `read(dotted_key, as_mask)` reads the video a config key names with the run's frame selection."""
         return Inputs(source=source)
+
+    def annotator(self, config: RunConfig) -> str | None:
+        """The condition whose annotator weights the run needs, if any."""
+        return None
 
     def annotate(self, config: RunConfig, inputs: Inputs, models: dict) -> Inputs:
         """Conditions that need model weights (annotators), computed once the models are resolved."""
@@ -108,39 +62,19 @@ class ControllableTask(Task):
 
     pipeline_class_name = "BIVDiffControllablePipeline"
 
-    def __init__(self, idm: str, title: str, prefix: str, component: str):
-        self.idm, self.title, self.prefix, self.component = idm, title, prefix, component
+    def __init__(self, idm: str, title: str, component: str):
+        self.idm, self.title, self.component = idm, title, component
+        self.own_model = f"{component.replace('adapter', 't2iadapter')}-{{condition}}"
 
     def channels(self, config: RunConfig) -> int:
         return conditions.condition_channels(self.idm, config.idm_options["condition"])
 
-    def uses_annotator(self, config: RunConfig) -> bool:
+    def annotator(self, config: RunConfig) -> str | None:
         options = config.idm_options
-        return not config.tiny and options["condition_video"] is None and conditions.needs_annotator(
+        needed = not config.tiny and options["condition_video"] is None and conditions.needs_annotator(
             options["condition"]
         )
-
-    def idm_specs(self, config: RunConfig, root: Path) -> list:
-        condition = config.idm_options["condition"]
-        key = f"{self.prefix}-{condition}"
-        specs = [spec(key, ("",), checkpoint_path(config.idm_options["pretrained_model_path"], root, CATALOGUE[key][1]))]
-        if self.uses_annotator(config):
-            specs.append(spec("annotators", conditions.ANNOTATOR_FILES[condition], root / CATALOGUE["annotators"][1]))
-        return specs
-
-    def components(self, config: RunConfig, load) -> dict:
-        import diffusers
-
-        other = {"controlnet": "adapter", "adapter": "controlnet"}[self.component]
-        cls = getattr(diffusers, "ControlNetModel" if self.component == "controlnet" else "T2IAdapter")
-        return {self.component: load(f"{self.prefix}-{config.idm_options['condition']}", "", cls), other: None}
-
-    def tiny_components(self, config: RunConfig) -> dict:
-        from bivdiff.tiny_models import tiny_adapter, tiny_controlnet
-
-        if self.component == "controlnet":
-            return {"controlnet": tiny_controlnet()}
-        return {"adapter": tiny_adapter(in_channels=self.channels(config))}
+        return options["condition"] if needed else None
 
     def inputs(self, config, source, read) -> Inputs:
         options, condition = config.idm_options, config.idm_options["condition"]
@@ -148,7 +82,7 @@ class ControllableTask(Task):
             mode = "L" if self.channels(config) == 1 else "RGB"
             frames = [f.convert(mode) for f in read(f"IDM.{self.idm}.condition_video", False)]
             return Inputs(source, frames, condition, f"{condition} (given)")
-        if self.uses_annotator(config):
+        if self.annotator(config):
             conditions.check_annotators_installed(condition, f"IDM.{self.idm}.condition")
             return Inputs(source, None, condition, condition)
         # Annotator weights are real downloads, so a tiny run stands canny edges in for depth and pose.
@@ -175,8 +109,7 @@ class InstructPix2PixTask(Task):
     idm = "InstructPix2Pix"
     title = "video editing by instruction (InstructPix2Pix)"
     pipeline_class_name = "BIVDiffInstructPix2PixPipeline"
-    unet_in_channels = 8
-    idm_model = "instruct-pix2pix"
+    own_model = "instruct-pix2pix"
 
     def call_arguments(self, config, inputs) -> dict:
         image_scale = config.idm_options["image_guidance_scale"]
@@ -208,8 +141,7 @@ class InpaintTask(Task):
     """Stable Diffusion Inpainting with a mask video (inpainting) or band masks (outpainting)."""
 
     pipeline_class_name = "BIVDiffInpaintPipeline"
-    unet_in_channels = 9
-    idm_model = "sd-inpainting"
+    own_model = "sd-inpainting"
 
     def __init__(self, idm: str, title: str):
         self.idm, self.title = idm, title
@@ -229,10 +161,8 @@ class InpaintTask(Task):
 
 
 TASKS: dict[str, Task] = {
-    "ControlNet": ControllableTask("ControlNet", "controllable video generation (ControlNet)", "controlnet",
-                                   "controlnet"),
-    "T2IAdapter": ControllableTask("T2IAdapter", "controllable video generation (T2I-Adapter)", "t2iadapter",
-                                   "adapter"),
+    "ControlNet": ControllableTask("ControlNet", "controllable video generation (ControlNet)", "controlnet"),
+    "T2IAdapter": ControllableTask("T2IAdapter", "controllable video generation (T2I-Adapter)", "adapter"),
     "InstructPix2Pix": InstructPix2PixTask(),
     "Prompt2Prompt": Prompt2PromptTask(),
     "StableDiffusionInpainting": InpaintTask("StableDiffusionInpainting", "video inpainting (SD Inpainting)"),

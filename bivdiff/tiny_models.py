@@ -113,3 +113,22 @@ def tiny_animatediff_components(unet, text_encoder, tokenizer, seed: int = 0) ->
     and the image text encoder and tokenizer as the video ones (AnimateDiff reads SD-1.5's CLIP embeddings)."""
     video_unet = motion_unet_sharing_weights(unet, tiny_motion_adapter(seed))
     return dict(video_unet=video_unet, video_text_encoder=text_encoder, video_tokenizer=tokenizer)
+
+
+def tiny_components_of(key: str, condition_channels: int = 3) -> dict:
+    """Tiny stand-ins for the components the catalogue model `key` (`models_resolution.CATALOGUE`) gives a pipeline,
+    for `bivdiff run --tiny`; a T2I-Adapter takes `condition_channels`."""
+    video = tiny_video_components
+    makers = {
+        "sd15": tiny_image_components,  # its samplers are replaced by the run's own
+        "zeroscope": video,
+        "modelscope": lambda: dict(video(), video_unet=tiny_modelscope_unet()),
+        "vidrd": lambda: dict(video(), video_unet=tiny_vidrd_unet()),
+        "animatediff": lambda: dict(motion_adapter=tiny_motion_adapter()),
+        "instruct-pix2pix": lambda: dict(unet=tiny_unet(8)),
+        "sd-inpainting": lambda: dict(unet=tiny_unet(9)),
+        "controlnet": lambda: dict(controlnet=tiny_controlnet()),
+        "t2iadapter": lambda: dict(adapter=tiny_adapter(condition_channels)),
+    }
+    family = key.partition("-")[0]
+    return makers.get(family if family in ("controlnet", "t2iadapter") else key, dict)()

@@ -102,7 +102,7 @@ def test_usage_snippet_runs_as_python(assemble, tmp_path, modules_cache, monkeyp
 
 def test_model_table_lists_resolved_models_with_licences(assemble, tmp_path):
     from bivdiff.models_resolution import ResolvedModel, spec
-    from bivdiff.tasks import SD15_PARTS
+    from bivdiff.models_resolution import SD15_PARTS
 
     models = {
         "sd15": ResolvedModel(

@@ -9,9 +9,8 @@ from cli_helpers import FAST, only_run_folder, run_cli, save_tiny_checkpoints, s
 
 from bivdiff import configs as shipped
 from bivdiff.config import load_config
-from bivdiff.models_resolution import MissingModelsError, resolve
+from bivdiff.models_resolution import MissingModelsError, model_specs, resolve
 from bivdiff.runner import run_config
-from bivdiff.tasks import task_for
 
 CONTROLNET_ZEROSCOPE = "controllable_video_generation_with_controlnet_and_zeroscope"
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
@@ -77,7 +76,7 @@ def test_only_the_models_still_missing_are_listed(tmp_path, capsys):
 def test_vidrd_is_explained_as_a_conversion(tmp_path):
     name = "controllable_video_generation_with_t2iadapter_and_vidrd"
     config = load_config(shipped.config_path(name), ["IDM.T2IAdapter.condition=canny"])
-    specs = task_for(config).model_specs(config, tmp_path / "checkpoints")
+    specs = model_specs(config, tmp_path / "checkpoints")
     with pytest.raises(MissingModelsError) as err:
         resolve(specs, offline=True)
     message = str(err.value)
@@ -114,7 +113,7 @@ def test_vidrd_is_explained_as_a_conversion(tmp_path):
 def test_new_video_models_are_listed_with_their_hub_ids_and_download_hints(tmp_path, name, expected):
     config = load_config(shipped.config_path(name))
     with pytest.raises(MissingModelsError) as err:
-        resolve(task_for(config).model_specs(config, tmp_path / "checkpoints"), offline=True)
+        resolve(model_specs(config, tmp_path / "checkpoints"), offline=True)
     for text in expected:
         assert text.format(root=tmp_path / "checkpoints") in str(err.value), text
 
@@ -144,7 +143,7 @@ def test_annotator_weights_are_listed_when_an_annotator_is_used(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "controlnet_aux", types.ModuleType("controlnet_aux"))
     config = load_config(shipped.config_path(CONTROLNET_ZEROSCOPE), ["IDM.ControlNet.condition=openpose"])
     with pytest.raises(MissingModelsError) as err:
-        resolve(task_for(config).model_specs(config, tmp_path), offline=True)
+        resolve(model_specs(config, tmp_path), offline=True)
     assert "controlnet_aux annotator weights [body_pose_model.pth" in str(err.value)
     assert "lllyasviel/Annotators" in str(err.value)
 
@@ -228,7 +227,7 @@ def test_real_run_reads_the_hugging_face_cache(tmp_path):
 
 def sd15_spec(tmp_path):
     from bivdiff.models_resolution import spec
-    from bivdiff.tasks import SD15_PARTS
+    from bivdiff.models_resolution import SD15_PARTS
 
     return spec("sd15", SD15_PARTS, tmp_path / "none")
 
@@ -292,6 +291,6 @@ def test_an_unreachable_hub_is_asked_once_and_reported(tmp_path, monkeypatch):
 
 def zeroscope_specs(tmp_path):
     from bivdiff.models_resolution import spec
-    from bivdiff.tasks import ZEROSCOPE_PARTS
+    from bivdiff.models_resolution import parts_of
 
-    return [spec("zeroscope", ZEROSCOPE_PARTS, tmp_path / "none")]
+    return [spec("zeroscope", parts_of("zeroscope"), tmp_path / "none")]
