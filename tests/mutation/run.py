@@ -28,7 +28,7 @@ CORE = [
     MIXED + "xǁBIVDiffDDIMInverseSchedulerǁ*",
     MIXED + "x_ddim_sampler__*",
     *(f"bivdiff.evaluation.x_{name}__*" for name in ("frame_difference", "warp_error", "_float_frames", "_warp")),
-    *(f"bivdiff.evaluation.x_{name}__*" for name in ("_consistent", "_gray_uint8", "_flow")),
+    "bivdiff.evaluation.x__consistent__*",
     "bivdiff.pipelines.pipeline_bivdiff_inpaint.x_outpaint_mask__*",
     "bivdiff.pipelines.pipeline_bivdiff_inpaint.x_feather_mask__*",
     "bivdiff.pipelines.prompt2prompt_control.xǁLocalBlendǁ*",
