@@ -7,7 +7,6 @@ from PIL import Image
 
 from bivdiff.errors import UserError
 
-ANNOTATORS_HUB_ID = "lllyasviel/Annotators"
 # Files each controlnet_aux detector reads from lllyasviel/Annotators.
 ANNOTATOR_FILES = {"depth_midas": ("dpt_hybrid-midas-501f0c75.pt",),
                    "openpose": ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")}

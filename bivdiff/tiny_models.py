@@ -16,7 +16,7 @@ from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, MotionAdap
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from bivdiff.models import VidRDUNet3DConditionModel, motion_unet_sharing_weights
+from bivdiff.models import VidRDUNet3DConditionModel
 from bivdiff.schedulers import BIVDiffDDIMInverseScheduler
 
 IMAGE_TEXT_DIM = 32
@@ -106,13 +106,6 @@ def tiny_image_components(seed: int = 0, unet_in_channels: int = 4) -> dict:
     return dict(vae=tiny_vae(seed), text_encoder=tiny_text_encoder(IMAGE_TEXT_DIM, seed), tokenizer=tiny_tokenizer(),
                 unet=tiny_unet(unet_in_channels, seed), scheduler=tiny_scheduler(),
                 inverse_scheduler=tiny_inverse_scheduler())
-
-
-def tiny_animatediff_components(unet, text_encoder, tokenizer, seed: int = 0) -> dict:
-    """The AnimateDiff video side for an SD-1.5-family image side: a motion UNet on `unet`'s own spatial weights,
-    and the image text encoder and tokenizer as the video ones (AnimateDiff reads SD-1.5's CLIP embeddings)."""
-    video_unet = motion_unet_sharing_weights(unet, tiny_motion_adapter(seed))
-    return dict(video_unet=video_unet, video_text_encoder=text_encoder, video_tokenizer=tokenizer)
 
 
 def tiny_components_of(key: str, condition_channels: int = 3) -> dict:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pipeline_helpers import bivdiff_components
 
+from bivdiff.models import motion_unet_sharing_weights
 from bivdiff.tiny_models import (
     VIDEO_TEXT_DIM,
-    tiny_animatediff_components,
     tiny_modelscope_unet,
+    tiny_motion_adapter,
     tiny_text_encoder,
     tiny_tokenizer,
     tiny_vidrd_unet,
@@ -23,8 +24,10 @@ def video_model_components(video_model: str, **overrides) -> dict:
     components = bivdiff_components(**overrides)
     if video_model == "animatediff":
         base = components.get("inversion_unet") or components["unet"]
-        video = tiny_animatediff_components(base, components["text_encoder"], components["tokenizer"])
-        return {**components, **video}
+        # AnimateDiff reads SD-1.5's CLIP embeddings: the image text encoder is the video one.
+        video_unet = motion_unet_sharing_weights(base, tiny_motion_adapter())
+        return dict(components, video_unet=video_unet, video_text_encoder=components["text_encoder"],
+                    video_tokenizer=components["tokenizer"])
     video_unets = {"modelscope": tiny_modelscope_unet, "vidrd": tiny_vidrd_unet}
     if video_model in video_unets:
         video = dict(
