@@ -91,17 +91,18 @@ class ModelSpec:
     local: Path
     how_to_get: str | None = None  # replaces the download instructions when the model is not on the Hub (VidRD)
 
-    components = property(lambda self: CATALOGUE[self.key][5])
-
     title = property(lambda self: CATALOGUE[self.key][0])
     hub_ids = property(lambda self: tuple(CATALOGUE[self.key][2].split()))
     licence = property(lambda self: CATALOGUE[self.key][3])
     safetensors = property(lambda self: CATALOGUE[self.key][4])
+    components = property(lambda self: CATALOGUE[self.key][5])
 
     def patterns(self) -> tuple[list[str], list[str]]:
         """(allow, ignore) file patterns of the parts: for `hf download` and `snapshot_download` alike."""
         root = ["*.json", "*.safetensors" if self.safetensors else "diffusion_pytorch_model.*"]
-        allow = [p for part in self.parts for p in ([part] if "." in part else [f"{part}/*"] if part else root)]
+        allow = []
+        for part in self.parts:  # a file, a component's folder, or the repo root's config and weights
+            allow += [part] if "." in part else [f"{part}/*"] if part else root
         ignore = ["*.fp16.*", "*non_ema*", "*.ckpt"] + (["*.bin"] if self.safetensors else [])
         return allow, ignore if any("." not in part for part in self.parts) else []
 

@@ -95,17 +95,16 @@ def read_input(config: RunConfig, dotted: str, as_mask: bool = False) -> tuple[V
     path = (default_mask_path() if as_mask else default_clip_path()) if value is None else Path(value).expanduser()
     length, stride, start = model["video_length"], model["frame_rate"], model["start_frame"]
     try:
-        clip = read_video_clip(
-            path, length, stride, start, model["height"], model["width"], model["resize_mode"], as_mask=as_mask
-        )
-    except (FileNotFoundError, ValueError) as err:
-        if not isinstance(err, TooFewFramesError):
-            raise ConfigError(f"{dotted}: {err}") from err
+        clip = read_video_clip(path, length, stride, start, model["height"], model["width"], model["resize_mode"],
+                               as_mask=as_mask)
+    except TooFewFramesError as err:
         raise ConfigError(
             f"{dotted}: {err}\nIn config terms: Model.video_length={length} frames at Model.frame_rate={stride} "
             f"(the frame stride) from Model.start_frame={start} need {start + (length - 1) * stride + 1} source "
             "frames. Lower one of them on the command line, e.g. Model.frame_rate=1, or give a longer video."
         ) from err
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{dotted}: {err}") from err
     return clip, path
 
 

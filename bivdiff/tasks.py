@@ -62,9 +62,8 @@ class ControllableTask(Task):
 
     pipeline_class_name = "BIVDiffControllablePipeline"
 
-    def __init__(self, idm: str, title: str, component: str):
-        self.idm, self.title, self.component = idm, title, component
-        self.own_model = f"{component.replace('adapter', 't2iadapter')}-{{condition}}"
+    def __init__(self, idm: str, title: str, component: str, own_model: str):
+        self.idm, self.title, self.component, self.own_model = idm, title, component, own_model
 
     def channels(self, config: RunConfig) -> int:
         return conditions.condition_channels(self.idm, config.idm_options["condition"])
@@ -161,8 +160,10 @@ class InpaintTask(Task):
 
 
 TASKS: dict[str, Task] = {
-    "ControlNet": ControllableTask("ControlNet", "controllable video generation (ControlNet)", "controlnet"),
-    "T2IAdapter": ControllableTask("T2IAdapter", "controllable video generation (T2I-Adapter)", "adapter"),
+    "ControlNet": ControllableTask("ControlNet", "controllable video generation (ControlNet)", "controlnet",
+                                   "controlnet-{condition}"),
+    "T2IAdapter": ControllableTask("T2IAdapter", "controllable video generation (T2I-Adapter)", "adapter",
+                                   "t2iadapter-{condition}"),
     "InstructPix2Pix": InstructPix2PixTask(),
     "Prompt2Prompt": Prompt2PromptTask(),
     "StableDiffusionInpainting": InpaintTask("StableDiffusionInpainting", "video inpainting (SD Inpainting)"),
