@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional
 
+import yaml
+
 from bivdiff.errors import ConfigError
 
 # The original's POS_PROMPT and NEG_PROMPT for ControlNet and InstructPix2Pix (models/*/infer.py), verbatim,
@@ -180,7 +182,6 @@ IDM_SCHEMAS = {"ControlNet": ControlNetOptions, "T2IAdapter": T2IAdapterOptions,
                "StableDiffusionInpainting": InpaintingOptions, "StableDiffusionOutpainting": OutpaintingOptions}
 VDM_SCHEMAS = {"VidRD": VidRDOptions, "ZeroScope": ZeroScopeOptions, "AnimateDiff": AnimateDiffOptions,
                "ModelScope": ModelScopeOptions}
-IDMS, VDMS = tuple(IDM_SCHEMAS), tuple(VDM_SCHEMAS)
 SECTIONS = {"VDM": VDM_SCHEMAS, "IDM": IDM_SCHEMAS, "MixedInversion": MixedInversionOptions, "Model": ModelOptions}
 
 
@@ -221,8 +222,6 @@ class RunConfig:
 
     def to_yaml(self) -> str:
         """The resolved config as YAML; `bivdiff run --config` takes it back."""
-        import yaml
-
         # Wide lines: the long quality prompts stay on one line each, as in the shipped configs.
         return yaml.safe_dump(self.data, sort_keys=False, width=10_000, allow_unicode=True)
 
@@ -242,14 +241,12 @@ def load_config(path: str | Path, overrides=(), tiny: bool = False, name: str | 
     if not isinstance(file, DictConfig):
         raise ConfigError(f"The config file {path} must hold sections (VDM, IDM, MixedInversion, Model).")
     file.pop("hydra", None)  # the original files' settings of Hydra itself
-    layers = {f"the config file {path}": file, "the --tiny defaults": OmegaConf.create(TINY_DEFAULTS if tiny else {}),
-              "the command-line overrides": parse_overrides(overrides)}
-    merged = _schema()
-    for where, layer in layers.items():
-        merged = _merge(merged, layer, where)
+    merged = _merge(_schema(), file, f"the config file {path}")
+    merged = _merge(merged, OmegaConf.create(TINY_DEFAULTS if tiny else {}), "the --tiny defaults")
+    merged = _merge(merged, parse_overrides(overrides), "the command-line overrides")
     data = OmegaConf.to_container(merged)
     model = data["Model"]
-    for key, known, kind in (("idm", IDMS, "an image"), ("vdm", VDMS, "a video")):
+    for key, known, kind in (("idm", IDM_SCHEMAS, "an image"), ("vdm", VDM_SCHEMAS, "a video")):
         if model[key] not in known:
             raise ConfigError(f"Model.{key}={model[key]!r} in {path} is not {kind} model bivdiff knows: "
                               f"use one of {', '.join(known)}.")
@@ -266,7 +263,6 @@ def load_config(path: str | Path, overrides=(), tiny: bool = False, name: str | 
 def parse_overrides(overrides):
     """`["Model.seed=1", "IDM.ControlNet.condition=canny"]` as an OmegaConf layer. Text values are kept verbatim
     (surrounding quotes removed); a value for a list, or `null`, is parsed as YAML; the schema converts the rest."""
-    import yaml
     from omegaconf import OmegaConf, StringNode
     from omegaconf._impl import select_node
 
@@ -274,11 +270,9 @@ def parse_overrides(overrides):
     for item in overrides:
         key, equals, raw = item.partition("=")
         key, text = key.strip(), raw.strip()
-        if not equals:
+        if not (equals and all(key.split("."))):
             raise ConfigError(f"Override {item!r} must be KEY=VALUE with a dotted key, "
                               "e.g. Model.num_inference_steps=20.")
-        if not all(key.split(".")):
-            raise ConfigError(f"Override {item!r} has no valid key before '=': e.g. Model.num_inference_steps=20.")
         node = select_node(_schema(), key)  # its type says whether `[...]` is a list or text; None: an unknown key
         quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
         value = text[1:-1] if quoted else None if text == "null" else raw
@@ -330,15 +324,14 @@ def validate(config: RunConfig) -> None:
                                     ("MixedInversion", MixedInversionOptions, config.mixed_inversion)):
         for spec in fields(schema):  # the keys whose schema field declares choices or bounds
             meta, value, dotted = spec.metadata, values.get(spec.name), f"{section}.{spec.name}"
-            low, high = meta.get("low"), meta.get("high")
             if "choices" in meta and value not in meta["choices"]:
                 problems.append(f"{dotted}={value!r} must be one of: {', '.join(meta['choices'])}.")
-            elif isinstance(value, int) and low is not None and value < low:
-                problems.append(f"{dotted}={value!r} must be a whole number >= {low}.")
-            elif isinstance(value, float) and low is not None:
-                if not (math.isfinite(value) and low <= value <= (math.inf if high is None else high)):
+            elif "low" in meta and value is not None:  # an int or a float: the schema converted it
+                low, high = meta["low"], meta["high"]
+                if not (low <= value < math.inf and (high is None or value <= high)):  # NaN fails every comparison
+                    kind = "a whole number" if isinstance(value, int) else "a number"
                     bounds = f" >= {low}" if high is None else f" in [{low}, {high}]"
-                    problems.append(f"{dotted}={value!r} must be a number{bounds}.{meta['hint']}")
+                    problems.append(f"{dotted}={value!r} must be {kind}{bounds}.{meta['hint']}")
     for key in ("width", "height"):
         if model[key] >= 8 and model[key] % 8:
             low = model[key] // 8 * 8
@@ -353,18 +346,18 @@ def validate(config: RunConfig) -> None:
     need = {"InstructPix2Pix": "an editing instruction"}.get(config.idm, "a prompt describing the frames")
     if config.idm in ("ControlNet", "T2IAdapter", "InstructPix2Pix") and not model["idm_prompt"].strip():
         problems.append(f"Model.idm_prompt is empty: {config.idm} needs {need}.")
-    prompts = options.get("prompts", ["-", "-"])
-    if not (prompts and len(prompts) == 2 and all(p.strip() for p in prompts)):
+    prompts = options.get("prompts")
+    if "prompts" in options and not (prompts and len(prompts) == 2 and all(p.strip() for p in prompts)):
         problems.append(f"{prefix}.prompts={prompts!r} must be two non-empty prompts, [source, edited], e.g. "
                         f"{prefix}.prompts='[A car is moving on the road, A white car is moving on the road]'.")
     if len(options.get("reweight_words", [])) != len(options.get("reweight_strengths", [])):
         problems.append(f"{prefix}.reweight_words and {prefix}.reweight_strengths need one strength per word.")
-    for dotted in ("Model.video_path", f"{prefix}.condition_video", f"{prefix}.video_mask_path"):
-        value = (model if dotted.startswith("Model.") else options).get(dotted.rsplit(".", 1)[1])
-        if value is not None and not Path(value).expanduser().exists():
-            # Input files must exist now, not after minutes of model loading.
-            problems.append(f"{dotted}: no file or folder at {value} (from {Path.cwd()}): give an MP4, a GIF or a "
-                            "folder of images, or null for the clip shipped with bivdiff.")
+    for section, values in (("Model", model), (prefix, options)):
+        for key in ("video_path", "condition_video", "video_mask_path"):
+            if values.get(key) is not None and not Path(values[key]).expanduser().exists():
+                # Input files must exist now, not after minutes of model loading.
+                problems.append(f"{section}.{key}: no file or folder at {values[key]} (from {Path.cwd()}): give an "
+                                "MP4, a GIF or a folder of images, or null for the clip shipped with bivdiff.")
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(f"The config {config.name} has {len(problems)} problem(s):\n{lines}")

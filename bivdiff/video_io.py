@@ -68,8 +68,8 @@ def read_video_clip(path, num_frames=None, stride=1, start=0, height=None, width
     ValueError) when it holds too few frames for `num_frames` x `stride` from `start`.
     """
     path = Path(path)
-    for name, value, low in (("num_frames", num_frames or 1, 1), ("stride", stride, 1), ("start", start, 0)):
-        if value < low:
+    for name, value, low in (("num_frames", num_frames, 1), ("stride", stride, 1), ("start", start, 0)):
+        if value is not None and value < low:
             raise ValueError(f"{name}={value} must be at least {low}.")
     if resize_mode not in RESIZE_MODES:
         raise ValueError(f"resize_mode={resize_mode!r} is not one of {RESIZE_MODES}.")
