@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,17 +23,16 @@ import yaml
 from bivdiff.errors import ConfigError, UserError
 from bivdiff.evaluation import evaluate_video
 from bivdiff.run_folder import remove_staging_folders, write_text
-from bivdiff.runner import PipelineCache, plan_run, run_plan
+from bivdiff.runner import FIRST_TRY, PipelineCache, plan_run, run_plan
 
 Job = NamedTuple("Job", [("id", str), ("config", str), ("overrides", list[str])])
 LEDGER = "ledger.jsonl"
 # A job id names its run folder inside the batch folder: one plain path component, never `..` or absolute.
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
 METRICS = ("frame_difference", "warp_error", "clip_frame_consistency", "clip_text_alignment")
-FIRST_CONFIG = "controllable_video_generation_with_controlnet_and_zeroscope"
 EXAMPLE_JOBS = f"""\
   - id: bear-canny
-    config: {FIRST_CONFIG}
+    config: {FIRST_TRY}
     overrides: {{Model.video_path: bear.mp4, Model.seed: 1}}
   - config: video_editing_with_instruct_pix2pix_and_zeroscope"""
 
@@ -53,7 +53,7 @@ def read_jobs(path: str | os.PathLike) -> list[Job]:
     entries = entries["jobs"] if isinstance(entries, dict) and set(entries) == {"jobs"} else entries
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"JOBS: {path} holds no list of jobs: write one job per item, e.g.\n{EXAMPLE_JOBS}")
-    jobs, problems, seen = [], [], {}
+    jobs, problems, numbers = [], [], {}  # numbers: the first job with each id
     for number, entry in enumerate(entries, 1):
         job = entry if isinstance(entry, dict) else {}
         config, overrides, job_id = job.get("config"), job.get("overrides") or [], job.get("id", f"job-{number:03d}")
@@ -63,18 +63,18 @@ def read_jobs(path: str | os.PathLike) -> list[Job]:
         if job is not entry:
             found.append(f"{entry!r} is not a mapping with a `config` key.")
         elif not isinstance(config, str) or not config.strip():
-            found.append("no `config`: give a shipped config name or a YAML path, e.g. config: " + FIRST_CONFIG)
+            found.append("no `config`: give a shipped config name or a YAML path, e.g. config: " + FIRST_TRY)
         if not isinstance(overrides, list) or not all(isinstance(item, str) for item in overrides):
             found.append("`overrides` must be a list of KEY=VALUE strings or a mapping of dotted keys to values.")
         if not (isinstance(job_id, str) and JOB_ID.match(job_id)):
             found.append(f"id {job_id!r} is not a plain folder name (it would escape the output folder or hide "
                          "there): use letters, digits, '.', '_' and '-', starting with a letter or digit.")
             job_id = f"job-{number:03d}"
+        if job_id in numbers:
+            found.append(f"id {job_id!r} is also job {numbers[job_id]}'s: give every job its own id.")
+        numbers.setdefault(job_id, number)
         problems += [f"job {number}: {problem}" for problem in found]
         jobs.append(Job(job_id, config, overrides))  # returned only when no job has a problem
-    for number, job in enumerate(jobs, 1):
-        if seen.setdefault(job.id, number) != number:
-            problems.append(f"job {number}: id {job.id!r} is also job {seen[job.id]}'s: give every job its own id.")
     if problems:
         raise ConfigError(f"JOBS: {path} has {len(problems)} problem(s); nothing ran:\n  " + "\n  ".join(problems))
     return jobs
@@ -118,8 +118,9 @@ def run_batch(jobs_path: str | os.PathLike, output_dir: str | os.PathLike, overr
 
     # Without an accelerator, accelerate's processes must be told to pair up on CPU (gloo).
     state = PartialState(cpu=not (is_cuda_available() or is_mps_available() or is_xpu_available()))
-    jobs, folder = read_jobs(jobs_path), Path(output_dir).expanduser()
-    say = log if state.is_main_process else (lambda text: None)
+    jobs = read_jobs(jobs_path)
+    folder = Path(output_dir).expanduser()
+    say = state.on_main_process(log)  # what every process knows, said once
     with contextlib.ExitStack() as stack:
         # A lock for the batch's lifetime (the OS drops it if the batch dies): one batch at a time writes the folder.
         problem = None
@@ -134,15 +135,16 @@ def run_batch(jobs_path: str | os.PathLike, output_dir: str | os.PathLike, overr
             problem = f"Another batch is running in {folder}: wait for it, or choose another --output-dir."
         if problem := broadcast_object_list([problem])[0]:
             raise UserError(problem)
-        ledger, rerun = Ledger(folder), {"failed"} if retry_failed else set()
+        ledger = Ledger(folder)
         earlier = ledger.records()
         if earlier and not (resume or retry_failed or dry_run):
             raise UserError(f"--output-dir {folder} already holds a batch ({len(earlier)} job(s) in {ledger.path}): "
                             "add --resume to skip its finished jobs, --retry-failed to also rerun its failed ones, "
                             "or choose another folder.")
+        skipped = {job_id for job_id, record in earlier.items() if not (retry_failed and record["status"] == "failed")}
         plans, invalid = {}, {}
         with state.main_process_first():
-            for job in [job for job in jobs if job.id not in earlier or earlier[job.id]["status"] in rerun]:
+            for job in [job for job in jobs if job.id not in skipped]:
                 try:
                     plans[job.id] = plan_run(job.config, [*overrides, *job.overrides], tiny, checkpoints, offline,
                                              download=not dry_run)
@@ -154,23 +156,24 @@ def run_batch(jobs_path: str | os.PathLike, output_dir: str | os.PathLike, overr
         if dry_run:
             say(f"Dry run: {len(plans)} job(s) ready, {len(invalid)} refused; nothing was run.")
             return 1 if invalid else 0
-        for job_id, message in invalid.items() if state.is_main_process else ():
-            ledger.append(job_id, "failed", 0.0, message, state.process_index)
+        if state.is_main_process:
+            for job_id, message in invalid.items():
+                ledger.append(job_id, "failed", 0.0, message, state.process_index)
         state.wait_for_everyone()
         model_sets = list(dict.fromkeys(plan.model_set for plan in plans.values()))
         ready = sorted(plans, key=lambda job_id: model_sets.index(plans[job_id].model_set))
         say(f"{len(ready)} job(s) to run on {state.num_processes} process(es), {len(model_sets)} model set(s).")
         pipelines = PipelineCache()
         for job_id in stack.enter_context(state.split_between_processes(ready)):
-            plan, started = plans.pop(job_id), time.perf_counter()
+            plan = plans.pop(job_id)
+            started = time.perf_counter()
             # One device per process; a config naming its own device keeps it when only one process runs.
             device = state.device if state.num_processes > 1 or plan.config.model["device"] == "auto" else None
             prefix = f"[{job_id}] " if state.num_processes == 1 else f"[{state.process_index}:{job_id}] "
             log(f"{prefix}{plan.config.name}")
-            job_log = lambda text, prefix=prefix: log(prefix + text.replace("\n", "\n" + prefix))  # noqa: E731
             try:
                 run_folder = run_plan(plan, output_root=folder, name=job_id, pipelines=pipelines, device=device,
-                                      started=started, log=job_log)
+                                      started=started, log=lambda text: log(textwrap.indent(text, prefix)))
                 error = None
             except Exception as err:
                 error = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
@@ -181,7 +184,7 @@ def run_batch(jobs_path: str | os.PathLike, output_dir: str | os.PathLike, overr
         pipelines.clear()
         state.wait_for_everyone()
         # The main process alone reports, and fails: a launcher stops the other processes as soon as one fails.
-        return summary(jobs, ledger.records(), earlier, rerun, log) if state.is_main_process else 0
+        return summary(jobs, ledger.records(), skipped, log) if state.is_main_process else 0
 
 
 def one_line(message: str | None) -> str:
@@ -189,15 +192,16 @@ def one_line(message: str | None) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
-def summary(jobs: list[Job], final: dict, earlier: dict, rerun: set, log: Callable[[str], None]) -> int:
+def summary(jobs: list[Job], final: dict, skipped: set[str], log: Callable[[str], None]) -> int:
     """Log the table of every job (what happened to it in this batch, why it failed); 1 when any job is not done."""
     rows = [("job", "status", "seconds", "run folder / reason")]
     for job in jobs:
         record = final.get(job.id, {"status": "failed", "error": "no record (its process died?): rerun with --resume"})
-        status, done = record["status"], record["status"] == "done"
-        why = (record.get("run_folder") or "") if done else one_line(record.get("error"))
-        if job.id in earlier and earlier[job.id]["status"] not in rerun:
+        done = record["status"] == "done"
+        if job.id in skipped:
             status, why = "skipped", "finished earlier" if done else "failed earlier (--retry-failed reruns it)"
+        else:
+            status, why = record["status"], (record.get("run_folder") or "") if done else one_line(record.get("error"))
         rows.append((job.id, status, f"{record.get('seconds', 0):.1f}", why))
     width = max(len(row[0]) for row in rows)
     counts = ", ".join(f"{sum(row[1] == what for row in rows)} {what}" for what in ("done", "failed", "skipped"))
@@ -211,37 +215,42 @@ def evaluate_batch(folder: str | os.PathLike, clip_path: str | os.PathLike | Non
     text alignment against the job's video prompt) into `eval.csv` and `eval.md` in the batch folder, the latter
     with the means per task; returns both paths."""
     folder = Path(folder).expanduser()
-    done = [(r, folder / r["run_folder"]) for r in Ledger(folder).records().values() if r["status"] == "done"]
+    done = [record for record in Ledger(folder).records().values() if record["status"] == "done"]
     if not done:
         raise UserError(f"{folder} has no finished batch job ({LEDGER} lists none): run bivdiff batch first.")
     rows = []
-    for record, run in done:
+    for record in done:
+        run = folder / record["run_folder"]
         if not (run / "video_by_bivdiff.mp4").is_file():
             log(f"{record['id']}: no video in {run}; left out")
             continue
-        stats, config = json.loads((run / "stats.json").read_text()), yaml.safe_load((run / "config.yaml").read_text())
+        stats = json.loads((run / "stats.json").read_text())
+        prompt = yaml.safe_load((run / "config.yaml").read_text())["Model"].get("vdm_prompt") or None
         log(f"{record['id']}: scoring {run.name}")
-        scores = evaluate_video(run / "video_by_bivdiff.mp4", source=run / "source_video.mp4",
-                                prompt=config["Model"].get("vdm_prompt") or None, clip_path=clip_path)
-        rows.append({**record, **dict.fromkeys(METRICS), **scores, "task": stats["task"], "config": stats["config"]})
+        scores = evaluate_video(run / "video_by_bivdiff.mp4", source=run / "source_video.mp4", prompt=prompt,
+                                clip_path=clip_path)
+        rows.append({**record, **scores, "task": stats["task"], "config": stats["config"]})
     if not rows:
         raise UserError(f"None of the finished jobs in {folder} still has its video: nothing to score.")
-    metrics = [m for m in METRICS if any(row[m] is not None for row in rows)]
+    metrics = [m for m in METRICS if any(row.get(m) is not None for row in rows)]  # CLIP's need a CLIP model
     csv_path, md_path = folder / "eval.csv", folder / "eval.md"
-    columns, sink = ["id", "task", "config", *metrics, "run_folder"], io.StringIO()
-    csv.writer(sink, lineterminator="\n").writerows([columns, *([row[c] for c in columns] for row in rows)])
+    columns = ["id", "task", "config", *metrics, "run_folder"]
+    sink = io.StringIO()
+    csv.writer(sink, lineterminator="\n").writerows([columns] + [[row.get(c) for c in columns] for row in rows])
     write_text(csv_path, sink.getvalue())
-    tasks = {row["task"]: [r for r in rows if r["task"] == row["task"]] for row in rows}
-    values = {task: {m: [r[m] for r in group if r[m] is not None] for m in metrics} for task, group in tasks.items()}
-    means = [{"task": task, "jobs": len(group), **{m: sum(v) / len(v) for m, v in values[task].items() if v}}
-             for task, group in tasks.items()]
+    means = []
+    for task in dict.fromkeys(row["task"] for row in rows):
+        group = [row for row in rows if row["task"] == task]
+        values = {m: [row[m] for row in group if row.get(m) is not None] for m in metrics}
+        means.append({"task": task, "jobs": len(group), **{m: sum(v) / len(v) for m, v in values.items() if v}})
     text = "# Scores per job\n\n" + _markdown(rows, ["id", "task", *metrics])
     write_text(md_path, text + "\n# Means per task\n\n" + _markdown(means, ["task", "jobs", *metrics]))
     return csv_path, md_path
 
 
 def _markdown(rows: list[dict], columns: list[str]) -> str:
-    values = (map(row.get, columns) for row in rows)  # a mean of no values is missing: an empty cell
-    cells = [["" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v) for v in line] for line in values]
-    lines = ["| " + " | ".join(line) + " |" for line in [columns, *cells]]
-    return "\n".join([lines[0], "|---" * len(columns) + "|", *lines[1:]]) + "\n"
+    lines = [columns, ["---"] * len(columns)]
+    for row in rows:
+        values = [row.get(column) for column in columns]  # a mean of no values is missing: an empty cell
+        lines.append(["" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v) for v in values])
+    return "".join(f"| {' | '.join(line)} |\n" for line in lines)

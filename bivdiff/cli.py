@@ -111,7 +111,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     run.add_argument("items", nargs="*", metavar="[CONFIG] KEY=VALUE",
                      help="optionally a config name or YAML path first, then any number of dotted overrides")
     run.add_argument("--config-name", metavar="NAME", help="a shipped config (bivdiff list shows them)")
-    run.add_argument("--config", metavar="PATH", help="a YAML file in the same layout (an original one works)")
+    run.add_argument("--config", metavar="PATH", type=Path,
+                     help="a YAML file in the same layout (an original one works)")
     run.add_argument("--list", action="store_true", help="list the shipped configs and exit")
     run.add_argument("--output-dir", metavar="DIR", help="where run folders go (sets Model.output_path)")
     run.add_argument("--device", help="cpu, cuda, cuda:N or mps (sets Model.device; default: cuda when available)")
@@ -148,25 +149,27 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     overrides = [item for item in args.items if "=" in item]
     others = [item for item in args.items if "=" not in item]
-    if len(others + [name for name in (args.config_name, args.config) if name]) > 1:
+    configs = others + [config for config in (args.config_name, args.config) if config]
+    if len(configs) > 1:
         raise ConfigError(f"Unexpected argument(s) {', '.join(others) or '--config with --config-name'}: give one "
                           "config (a name or a .yaml path) and KEY=VALUE overrides, e.g. bivdiff run --config-name "
                           "NAME Model.seed=1")
     overrides += [f"Model.{key}={getattr(args, key)}" for key in ("device", "dtype") if getattr(args, key) is not None]
-    config = Path(args.config) if args.config else args.config_name or (others[0] if others else None)
-    run_config(config, overrides, tiny=args.tiny, checkpoints=args.checkpoints, output_dir=args.output_dir,
-               offline=args.offline, dry_run=args.dry_run, log=print_line)
+    run_config(configs[0] if configs else None, overrides, tiny=args.tiny, checkpoints=args.checkpoints,
+               output_dir=args.output_dir, offline=args.offline, dry_run=args.dry_run, log=print_line)
     return 0
 
 
 def eval_command(args: argparse.Namespace) -> int:
     batch = (Path(args.video).expanduser() / "ledger.jsonl").is_file()
-    for label, value in (("video", args.video), ("--source", args.source), ("--clip", args.clip)):
-        if value is not None and (label == "--clip" or not batch) and not Path(value).expanduser().exists():
+    paths = {"--clip": args.clip} if batch else {"video": args.video, "--source": args.source, "--clip": args.clip}
+    for label, value in paths.items():
+        if value is not None and not Path(value).expanduser().exists():
             raise UserError(f"{label}: nothing at {value}: give an existing path.")
     if batch:
-        print(*(f"wrote {path}" for path in evaluate_batch(args.video, args.clip, log=print_line)), sep="\n")
-        print((Path(args.video).expanduser() / "eval.md").read_text())
+        csv_path, md_path = evaluate_batch(args.video, args.clip, log=print_line)
+        print(f"wrote {csv_path}\nwrote {md_path}")
+        print(md_path.read_text())
         return 0
     if args.prompt and not args.clip:
         print("note: --prompt is only used with --clip (CLIP text alignment); ignoring it.", file=sys.stderr)

@@ -16,9 +16,8 @@ from bivdiff import configs as shipped
 from bivdiff.config import load_config
 from bivdiff.errors import UserError
 from bivdiff.models_resolution import MissingModelsError
-from bivdiff.runner import run_config
+from bivdiff.runner import FIRST_TRY as FIRST_CONFIG, run_config
 
-FIRST_CONFIG = "controllable_video_generation_with_controlnet_and_zeroscope"
 INPAINTING = "StableDiffusionInpainting"
 TINY_LABEL = "Tiny models: random weights, built offline in seconds. The pictures are NOISE (checks the app only)."
 TINY_OFFER = ("No weights here? Tick **Tiny models** to try every task with tiny random models: it runs in seconds, "
@@ -60,9 +59,6 @@ def form_overrides(config, tiny, video, mask, idm_prompt, vdm_prompt, steps, mix
     any others, one per line."""
     # An unknown config name is left to the runner, which names the nearest shipped ones.
     idm = form_defaults(config, tiny)["idm"] if config in shipped.config_names() else None
-    # Gradio numbers arrive as floats; a fractional value is passed on as typed so the config check names it.
-    steps, frames, stride, seed = (int(value) if isinstance(value, float) and value.is_integer() else value
-                                   for value in (steps, frames, stride, seed))
     pairs = {"Model.video_path": video, f"IDM.{INPAINTING}.video_mask_path": mask if idm == INPAINTING else None,
              "Model.idm_prompt": idm_prompt, "Model.vdm_prompt": vdm_prompt, "Model.num_inference_steps": steps,
              f"IDM.{idm}.mixing_ratio": mixing_ratio if idm else None, "Model.video_length": frames,
@@ -79,32 +75,34 @@ def stage_videos(folder: Path, stats: dict) -> list[tuple[str, str]]:
               "video_by_bivdiff": f"BIVDiff: {stats['vdm']}{noise}"}
     labels.update({what: f"condition ({what.removesuffix('_condition')})" for what in stats["files"]
                    if what.endswith("_condition")})
-    mp4s = {what: next((n for n in names if n.endswith(".mp4")), None) for what, names in stats["files"].items()}
-    return [(str(folder / mp4), labels.get(what, what)) for what, mp4 in mp4s.items() if mp4 and what != "comparison"]
+    return [(str(folder / f"{what}.mp4"), labels.get(what, what)) for what, names in stats["files"].items()
+            if f"{what}.mp4" in names and what != "comparison"]
 
 
 def stats_table(stats: dict) -> str:
     """Markdown: time, network calls and peak memory of each pipeline stage, then the run's totals."""
 
-    def number(value, form="{:.2f}", scale=1) -> str:
-        return "-" if value is None else form.format(value / scale)
+    def mib(size) -> str:
+        return "-" if size is None else f"{size / 2**20:,.0f} MiB"
 
-    mib = ("{:,.0f} MiB", 2**20)
     rows = ["| stage | seconds | network calls | peak memory |", "|---|---:|---|---:|"]
     for stage in stats["stages"]:
+        seconds = "-" if stage["seconds"] is None else f"{stage['seconds']:.2f}"  # None: calls outside a timed stage
         calls = ", ".join(f"{name} {count}" for name, count in stage["network_calls"].items()) or "-"
-        rows.append(f"| {stage['stage']} | {number(stage['seconds'])} | {calls} | "
-                    f"{number(stage['peak_memory_bytes'], *mib)} |")
-    rows += [f"| *{step.replace('_', ' ')}* | {number(s)} | | |" for step, s in stats["seconds"].items()]
+        rows.append(f"| {stage['stage']} | {seconds} | {calls} | {mib(stage['peak_memory_bytes'])} |")
+    rows += [f"| *{step.replace('_', ' ')}* | {value:.2f} | | |" for step, value in stats["seconds"].items()]
     peak = stats["peak_memory"]
     kind = "CUDA peak allocated" if peak["kind"] == "cuda_max_allocated" else "process peak RSS"
-    rows.append(f"\nPeak memory of the run ({kind}): **{number(peak['bytes'], *mib)}**; "
+    rows.append(f"\nPeak memory of the run ({kind}): **{mib(peak['bytes'])}**; "
                 f"{stats['unet_calls_total']} network calls on {stats['device']} ({stats['dtype']}).")
     return "\n".join(rows)
 
 
 def build_app(settings: DemoSettings):
-    import gradio as gr
+    try:
+        import gradio as gr
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
 
     first = form_defaults(FIRST_CONFIG, settings.tiny)
 
@@ -131,10 +129,10 @@ def build_app(settings: DemoSettings):
         # Relative to the working directory when under it, as the command line prints run folders.
         cwd = Path.cwd().resolve()
         shown = folder.resolve().relative_to(cwd) if folder.resolve().is_relative_to(cwd) else folder
-        status = [f"**{TINY_LABEL}**"] * bool(stats.get("tiny")) + [f"Run folder: `{shown}`"]
+        banner = f"**{TINY_LABEL}**\n\n" if stats.get("tiny") else ""
         archive = shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name)
-        return ("\n\n".join(status), str(folder / "comparison.mp4"), stage_videos(folder, stats), stats_table(stats),
-                archive)
+        return (f"{banner}Run folder: `{shown}`", str(folder / "comparison.mp4"), stage_videos(folder, stats),
+                stats_table(stats), archive)
 
     def choose(config, tiny):
         values = form_defaults(config, tiny)
@@ -153,10 +151,9 @@ def build_app(settings: DemoSettings):
                 config = gr.Dropdown(shipped.config_names(), value=FIRST_CONFIG, label="Task config (bivdiff list)")
                 about = gr.Markdown()
                 tiny = gr.Checkbox(value=settings.tiny, label=TINY_LABEL)
-                video = gr.Video(label="Source video (empty: the shipped Big Buck Bunny clip)", sources=["upload"],
-                                 include_audio=True)
+                video = gr.Video(label="Source video (empty: the shipped Big Buck Bunny clip)", sources=["upload"])
                 mask = gr.Video(label="Mask video, white = regenerate (empty: the shipped mask)", sources=["upload"],
-                                include_audio=True, visible=False)
+                                visible=False)
                 idm_prompt = gr.Textbox(first["idm_prompt"], label="Image-model prompt (Model.idm_prompt)")
                 vdm_prompt = gr.Textbox(first["vdm_prompt"], label="Video-model prompt (Model.vdm_prompt)")
                 with gr.Row():
@@ -179,13 +176,11 @@ def build_app(settings: DemoSettings):
                 download = gr.File(label="Run folder (zip)")
 
         form_fields = [about, mask, idm_prompt, vdm_prompt, steps, ratio, frames, stride, seed, tiny_banner]
-        for trigger in (config.change, tiny.change):
-            trigger(choose, [config, tiny], form_fields, api_name=False, queue=False)
-        app.load(choose, [config, tiny], form_fields, api_name=False, queue=False)
+        # No triggers: on page load and whenever an input (the config, the tiny box) changes.
+        gr.on(triggers=None, fn=choose, inputs=[config, tiny], outputs=form_fields, api_visibility="private",
+              queue=False)
         go.click(run, [config, tiny, video, mask, idm_prompt, vdm_prompt, steps, ratio, frames, stride, seed, extra],
-                 [status, comparison, stages, stats, download], api_name="run", concurrency_limit=1,
-                 concurrency_id="run")
-    app.queue(default_concurrency_limit=1)
+                 [status, comparison, stages, stats, download], api_name="run", concurrency_limit=1)
     return app
 
 
@@ -199,10 +194,6 @@ def launch(app, settings: DemoSettings, host: str = "127.0.0.1", port: int | Non
 
 def main(args) -> int:
     """`bivdiff demo` with the options `bivdiff.cli` parsed."""
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise UserError(INSTALL_HINT) from None
     settings = DemoSettings(args.tiny, args.checkpoints, args.output_dir, args.offline)
     launch(build_app(settings), settings, host=args.host, port=args.port, share=args.share)
     return 0
