@@ -165,9 +165,9 @@ def model_specs(config, root: Path) -> list[ModelSpec]:
         local = checkpoint_path(idm_options["pretrained_model_path"], root, CATALOGUE[key][1])
         extra = ("scheduler",) if "unet" in CATALOGUE[key][5] else ()  # an image model's own UNet brings its sampler
         specs.append(spec(key, parts_of(key, *extra), local))
-    if task.annotator(config):
-        files = conditions.ANNOTATOR_FILES[task.annotator(config)]
-        specs.append(spec("annotators", files, root / CATALOGUE["annotators"][1]))
+    annotator = task.annotator(config)
+    if annotator:
+        specs.append(spec("annotators", conditions.ANNOTATOR_FILES[annotator], root / CATALOGUE["annotators"][1]))
     return specs
 
 

@@ -227,11 +227,12 @@ def pipeline_components(plan: Plan, dtype, loaded: dict) -> dict:
                                                                         **_cached(plan))
         return loaded[known]
 
+    channels = conditions.condition_channels(config.idm, config.idm_options.get("condition"))  # a tiny adapter's
     for spec in plan.specs:
         if config.tiny:
-            channels = conditions.condition_channels(config.idm, config.idm_options.get("condition"))
             made = tiny_models.tiny_components_of(spec.key, channels)
-            sampler_configs += [tiny_models.sd15_scheduler_config()] if "scheduler" in spec.parts else []
+            if "scheduler" in spec.parts:
+                sampler_configs.append(tiny_models.sd15_scheduler_config())
         else:
             location = plan.models[spec.key].location
             made = {name: load(location, *where) for name, where in spec.components.items()}
