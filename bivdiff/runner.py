@@ -56,10 +56,10 @@ class Plan:
     def model_set(self) -> tuple:
         """Plans with equal model sets can share one loaded pipeline (only the call arguments differ)."""
         model, options = self.config.model, self.config.idm_options
-        models = tuple(sorted((key, resolved.location) for key, resolved in self.models.items()))
-        return (self.config.idm, self.config.vdm, self.config.tiny, options.get("condition"), options["scheduler"],
-                models, model["device"], model["dtype"], model["cpu_offload"], model["video_window"],
-                model["video_window_overlap"])
+        # Each spec key names its model (the video model's, a condition's ControlNet); with --tiny none is resolved.
+        models = tuple((spec.key, getattr(self.models.get(spec.key), "location", None)) for spec in self.specs)
+        return (self.config.idm, self.config.tiny, options["scheduler"], models, model["device"], model["dtype"],
+                model["cpu_offload"], model["video_window"], model["video_window_overlap"])
 
 
 def config_file(config: str | os.PathLike | None) -> tuple[Path, str]:

@@ -95,9 +95,10 @@ tiny_scheduler = partial(DDIMScheduler, **_SD15_DDIM)
 tiny_inverse_scheduler = partial(BIVDiffDDIMInverseScheduler, **_SD15_DDIM)
 
 
-def tiny_video_components(seed: int = 0) -> dict:
-    """The video-model side shared by every BIVDiff pipeline."""
-    return dict(video_unet=tiny_video_unet(seed), video_text_encoder=tiny_text_encoder(VIDEO_TEXT_DIM, seed + 1),
+def tiny_video_components(seed: int = 0, video_unet=None) -> dict:
+    """The video-model side shared by every BIVDiff pipeline; `video_unet` in place of the ZeroScope-shaped one."""
+    video_unet = tiny_video_unet(seed) if video_unet is None else video_unet
+    return dict(video_unet=video_unet, video_text_encoder=tiny_text_encoder(VIDEO_TEXT_DIM, seed + 1),
                 video_tokenizer=tiny_tokenizer())
 
 
@@ -115,8 +116,8 @@ def tiny_components_of(key: str, condition_channels: int = 3) -> dict:
     makers = {
         "sd15": tiny_image_components,  # its samplers are replaced by the run's own
         "zeroscope": video,
-        "modelscope": lambda: dict(video(), video_unet=tiny_modelscope_unet()),
-        "vidrd": lambda: dict(video(), video_unet=tiny_vidrd_unet()),
+        "modelscope": lambda: video(video_unet=tiny_modelscope_unet()),
+        "vidrd": lambda: video(video_unet=tiny_vidrd_unet()),
         "animatediff": lambda: dict(motion_adapter=tiny_motion_adapter()),
         "instruct-pix2pix": lambda: dict(unet=tiny_unet(8)),
         "sd-inpainting": lambda: dict(unet=tiny_unet(9)),
