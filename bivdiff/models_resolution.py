@@ -139,12 +139,10 @@ def parts_of(key: str, *extra: str) -> tuple[str, ...]:
 SD15_PARTS = parts_of("sd15", "scheduler", "model_index.json")  # the pipeline's from_pretrained reads the index
 
 
-def model_specs(config, root: Path) -> list[ModelSpec]:
-    """The models a run of `config` reads: SD-1.5, the video model (and AnimateDiff's own base), the image model's
-    own (its UNet comes with its sampler) and the annotator weights a condition needs, each with its folder under
-    the checkpoints `root`."""
-    from bivdiff.tasks import task_for
-
+def model_specs(config, task, root: Path) -> list[ModelSpec]:
+    """The models a run of `config` by `task` reads: SD-1.5, the video model (and AnimateDiff's own base), the image
+    model's own (its UNet comes with its sampler) and the annotator weights a condition needs, each with its folder
+    under the checkpoints `root`."""
     options, idm_options = config.vdm_options, config.idm_options
     video, option = VIDEO_MODELS[config.vdm]
     local = checkpoint_path(options[option], root, CATALOGUE[video][1])
@@ -159,7 +157,6 @@ def model_specs(config, root: Path) -> list[ModelSpec]:
         base = checkpoint_path(options["pretrained_model_path"], root, "")
         specs.append(spec("animatediff-base", parts_of("animatediff-base"), base,
                           f"a diffusers SD-1.5-family model in {base}"))
-    task = task_for(config)
     if task.own_model:
         key = task.own_model.format(**idm_options)
         local = checkpoint_path(idm_options["pretrained_model_path"], root, CATALOGUE[key][1])

@@ -117,7 +117,7 @@ def plan_run(
     task = task_for(run_config)
     source, source_path = read_input(run_config, "Model.video_path")
     inputs = task.inputs(run_config, source.frames, lambda key, mask: read_input(run_config, key, mask)[0].frames)
-    specs, models = model_specs(run_config, Path(checkpoints).expanduser()), {}
+    specs, models = model_specs(run_config, task, Path(checkpoints).expanduser()), {}
     if not tiny:
         from huggingface_hub.constants import is_offline_mode  # HF_HUB_OFFLINE=1 means --offline too
 

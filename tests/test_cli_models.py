@@ -11,6 +11,7 @@ from bivdiff import configs as shipped
 from bivdiff.config import load_config
 from bivdiff.models_resolution import MissingModelsError, model_specs, resolve
 from bivdiff.runner import run_config
+from bivdiff.tasks import task_for
 
 CONTROLNET_ZEROSCOPE = "controllable_video_generation_with_controlnet_and_zeroscope"
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
@@ -76,7 +77,7 @@ def test_only_the_models_still_missing_are_listed(tmp_path, capsys):
 def test_vidrd_is_explained_as_a_conversion(tmp_path):
     name = "controllable_video_generation_with_t2iadapter_and_vidrd"
     config = load_config(shipped.config_path(name), ["IDM.T2IAdapter.condition=canny"])
-    specs = model_specs(config, tmp_path / "checkpoints")
+    specs = model_specs(config, task_for(config), tmp_path / "checkpoints")
     with pytest.raises(MissingModelsError) as err:
         resolve(specs, offline=True)
     message = str(err.value)
@@ -113,7 +114,7 @@ def test_vidrd_is_explained_as_a_conversion(tmp_path):
 def test_new_video_models_are_listed_with_their_hub_ids_and_download_hints(tmp_path, name, expected):
     config = load_config(shipped.config_path(name))
     with pytest.raises(MissingModelsError) as err:
-        resolve(model_specs(config, tmp_path / "checkpoints"), offline=True)
+        resolve(model_specs(config, task_for(config), tmp_path / "checkpoints"), offline=True)
     for text in expected:
         assert text.format(root=tmp_path / "checkpoints") in str(err.value), text
 
@@ -143,7 +144,7 @@ def test_annotator_weights_are_listed_when_an_annotator_is_used(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "controlnet_aux", types.ModuleType("controlnet_aux"))
     config = load_config(shipped.config_path(CONTROLNET_ZEROSCOPE), ["IDM.ControlNet.condition=openpose"])
     with pytest.raises(MissingModelsError) as err:
-        resolve(model_specs(config, tmp_path), offline=True)
+        resolve(model_specs(config, task_for(config), tmp_path), offline=True)
     assert "controlnet_aux annotator weights [body_pose_model.pth" in str(err.value)
     assert "lllyasviel/Annotators" in str(err.value)
 
