@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 
 from .mixed_inversion import (
     BIVDiffPipelineOutput,
@@ -177,15 +178,28 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         if upcast:
             self.unet.to(torch.float32)
             noise, pair_embeds, negative_embeds = (x.float() for x in (noise, pair_embeds, negative_embeds))
+        # Given a LoRA `scale`, the stock pipeline would also scale its text encoder's LoRA layers, and it has no
+        # text encoder here: the scale is set on the UNet's LoRA layers around the edit instead.
+        attention_kwargs = dict(self.cross_attention_kwargs or {})
+        lora_scale = attention_kwargs.pop("scale", 1.0)
+        if USE_PEFT_BACKEND and lora_scale != 1.0:  # without PEFT no LoRA layer can be loaded
+            scale_lora_layers(self.unet, lora_scale)
         settings = dict(
-            height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            cross_attention_kwargs=attention_kwargs or None,
         )
         try:
             sources, edits = self._edit_chunks(
                 pipe, fold_frames(noise), controller, pair_embeds, negative_embeds, frame_batch_size, **settings
             )
         finally:
-            self.unet.to(dtype)
+            if upcast:  # a cast, even a no-op one, makes diffusers warn
+                self.unet.to(dtype)
+            if USE_PEFT_BACKEND and lora_scale != 1.0:
+                unscale_lora_layers(self.unet, lora_scale)
         return unfold_frames(sources.to(dtype), num_frames), unfold_frames(edits.to(dtype), num_frames)
 
     def _edit_chunks(
@@ -206,7 +220,6 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
                     negative_prompt_embeds=negative_embeds.expand(2 * n, -1, -1),
                     latents=chunk.repeat_interleave(2, dim=0),
                     output_type="latent",
-                    cross_attention_kwargs=self.cross_attention_kwargs,
                     callback_on_step_end=controller.callback_on_step_end,
                     **settings,
                 ).images

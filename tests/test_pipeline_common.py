@@ -359,3 +359,20 @@ def test_clip_skip_takes_the_prompt_from_an_earlier_clip_layer(case):
     if name not in ("bivdiff", "prompt2prompt"):  # no stage-1 prompt / source and edit prompts must align
         out = pipe(**inputs(name, clip_skip=1, return_idm_frames=True)).idm_frames
         assert not torch.allclose(out, pipe(**inputs(name, return_idm_frames=True)).idm_frames, atol=1e-4)
+
+
+@torch.no_grad()
+def test_a_lora_scale_in_cross_attention_kwargs_works_as_in_diffusers(case):
+    """Oracle: the pipeline without the LoRA. `scale` 0 turns the UNet's LoRA off for that call only, as in the stock
+    pipelines; the next call has it back at full strength."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    name, _ = case
+    pipe = make_pipe(name)
+    without = pipe(**inputs(name)).frames
+    pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+    with_lora = pipe(**inputs(name)).frames
+    assert not torch.allclose(with_lora, without, atol=1e-4)
+    torch.testing.assert_close(pipe(**inputs(name, cross_attention_kwargs={"scale": 0.0})).frames, without)
+    torch.testing.assert_close(pipe(**inputs(name)).frames, with_lora)
