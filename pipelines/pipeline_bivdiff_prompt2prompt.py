@@ -243,10 +243,15 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         noise = call.latents
         if noise is None:
             pixels = self.source_pixels(call.video, call.height, call.width, call.resize_mode)
-            source = self.encode_frames(pixels, call.decode_chunk_size, call.generator, call.batch_size)
+            # Without a generator every video's source latents are the posterior mean of the same frames: under one
+            # inversion prompt a single inversion serves every edit.
+            cond = embeds.image_cond
+            shared = call.generator is None and all(torch.equal(row, cond[0]) for row in cond)
+            count = 1 if shared else call.batch_size
+            source = self.encode_frames(pixels, call.decode_chunk_size, call.generator, count)
             noise = self.invert_source(
-                source, embeds.image_cond, call.num_inference_steps, call.frame_batch_size, call.pool_norms_over_frames
-            )
+                source, cond[:count], call.num_inference_steps, call.frame_batch_size, call.pool_norms_over_frames
+            ).expand(call.batch_size, -1, -1, -1, -1)
         # As the stock pipeline decides: guidance-distilled UNets (time_cond_proj_dim) run no CFG batch.
         cfg = self.do_classifier_free_guidance and self.unet.config.time_cond_proj_dim is None
         pairs = [p for p in zip(as_list(call.source_prompt, call.num_prompts), as_list(call.prompt, call.num_prompts))]

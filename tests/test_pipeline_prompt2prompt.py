@@ -199,6 +199,22 @@ def test_unet_calls_per_stage(pipe, mixing_ratio, unet_calls, video_unet_calls):
     assert calls == {"unet": unet_calls, "video_unet": video_unet_calls, "encoder": 1, "decoder": 1}
 
 
+def test_edits_of_one_source_share_its_inversion_without_a_generator(pipe):
+    """Oracle: one call per edit. Without a generator both edits start from the same inverted source, which is
+    computed once: the batch costs one source inversion (STEPS image-UNet calls) less than the two calls."""
+    pairs = [(SOURCE, EDIT), ("a cat on a mat", "a cat on a rug")]
+    # Without the 8-bit round trip, whose rounding turns float-level batching differences into 1/255 steps.
+    args = dict(local_blend_words=None, output_type="latent", reencode_frames=False)
+    with count_forward_calls(unet=pipe.unet) as calls:
+        single = [pipe(**inputs(source_prompt=s, prompt=e, **args)) for s, e in pairs]
+    with count_forward_calls(unet=pipe.unet) as batch_calls:
+        batch = pipe(**inputs(source_prompt=[s for s, _ in pairs], prompt=[e for _, e in pairs], **args))
+    for name in ("frames", "idm_frames", "source_frames"):
+        expected = torch.cat([getattr(out, name) for out in single])
+        torch.testing.assert_close(getattr(batch, name), expected, atol=1e-4, rtol=0)
+    assert batch_calls["unet"] == calls["unet"] - STEPS
+
+
 def test_file_is_a_self_contained_community_pipeline():
     tree = ast.parse(pathlib.Path(PIPELINE_FILE).read_text())
     relative = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
