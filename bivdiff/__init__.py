@@ -4,8 +4,6 @@ The pipelines, scheduler and models are imported on first use, so `import bivdif
 `list`, `--help` and config checks) does not pay for importing diffusers and transformers.
 """
 
-from __future__ import annotations
-
 import importlib
 
 __version__ = "0.1.0"

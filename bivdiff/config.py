@@ -7,8 +7,6 @@ Overrides are parsed here, not with Hydra's grammar, which rejects unquoted comm
 colons unquoted (`"Model.idm_prompt=A fox: running, fast"`), as the original's users typed them.
 """
 
-from __future__ import annotations
-
 import contextlib
 import difflib
 import functools

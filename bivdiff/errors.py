@@ -1,7 +1,5 @@
 """Errors that a user can fix: the command line prints their message, without a traceback, and stops."""
 
-from __future__ import annotations
-
 
 class UserError(Exception):
     """A bad input, config or environment; the message names what is wrong and how to fix it."""

@@ -7,8 +7,6 @@ scores are 100 x cosine similarity, in [-100, 100]. Every function takes frames 
 as a saved video would be; `evaluate_video` also takes paths.
 """
 
-from __future__ import annotations
-
 import functools
 import itertools
 import os

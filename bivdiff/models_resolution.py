@@ -6,8 +6,6 @@ Everything a config needs is resolved before anything is loaded, so a missing mo
 with every other missing model of that config and how to get each, and nothing runs first.
 """
 
-from __future__ import annotations
-
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path

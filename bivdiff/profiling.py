@@ -2,8 +2,6 @@
 forward pre-hooks and attributed to the stage the pipeline names in `pipe.current_stage` while it runs; times and
 CUDA peaks come from the pipeline's `stage_log`."""
 
-from __future__ import annotations
-
 import sys
 from collections import Counter, defaultdict
 from functools import partial
@@ -19,7 +17,7 @@ class NetworkCallCounter:
         self.counts: dict[str, Counter] = defaultdict(Counter)
         self._handles = []
 
-    def __enter__(self) -> NetworkCallCounter:
+    def __enter__(self) -> "NetworkCallCounter":
         modules = {}  # by id: a network registered under two names is counted once, under the first
         for name in COUNTED_MODULES:
             module = getattr(self.pipe, name, None)

@@ -2,8 +2,6 @@
 hidden staging name when complete: every video as MP4 and GIF, a labelled side-by-side comparison, the resolved
 config and the run's statistics."""
 
-from __future__ import annotations
-
 import errno
 import itertools
 import json

@@ -5,8 +5,6 @@ Everything that can fail on bad input fails while planning, before the first mod
 (`Plan.model_set` says which plans share one) and reuse it. `run_config` is the whole pass as one call.
 """
 
-from __future__ import annotations
-
 import os
 import time
 import traceback

@@ -3,8 +3,6 @@
 in `models_resolution`, loaded and run in the runner.
 """
 
-from __future__ import annotations
-
 import importlib
 from dataclasses import dataclass
 

@@ -5,8 +5,6 @@ pipelines run the same code paths. The image and video text encoders have differ
 embedding handed to the wrong UNet fails loudly instead of silently broadcasting.
 """
 
-from __future__ import annotations
-
 import copy
 from functools import partial
 

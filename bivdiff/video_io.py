@@ -2,8 +2,6 @@
 the form the diffusers image pipelines take and return. Writers go to a temporary name beside the target and rename
 it when complete, so an interrupted run never leaves a half-written file under the final name."""
 
-from __future__ import annotations
-
 import contextlib
 import itertools
 import os
