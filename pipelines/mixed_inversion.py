@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.image_processor import VaeImageProcessor
@@ -345,11 +345,14 @@ def clip_text_model_alias(text_encoder):
         del text_encoder.__dict__["text_model"]
 
 
+# Any video UNet in SD's latent space; diffusers' `from_pipe` carries one over only when its exact class is named here,
+# so another class (VidRD's) is passed to `from_pipe` by name.
+VideoUNet = UNet3DConditionModel | UNetMotionModel | ModelMixin
+
+
 def is_motion_unet(unet) -> bool:
     """AnimateDiff's `UNetMotionModel` wants its text embeddings repeated per frame; `UNet3DConditionModel` and
     the VidRD UNet repeat them themselves."""
-    from diffusers import UNetMotionModel
-
     return isinstance(unet, UNetMotionModel) or getattr(unet.config, "text_embeds_per_frame", False)
 
 
@@ -497,7 +500,7 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
         text_encoder: CLIPTextModel | None,
         tokenizer: CLIPTokenizer | None,
         unet: UNet2DConditionModel | None,
-        video_unet: ModelMixin,
+        video_unet: VideoUNet,
         video_text_encoder: CLIPTextModel,
         video_tokenizer: CLIPTokenizer,
         scheduler: KarrasDiffusionSchedulers,

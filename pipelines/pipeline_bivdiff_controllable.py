@@ -18,12 +18,11 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
-from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .mixed_inversion import FrameInput, MixedInversionMixin, count_frames, pipeline_call
+from .mixed_inversion import FrameInput, MixedInversionMixin, VideoUNet, count_frames, pipeline_call
 
 EXAMPLE_DOC_STRING = """
         >>> import cv2
@@ -112,7 +111,7 @@ class BIVDiffControllablePipeline(DiffusionPipeline, MixedInversionMixin):
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
-        video_unet: ModelMixin,
+        video_unet: VideoUNet,
         video_text_encoder: CLIPTextModel,
         video_tokenizer: CLIPTokenizer,
         scheduler: KarrasDiffusionSchedulers,

@@ -12,6 +12,7 @@ from video_model_helpers import VIDEO_MODELS, video_model_components
 
 from bivdiff import BIVDiffControllablePipeline, BIVDiffPipeline
 from bivdiff.pipelines.prompt2prompt_control import P2PAttnProcessor
+from bivdiff.tiny_models import tiny_controlnet
 
 STEPS = 2
 
@@ -138,3 +139,32 @@ def test_a_clip_longer_than_the_native_length_runs_in_native_windows_unless_the_
     default, default_calls = run()
     torch.testing.assert_close(default, whole, atol=0, rtol=0)
     assert default_calls == whole_calls
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("video_model", VIDEO_MODELS)
+def test_from_pipe_turns_one_pipeline_into_another_sharing_every_model(video_model):
+    """diffusers' `from_pipe`: a stock ControlNet pipeline and a video model become a controllable BIVDiff pipeline,
+    which becomes a BIVDiffPipeline, each holding the other's very models. Oracle: the controllable pipeline built
+    directly from the same components. A VidRD UNet, whose class the signature cannot name, is passed by name."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    components = video_model_components(video_model, controlnet=tiny_controlnet())
+    components.pop("inverse_scheduler")
+    image = {name: components[name] for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "controlnet")}
+    stock = StableDiffusionControlNetPipeline(**image, safety_checker=None, feature_extractor=None,
+                                              requires_safety_checker=False)
+    video = {name: components[name] for name in ("video_unet", "video_text_encoder", "video_tokenizer")}
+    controllable = BIVDiffControllablePipeline.from_pipe(stock, **video)
+    by_name = {"video_unet": video["video_unet"]} if video_model == "vidrd" else {}
+    plain = BIVDiffPipeline.from_pipe(controllable, **by_name)
+    for pipe in (controllable, plain):
+        models = {name: model for name, model in pipe.components.items() if isinstance(model, torch.nn.Module)}
+        assert models and all(model is components[name] for name, model in models.items())
+    assert plain.video_unet is components["video_unet"]
+    direct = BIVDiffControllablePipeline(**components)
+    for pipe in (controllable, direct):
+        pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt="a car", conditioning_frames=control_video(), num_inference_steps=STEPS, output_type="latent")
+    expected = direct(**args, generator=torch.Generator().manual_seed(0)).frames
+    torch.testing.assert_close(controllable(**args, generator=torch.Generator().manual_seed(0)).frames, expected)
