@@ -27,6 +27,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers import DDIMScheduler, KarrasDiffusionSchedulers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -475,7 +476,7 @@ def pipeline_call(example: str, without: tuple[str, ...] = ()):
     return decorate
 
 
-class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
+class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
     r"""
     The BIVDiff skeleton, for a pipeline that registers `vae`, `text_encoder`, `tokenizer`, `unet` (or
     `inversion_unet`), `video_unet`, `video_text_encoder`, `video_tokenizer`, `scheduler` and optionally
@@ -487,7 +488,8 @@ class MixedInversionMixin(StableDiffusionLoraLoaderMixin, TextualInversionLoader
     `z_T = r * z_T(image) + (1 - r) * z_T(video)`. A branch whose weight is zero is not run. Smoothing denoises
     `z_T` with the video UNet (DDIM, eta 0, batched CFG).
 
-    LoRA (`load_lora_weights`) and textual inversion (`load_textual_inversion`) apply to the image model: stage 1
+    LoRA (`load_lora_weights`), textual inversion (`load_textual_inversion`), FreeU (`enable_freeu`) and fused
+    attention projections (`fuse_qkv_projections`, the image UNet's and the VAE's) apply to the image model: stage 1
     and the image branch of the inversion when it uses `unet`.
     """
 

@@ -376,3 +376,24 @@ def test_a_lora_scale_in_cross_attention_kwargs_works_as_in_diffusers(case):
     assert not torch.allclose(with_lora, without, atol=1e-4)
     torch.testing.assert_close(pipe(**inputs(name, cross_attention_kwargs={"scale": 0.0})).frames, without)
     torch.testing.assert_close(pipe(**inputs(name)).frames, with_lora)
+
+
+@torch.no_grad()
+def test_freeu_and_fused_projections_work_as_on_stable_diffusion_pipelines(case):
+    """diffusers' StableDiffusionMixin on the image model. Oracles: the pipeline as it was before each switch (FreeU
+    changes the frames and disabling it restores them exactly; fused projections compute the same attention)."""
+    name, _ = case
+    pipe = make_pipe(name)
+
+    def run():  # without the 8-bit round trip, whose rounding turns float-level differences into 1/255 steps
+        return pipe(**inputs(name, reencode_frames=False)).frames
+
+    before = run()
+    pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    assert not torch.allclose(run(), before, atol=1e-4)
+    pipe.disable_freeu()
+    torch.testing.assert_close(run(), before, atol=0, rtol=0)
+    pipe.fuse_qkv_projections()
+    torch.testing.assert_close(run(), before, atol=1e-4, rtol=0)
+    pipe.unfuse_qkv_projections()
+    torch.testing.assert_close(run(), before, atol=0, rtol=0)
