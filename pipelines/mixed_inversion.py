@@ -22,13 +22,19 @@ from typing import Callable
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
+from diffusers import (
+    AutoencoderKL,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UNet3DConditionModel,
+    UNetMotionModel,
+)
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
-from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import DDIMScheduler, KarrasDiffusionSchedulers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, replace_example_docstring

@@ -151,9 +151,9 @@ def test_from_pipe_turns_one_pipeline_into_another_sharing_every_model(video_mod
 
     components = video_model_components(video_model, controlnet=tiny_controlnet())
     components.pop("inverse_scheduler")
-    image = {name: components[name] for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "controlnet")}
-    stock = StableDiffusionControlNetPipeline(**image, safety_checker=None, feature_extractor=None,
-                                              requires_safety_checker=False)
+    image = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "controlnet")
+    stock = StableDiffusionControlNetPipeline(**{name: components[name] for name in image}, safety_checker=None,
+                                              feature_extractor=None, requires_safety_checker=False)
     video = {name: components[name] for name in ("video_unet", "video_text_encoder", "video_tokenizer")}
     controllable = BIVDiffControllablePipeline.from_pipe(stock, **video)
     by_name = {"video_unet": video["video_unet"]} if video_model == "vidrd" else {}
