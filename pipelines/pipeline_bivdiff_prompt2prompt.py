@@ -182,7 +182,8 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         # text encoder here: the scale is set on the UNet's LoRA layers around the edit instead.
         attention_kwargs = dict(self.cross_attention_kwargs or {})
         lora_scale = attention_kwargs.pop("scale", 1.0)
-        if USE_PEFT_BACKEND and lora_scale != 1.0:  # without PEFT no LoRA layer can be loaded
+        rescaled = USE_PEFT_BACKEND and lora_scale != 1.0  # without PEFT no LoRA layer can be loaded
+        if rescaled:
             scale_lora_layers(self.unet, lora_scale)
         settings = dict(
             height=height,
@@ -198,7 +199,7 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         finally:
             if upcast:  # a cast, even a no-op one, makes diffusers warn
                 self.unet.to(dtype)
-            if USE_PEFT_BACKEND and lora_scale != 1.0:
+            if rescaled:
                 unscale_lora_layers(self.unet, lora_scale)
         return unfold_frames(sources.to(dtype), num_frames), unfold_frames(edits.to(dtype), num_frames)
 
