@@ -31,15 +31,16 @@ from diffusers import (
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
+from diffusers.loaders import IPAdapterMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import DDIMScheduler, KarrasDiffusionSchedulers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.video_processor import VideoProcessor
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 FrameInput = list[PIL.Image.Image] | np.ndarray | torch.Tensor
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
@@ -363,6 +364,14 @@ def is_motion_unet(unet) -> bool:
     return isinstance(unet, UNetMotionModel) or getattr(unet.config, "text_embeds_per_frame", False)
 
 
+def carries_ip_adapter(unet) -> bool:
+    """Whether `unet` holds an IP-Adapter (`load_ip_adapter`): it then runs only with image-prompt embeddings."""
+    return unet is not None and getattr(unet.config, "encoder_hid_dim_type", None) == "ip_image_proj"
+
+
+# IP-Adapter's call arguments: the pipelines whose stage 1 is a stock pipeline taking them take them too.
+IMAGE_PROMPT_ARGUMENTS = ("ip_adapter_image", "ip_adapter_image_embeds")
+
 SHARED_ARGS_DOC = """
             video_prompt (`str` or `list[str]`, *optional*): The video model's prompt, one per prompt or one for all;
                 defaults to `prompt`.
@@ -406,6 +415,11 @@ SHARED_ARGS_DOC = """
             cross_attention_kwargs (`dict`, *optional*): Passed to the image model's attention processors;
                 `{"scale": s}` scales its LoRA.
             clip_skip (`int`, *optional*): CLIP layers skipped when encoding the image prompts.
+            ip_adapter_image (`PipelineImageInput` or `list`, *optional*): The image prompt of the IP-Adapter loaded
+                with `load_ip_adapter` (a list: one entry per adapter), for every frame of every video. Encoded once
+                per call; the image branch of the inversion reads it too when it inverts with `unet`.
+            ip_adapter_image_embeds (`list[torch.Tensor]`, *optional*): Its embeddings instead, one tensor per
+                adapter, laid out as the stock image pipeline's (with the negative embeddings under guidance).
             callback_on_step_end (`Callable`, *optional*): Called after each smoothing step as
                 `callback_on_step_end(self, step, timestep, callback_kwargs)`; may return new `latents`.
             callback_on_step_end_tensor_inputs (`list`): Tensors passed in `callback_kwargs`.
@@ -440,6 +454,8 @@ def _shared_call_arguments(
     return_dict: bool = True,
     cross_attention_kwargs: dict | None = None,
     clip_skip: int | None = None,
+    ip_adapter_image: PipelineImageInput | None = None,
+    ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
     callback_on_step_end_tensor_inputs: list[str] = ["latents"],
 ):
@@ -610,10 +626,15 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         """
         unet = self.image_inversion_unet
         kwargs = {"cross_attention_kwargs": self.cross_attention_kwargs} if self.cross_attention_kwargs else {}
+        image_prompt = self.inversion_image_prompt(unet)
 
         def predict(chunk):
             cond = text_embeds.to(unet.dtype).expand(chunk.shape[0], -1, -1)
-            return unet(chunk.to(unet.dtype), timestep, encoder_hidden_states=cond, **kwargs).sample
+            extra = dict(kwargs)
+            if image_prompt is not None:  # the same image prompt for every frame, as in stage 1
+                images = [e.to(unet.dtype).expand(chunk.shape[0], *e.shape[1:]) for e in image_prompt]
+                extra["added_cond_kwargs"] = {"image_embeds": images}
+            return unet(chunk.to(unet.dtype), timestep, encoder_hidden_states=cond, **extra).sample
 
         def predict_pooled(window):
             with pool_group_norms_over_frames(unet, window.shape[0]):
@@ -659,6 +680,7 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
     def begin_call(self):
         """Resets per-call state; every `__call__` starts with it."""
         self._interrupt = False
+        self._image_prompt = None
         self.stage_log = []
         self.current_stage = None
 
@@ -706,9 +728,11 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
             unet=self.unet,
             scheduler=self.scheduler,
             safety_checker=None,
-            feature_extractor=None,
+            feature_extractor=getattr(self, "feature_extractor", None),
             requires_safety_checker=False,
         )
+        if "image_encoder" in inspect.signature(pipeline_class).parameters:  # T2I-Adapter's pipeline has none
+            defaults["image_encoder"] = getattr(self, "image_encoder", None)
         pipe = pipeline_class(**{**defaults, **components})
         config = dict(getattr(self, "_progress_bar_config", {}))
         if desc is not None:
@@ -756,6 +780,8 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         if tensor_inputs is not None and any(k not in self._callback_tensor_inputs for k in tensor_inputs):
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}.")
         self.check_batch_inputs(call)
+        if isinstance(self, ImagePromptMixin):
+            self.check_image_prompt(call)
         self.check_mixed_inversion_inputs(
             call.height, call.width, call.mixing_ratio, call.num_inference_steps, call.num_inversion_steps
         )
@@ -800,6 +826,50 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
                     f"`latents` must be stage 1's initial noise (B, C, F, h, w) for {num_videos} video(s) of "
                     f"{num_frames} frames, {expected[1]} channels; got shape {tuple(latents.shape)}."
                 )
+
+    def check_image_prompt(self, call):
+        """An IP-Adapter in `unet` and an image prompt in the call come together (the UNet cannot run without one),
+        one entry per adapter; a video UNet sharing `unet`'s attention layers cannot take the adapter along."""
+        image, embeds = call.ip_adapter_image, call.ip_adapter_image_embeds
+        loaded = carries_ip_adapter(self.unet)
+        if image is None and embeds is None:
+            if loaded:
+                raise ValueError(
+                    "`unet` carries an IP-Adapter, so every call needs its image prompt: pass `ip_adapter_image` "
+                    "(or `ip_adapter_image_embeds`), or call `pipe.unload_ip_adapter()` first."
+                )
+            return
+        if image is not None and embeds is not None:
+            raise ValueError("Pass `ip_adapter_image` or `ip_adapter_image_embeds`, not both.")
+        if not loaded:
+            raise ValueError(
+                "`ip_adapter_image` needs an IP-Adapter in `unet`: load one first, e.g. "
+                "`pipe.load_ip_adapter('h94/IP-Adapter', subfolder='models', weight_name='ip-adapter_sd15.bin')`."
+            )
+        if image is not None and self.image_encoder is None:
+            raise ValueError(
+                "`ip_adapter_image` needs `image_encoder`: load the IP-Adapter with its image encoder "
+                "(`load_ip_adapter(..., image_encoder_folder=...)`), or pass `ip_adapter_image_embeds`."
+            )
+        if embeds is not None and not (
+            isinstance(embeds, list) and all(isinstance(e, torch.Tensor) and e.ndim in (3, 4) for e in embeds)
+        ):
+            raise ValueError("`ip_adapter_image_embeds` must be a list of 3-D or 4-D tensors, one per IP-Adapter.")
+        num_adapters = len(self.unet.encoder_hid_proj.image_projection_layers)
+        given = len(embeds) if embeds is not None else len(image) if isinstance(image, list) else 1
+        if given != num_adapters:
+            raise ValueError(
+                f"{num_adapters} IP-Adapter(s) are loaded but the image prompt has {given} entries: give one image "
+                "(or one list of images, or one embeddings tensor) per adapter."
+            )
+        ip_processors = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
+        if any(isinstance(p, ip_processors) for p in self.video_unet.attn_processors.values()):
+            raise ValueError(
+                "The IP-Adapter loaded into `unet` also sits in `video_unet`, which shares `unet`'s attention "
+                "layers (an AnimateDiff UNet from `motion_unet_sharing_weights`), and the video model would read "
+                "part of its text prompt as the image prompt. Give the video model its own copy of the image UNet "
+                "(`UNetMotionModel.from_unet2d`) to use an IP-Adapter."
+            )
 
     def check_video_components(self):
         width = text_width(self.video_text_encoder)
@@ -1063,6 +1133,7 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         noise = fold_frames(call.latents).to(self.unet.dtype) if call.latents is not None else None
         prompt_embeds = embeds.image.repeat_interleave(num_frames, dim=0)
         negative_embeds = embeds.image_negative.repeat_interleave(num_frames, dim=0)
+        image_prompt = self.prepare_image_prompt(pipe, call)
         chunks = []
         for start in range(0, total, call.frame_batch_size):
             stop = min(start + call.frame_batch_size, total)
@@ -1076,11 +1147,33 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
                 latents=noise[start:stop] if noise is not None else None,
                 cross_attention_kwargs=call.cross_attention_kwargs,
                 output_type="latent",
+                **image_prompt,
                 **kwargs,
                 **frame_inputs([i % num_frames for i in indices]),
             )
             chunks.append(out.images)
         return unfold_frames(torch.cat(chunks), num_frames)
+
+    def prepare_image_prompt(self, pipe, call) -> dict:
+        """The stock pipeline's keywords for the call's IP-Adapter image prompt: its embeddings, encoded once per call
+        by the stock pipeline `pipe` in its own layout and handed to every frame batch."""
+        if call.ip_adapter_image is None and call.ip_adapter_image_embeds is None:
+            return {}
+        guided = call.guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None  # as the stock pipelines
+        embeds = pipe.prepare_ip_adapter_image_embeds(
+            call.ip_adapter_image, call.ip_adapter_image_embeds, self._execution_device, 1, guided
+        )
+        self._image_prompt = (embeds, guided)
+        return {"ip_adapter_image_embeds": embeds}
+
+    def inversion_image_prompt(self, unet) -> list[torch.Tensor] | None:
+        """The conditional IP-Adapter embeddings for an inverting `unet` that carries the adapter, else None. Only a
+        4-channel stage-1 UNet inverts, and its stock pipelines (SD, ControlNet, SD Inpainting) lay the embeddings
+        out as [negative, positive] under guidance."""
+        if not carries_ip_adapter(unet) or getattr(self, "_image_prompt", None) is None:
+            return None
+        embeds, guided = self._image_prompt
+        return [e.chunk(2)[1] if guided else e for e in embeds]
 
     # ------------------------------------------------------------------ stage 2
     def invert_image_branch(
@@ -1241,6 +1334,8 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
             negative_video_prompt_embeds=None,
             video_guidance_scale=None,
             return_idm_frames=False,
+            ip_adapter_image=None,
+            ip_adapter_image_embeds=None,
             pool_norms_over_frames=True,
             reencode_frames=True,
         )
@@ -1318,6 +1413,36 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
 
     def extra_outputs(self, call) -> dict:
         return {}
+
+
+class ImagePromptMixin(MixedInversionMixin, IPAdapterMixin):
+    r"""
+    A BIVDiff pipeline whose stage 1 is a stock pipeline that takes IP-Adapter image prompts (ControlNet,
+    InstructPix2Pix, SD Inpainting): `load_ip_adapter` loads an adapter into `unet`, and every call then takes
+    `ip_adapter_image` (or `ip_adapter_image_embeds`). Registers the adapter's image side, `image_encoder` and
+    `feature_extractor`, as diffusers' Stable Diffusion pipelines do, beside `MixedInversionMixin`'s components.
+    """
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel | None,
+        tokenizer: CLIPTokenizer | None,
+        unet: UNet2DConditionModel | None,
+        video_unet: VideoUNet,
+        video_text_encoder: CLIPTextModel,
+        video_tokenizer: CLIPTokenizer,
+        scheduler: KarrasDiffusionSchedulers,
+        inverse_scheduler: SchedulerMixin | None = None,
+        inversion_unet: UNet2DConditionModel | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+    ):
+        super().__init__(
+            vae, text_encoder, tokenizer, unet, video_unet, video_text_encoder, video_tokenizer, scheduler,
+            inverse_scheduler, inversion_unet,
+        )  # fmt: skip
+        self.register_modules(image_encoder=image_encoder, feature_extractor=feature_extractor)
 
 
 # ---------------------------------------------------------------------- loading

@@ -20,9 +20,16 @@ from diffusers import (
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from .mixed_inversion import FrameInput, MixedInversionMixin, VideoUNet, count_frames, pipeline_call
+from .mixed_inversion import (
+    FrameInput,
+    ImagePromptMixin,
+    VideoUNet,
+    carries_ip_adapter,
+    count_frames,
+    pipeline_call,
+)
 
 EXAMPLE_DOC_STRING = """
         >>> import cv2
@@ -79,7 +86,7 @@ def adapter_frame(frame, height: int, width: int) -> PIL.Image.Image | torch.Ten
     return tensor
 
 
-class BIVDiffControllablePipeline(DiffusionPipeline, MixedInversionMixin):
+class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
     r"""
     BIVDiff controllable video generation. Stage 1 runs diffusers' stock `StableDiffusionControlNetPipeline` (or
     `StableDiffusionAdapterPipeline`) over all frames of every video, `frame_batch_size` at a time, one generator
@@ -98,12 +105,16 @@ class BIVDiffControllablePipeline(DiffusionPipeline, MixedInversionMixin):
             `adapter`.
         adapter ([`T2IAdapter`] or [`MultiAdapter`], *optional*).
         inversion_unet ([`UNet2DConditionModel`], *optional*): inverts frame by frame instead of `unet`.
+        image_encoder ([`CLIPVisionModelWithProjection`], *optional*), feature_extractor ([`CLIPImageProcessor`],
+            *optional*): the image side of an IP-Adapter (`load_ip_adapter` adds them); with `controlnet` only.
     """
 
     model_cpu_offload_seq = (
-        "text_encoder->video_text_encoder->controlnet->adapter->unet->inversion_unet->video_unet->vae"
+        "text_encoder->image_encoder->video_text_encoder->controlnet->adapter->unet->inversion_unet->video_unet->vae"
     )
-    _optional_components = ["controlnet", "adapter", "inversion_unet", "inverse_scheduler"]
+    _optional_components = [
+        "controlnet", "adapter", "inversion_unet", "inverse_scheduler", "image_encoder", "feature_extractor"
+    ]
 
     def __init__(
         self,
@@ -119,10 +130,12 @@ class BIVDiffControllablePipeline(DiffusionPipeline, MixedInversionMixin):
         controlnet: ControlNetModel | MultiControlNetModel | list[ControlNetModel] | None = None,
         adapter: T2IAdapter | MultiAdapter | list[T2IAdapter] | None = None,
         inversion_unet: UNet2DConditionModel | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
     ):
         super().__init__(
             vae, text_encoder, tokenizer, unet, video_unet, video_text_encoder, video_tokenizer, scheduler,
-            inverse_scheduler, inversion_unet,
+            inverse_scheduler, inversion_unet, image_encoder, feature_extractor,
         )  # fmt: skip
         if isinstance(controlnet, (list, tuple)):
             controlnet = MultiControlNetModel(controlnet)
@@ -188,6 +201,12 @@ class BIVDiffControllablePipeline(DiffusionPipeline, MixedInversionMixin):
             raise ValueError(
                 "BIVDiffControllablePipeline needs exactly one of `controlnet` and `adapter`; got "
                 + ("both." if self.controlnet is not None else "neither.")
+            )
+        image_prompt = call.ip_adapter_image is not None or call.ip_adapter_image_embeds is not None
+        if self.adapter is not None and (image_prompt or carries_ip_adapter(self.unet)):
+            raise ValueError(
+                "An IP-Adapter works here with `controlnet` only: diffusers' StableDiffusionAdapterPipeline, which "
+                "runs stage 1 with a T2I-Adapter, takes no image prompt."
             )
         if call.prompt_embeds is None and (
             not isinstance(call.prompt, (str, list, tuple)) or not all(str(p).strip() for p in as_prompts(call.prompt))

@@ -10,7 +10,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline
 from diffusers.image_processor import VaeImageProcessor
 
-from .mixed_inversion import FrameInput, MixedInversionMixin, count_frames, frame_size, pipeline_call
+from .mixed_inversion import FrameInput, ImagePromptMixin, count_frames, frame_size, pipeline_call
 
 EXAMPLE_DOC_STRING = """
         >>> import torch
@@ -162,7 +162,7 @@ def mask_frames(mask, num_frames: int) -> list:
     raise ValueError(f"`mask` must be (H, W), (F, H, W) or (F, H, W, C), got shape {values.shape}.")
 
 
-class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
+class BIVDiffInpaintPipeline(DiffusionPipeline, ImagePromptMixin):
     r"""
     BIVDiff video inpainting and outpainting. Stage 1 runs diffusers' stock `StableDiffusionInpaintPipeline` on every
     frame with its mask (white = regenerate), `frame_batch_size` frames at a time, one generator per frame; stage 2
@@ -180,11 +180,13 @@ class BIVDiffInpaintPipeline(DiffusionPipeline, MixedInversionMixin):
         inverse_scheduler ([`BIVDiffDDIMInverseScheduler`] or [`DDIMInverseScheduler`]): the inversion step.
         inversion_unet ([`UNet2DConditionModel`], *optional*): a plain 4-channel SD-1.5 UNet for the image branch
             of the inversion; needed whenever `mixing_ratio` > 0 and `unet` is the 9-channel inpainting UNet.
+        image_encoder ([`CLIPVisionModelWithProjection`], *optional*), feature_extractor ([`CLIPImageProcessor`],
+            *optional*): the image side of an IP-Adapter (`load_ip_adapter` adds them).
     """
 
     # Prompts are encoded first; the VAE then encodes the masked frames inside stage 1.
-    model_cpu_offload_seq = "text_encoder->video_text_encoder->vae->unet->inversion_unet->video_unet"
-    _optional_components = ["inversion_unet", "inverse_scheduler"]
+    model_cpu_offload_seq = "text_encoder->image_encoder->video_text_encoder->vae->unet->inversion_unet->video_unet"
+    _optional_components = ["inversion_unet", "inverse_scheduler", "image_encoder", "feature_extractor"]
 
     @property
     def mask_processor(self) -> VaeImageProcessor:

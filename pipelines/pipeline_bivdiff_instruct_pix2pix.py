@@ -10,7 +10,7 @@ from diffusers import (
     StableDiffusionInstructPix2PixPipeline,
 )
 
-from .mixed_inversion import FrameInput, MixedInversionMixin, as_list, count_frames, pipeline_call
+from .mixed_inversion import FrameInput, ImagePromptMixin, as_list, count_frames, pipeline_call
 
 EXAMPLE_DOC_STRING = """
         >>> import torch
@@ -42,7 +42,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, MixedInversionMixin):
+class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, ImagePromptMixin):
     r"""
     BIVDiff video editing by instruction. Stage 1 runs diffusers' stock `StableDiffusionInstructPix2PixPipeline` on
     every source frame, `frame_batch_size` frames at a time, one generator per frame; stage 2 inverts the edited
@@ -61,11 +61,13 @@ class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, MixedInversionMixin):
         inversion_unet ([`UNet2DConditionModel`], *optional*): a plain 4-channel SD-1.5 UNet for the image branch
             of the inversion; needed whenever `mixing_ratio` > 0, since the 8-channel `unet` cannot invert latents
             alone.
+        image_encoder ([`CLIPVisionModelWithProjection`], *optional*), feature_extractor ([`CLIPImageProcessor`],
+            *optional*): the image side of an IP-Adapter (`load_ip_adapter` adds them).
     """
 
     # Prompts are encoded first; the VAE then encodes the source frames inside stage 1.
-    model_cpu_offload_seq = "text_encoder->video_text_encoder->vae->unet->inversion_unet->video_unet"
-    _optional_components = ["inversion_unet", "inverse_scheduler"]
+    model_cpu_offload_seq = "text_encoder->image_encoder->video_text_encoder->vae->unet->inversion_unet->video_unet"
+    _optional_components = ["inversion_unet", "inverse_scheduler", "image_encoder", "feature_extractor"]
     # An edit instruction does not describe the video, so `video_prompt` never defaults to it.
     video_prompt_defaults_to_prompt = False
 
@@ -88,6 +90,11 @@ class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, MixedInversionMixin):
             )
         self.check_image_model((2 * self.vae.config.latent_channels,), "an InstructPix2Pix UNet")
 
+    def prepare_image_prompt(self, pipe, call) -> dict:
+        # diffusers' stock InstructPix2Pix pipeline hands the adapter's embeddings to its UNet only when it encoded
+        # them itself from `ip_adapter_image`, so the image goes to every frame batch (and it takes no embeddings).
+        return {} if call.ip_adapter_image is None else {"ip_adapter_image": call.ip_adapter_image}
+
     def generate_frames(self, call, embeds) -> torch.Tensor:
         """Stage 1: InstructPix2Pix on every source frame, for every video."""
         pipe = self.stock_pipeline(StableDiffusionInstructPix2PixPipeline, "Frame-wise editing (InstructPix2Pix)")
@@ -100,7 +107,7 @@ class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, MixedInversionMixin):
             image_guidance_scale=call.image_guidance_scale,
         )
 
-    @pipeline_call(EXAMPLE_DOC_STRING)
+    @pipeline_call(EXAMPLE_DOC_STRING, without=("ip_adapter_image_embeds",))  # see `prepare_image_prompt`
     def __call__(
         self,
         video: FrameInput | None = None,

@@ -15,6 +15,7 @@ from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_la
 from .mixed_inversion import (
     BIVDiffPipelineOutput,
     FrameInput,
+    IMAGE_PROMPT_ARGUMENTS,
     MixedInversionMixin,
     as_list,
     count_frames,
@@ -320,7 +321,8 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         # The source is inverted by the image UNet whatever `mixing_ratio` is.
         self.check_image_inversion_components()
 
-    @pipeline_call(EXAMPLE_DOC_STRING)
+    # Attention editing replaces the attention processors an IP-Adapter would need.
+    @pipeline_call(EXAMPLE_DOC_STRING, without=IMAGE_PROMPT_ARGUMENTS)
     def __call__(
         self,
         video: FrameInput | None = None,
