@@ -186,8 +186,12 @@ def build_pipeline(plan: Plan, device=None, dtype=None, loaded: dict | None = No
         # diffusers warn about modules to keep in fp32).
         pipe = pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     else:
-        pipe = plan.task.pipeline_class().from_pretrained(plan.models["sd15"].location, **components,
-                                                          torch_dtype=dtype, **_cached(plan))
+        pipeline_class = plan.task.pipeline_class()
+        # No image prompt on the command line, so no IP-Adapter image side (SD-1.5's model index names a feature
+        # extractor, which is not fetched).
+        image_side = dict.fromkeys({"image_encoder", "feature_extractor"} & set(pipeline_class._optional_components))
+        pipe = pipeline_class.from_pretrained(plan.models["sd15"].location, **components, **image_side,
+                                              torch_dtype=dtype, **_cached(plan))
     if model["video_window"]:
         pipe.enable_video_windows(size=model["video_window"], overlap=model["video_window_overlap"])
     if model["cpu_offload"]:

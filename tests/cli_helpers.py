@@ -29,16 +29,22 @@ def stats(folder: Path) -> dict:
 
 def save_tiny_checkpoints(root: Path) -> Path:
     """The original checkpoints/ layout for ControlNet (canny) + ZeroScope, filled with tiny models."""
+    import shutil
+
     from diffusers import StableDiffusionPipeline
+    from transformers import CLIPImageProcessor
 
     from bivdiff.tiny_models import tiny_controlnet, tiny_image_components, tiny_video_components
 
-    # Saved as the SD-1.5 repo is laid out: its model_index.json lists the components.
+    # Saved as the SD-1.5 repo is laid out: its model_index.json lists the components, a feature extractor among
+    # them, whose folder is left out as by the files the command line fetches.
     components = tiny_image_components()
     del components["inverse_scheduler"]
+    feature_extractor = CLIPImageProcessor(size=224, crop_size=224)
     StableDiffusionPipeline(
-        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        **components, safety_checker=None, feature_extractor=feature_extractor, requires_safety_checker=False
     ).save_pretrained(root / "stable-diffusion-v1-5")
+    shutil.rmtree(root / "stable-diffusion-v1-5" / "feature_extractor")
     tiny_controlnet().save_pretrained(root / "ControlNet" / "control_v11p_sd15_canny")
     zeroscope = root / "ZeroScope" / "zeroscope_v2_576w"
     video = tiny_video_components()
