@@ -182,7 +182,12 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
                     return {"image": [videos[0][f] for f in frames]}
                 return {"image": [[video[f] for video in videos] for f in frames]}
 
-            scale = {"controlnet_conditioning_scale": call.controlnet_conditioning_scale}
+            control = dict(
+                controlnet_conditioning_scale=call.controlnet_conditioning_scale,
+                guess_mode=call.guess_mode,
+                control_guidance_start=call.control_guidance_start,
+                control_guidance_end=call.control_guidance_end,
+            )
         else:
             pipe = self.stock_pipeline(
                 StableDiffusionAdapterPipeline, "Frame-wise generation (T2I-Adapter)", adapter=self.adapter
@@ -192,8 +197,8 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
                 images = [[adapter_frame(v[f], call.height, call.width) for f in frames] for v in videos]
                 return {"image": images[0] if self.num_conditions == 1 else images}
 
-            scale = {"adapter_conditioning_scale": call.adapter_conditioning_scale}
-        return self.run_frame_batches(pipe, call, embeds, frame_inputs, height=call.height, width=call.width, **scale)
+            control = {"adapter_conditioning_scale": call.adapter_conditioning_scale}
+        return self.run_frame_batches(pipe, call, embeds, frame_inputs, height=call.height, width=call.width, **control)
 
     # ------------------------------------------------------------------ checks
     def check_inputs(self, call):
@@ -201,6 +206,13 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
             raise ValueError(
                 "BIVDiffControllablePipeline needs exactly one of `controlnet` and `adapter`; got "
                 + ("both." if self.controlnet is not None else "neither.")
+            )
+        if self.controlnet is not None:
+            check_control_guidance(call.control_guidance_start, call.control_guidance_end, self.num_conditions)
+        elif call.guess_mode or call.control_guidance_start != 0.0 or call.control_guidance_end != 1.0:
+            raise ValueError(
+                "`guess_mode`, `control_guidance_start` and `control_guidance_end` are ControlNet's: diffusers' "
+                "StableDiffusionAdapterPipeline, which runs stage 1 with a T2I-Adapter, takes none of them."
             )
         image_prompt = call.ip_adapter_image is not None or call.ip_adapter_image_embeds is not None
         if self.adapter is not None and (image_prompt or carries_ip_adapter(self.unet)):
@@ -241,6 +253,9 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
         mixing_ratio: float = 1.0,
         controlnet_conditioning_scale: float | list[float] = 1.0,
         adapter_conditioning_scale: float | list[float] = 1.0,
+        guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
         **shared,
     ):
         r"""
@@ -255,6 +270,11 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
             num_frames (`int`, *optional*): Checked against the number of condition frames when given.
             controlnet_conditioning_scale (`float` or `list[float]`, defaults to 1.0): As in diffusers.
             adapter_conditioning_scale (`float` or `list[float]`, defaults to 1.0): As in diffusers.
+            guess_mode (`bool`, defaults to `False`): As in diffusers: the ControlNet reads the condition alone,
+                without the prompt (a `guidance_scale` of 3 to 5 suits it). ControlNet only.
+            control_guidance_start, control_guidance_end (`float` or `list[float]`, defaults to 0.0 and 1.0): As in
+                diffusers: the fractions of stage 1's steps between which each ControlNet acts, one number for all or
+                one per ControlNet. ControlNet only.
             return_idm_frames (`bool`, defaults to `True`): Also decode and return the image model's frames.
 
         Examples:
@@ -263,6 +283,23 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
             [`BIVDiffPipelineOutput`] or `tuple` `(frames, idm_frames)`.
         """
         return self.run(locals())
+
+
+def check_control_guidance(start, end, num_controlnets: int):
+    """`control_guidance_start` / `end` as diffusers' ControlNet pipeline reads them: a number for every ControlNet or
+    one per ControlNet, with 0 <= start < end <= 1."""
+    starts = list(start) if isinstance(start, (list, tuple)) else [start] * num_controlnets
+    ends = list(end) if isinstance(end, (list, tuple)) else [end] * num_controlnets
+    if len(starts) != num_controlnets or len(ends) != num_controlnets:
+        raise ValueError(
+            f"`control_guidance_start` and `control_guidance_end` take a number, or a list of one per ControlNet "
+            f"({num_controlnets}); got {start!r} and {end!r}."
+        )
+    if not all(0.0 <= s < e <= 1.0 for s, e in zip(starts, ends)):
+        raise ValueError(
+            f"`control_guidance_start` and `control_guidance_end` are fractions of the steps with 0 <= start < end "
+            f"<= 1; got {start!r} and {end!r}."
+        )
 
 
 def as_prompts(prompt) -> list:

@@ -75,6 +75,36 @@ def test_batched_stage1_equals_stock_pipeline_per_frame(pipe, frame_batch_size):
         assert (ours[0, :, i] - expected[0]).abs().max().item() <= 1e-4
 
 
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "controls",
+    [dict(guess_mode=True), dict(control_guidance_start=0.3, control_guidance_end=0.7), dict(control_guidance_end=0.5)],
+)
+def test_guess_mode_and_control_guidance_window_act_as_in_the_stock_pipeline(controls):
+    controlnet = tiny_controlnet()
+    with torch.no_grad():  # a new ControlNet's zero-initialised outputs would leave it, and these options, idle
+        for param in controlnet.parameters():
+            if not param.any():
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(param.numel()))
+    pipe = make_pipe(controlnet=controlnet)
+    frames = control_video()
+    ours = stage1(pipe, prompt="a red car", conditioning_frames=frames, num_inference_steps=4, generator=generators(),
+                  **controls)
+    assert not torch.allclose(ours, stage1(pipe, prompt="a red car", conditioning_frames=frames, num_inference_steps=4,
+                                           generator=generators()), atol=1e-4)
+    stock = StableDiffusionControlNetPipeline(
+        **{k: getattr(pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "controlnet", "scheduler")},
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    stock.set_progress_bar_config(disable=True)
+    for i in range(NUM_FRAMES):
+        expected = stock("a red car", image=frames[i : i + 1], num_inference_steps=4, output_type="latent",
+                         generator=torch.Generator().manual_seed(i), **controls).images
+        torch.testing.assert_close(ours[0, :, i], expected[0], atol=1e-4, rtol=0)
+
+
 def test_one_generator_derives_the_same_frames_whatever_the_chunking(pipe):
     out = [
         pipe(**inputs(generator=torch.Generator().manual_seed(7), frame_batch_size=n, output_type="latent")).idm_frames
@@ -141,6 +171,9 @@ def test_multi_controlnet_takes_one_video_per_net():
         (dict(mixing_ratio=-0.1), "mixing_ratio"),
         (dict(prompt=""), "prompt"),
         (dict(latents=torch.zeros(1, 4, 2, 16, 16)), "frames"),
+        (dict(control_guidance_start=0.6, control_guidance_end=0.4), "0 <= start < end <= 1"),
+        (dict(control_guidance_end=1.5), "0 <= start < end <= 1"),
+        (dict(control_guidance_start=[0.0, 0.1]), "one per ControlNet"),
     ],
 )
 def test_bad_input_fails_before_any_model_runs(pipe, overrides, message):
