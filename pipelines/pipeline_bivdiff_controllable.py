@@ -198,7 +198,8 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
                 return {"image": images[0] if self.num_conditions == 1 else images}
 
             control = {"adapter_conditioning_scale": call.adapter_conditioning_scale}
-        return self.run_frame_batches(pipe, call, embeds, frame_inputs, height=call.height, width=call.width, **control)
+        size = dict(height=call.height, width=call.width)
+        return self.run_frame_batches(pipe, call, embeds, frame_inputs, **size, **control)
 
     # ------------------------------------------------------------------ checks
     def check_inputs(self, call):

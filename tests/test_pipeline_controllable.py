@@ -78,7 +78,8 @@ def test_batched_stage1_equals_stock_pipeline_per_frame(pipe, frame_batch_size):
 @torch.no_grad()
 @pytest.mark.parametrize(
     "controls",
-    [dict(guess_mode=True), dict(control_guidance_start=0.3, control_guidance_end=0.7), dict(control_guidance_end=0.5)],
+    [dict(guess_mode=True), dict(control_guidance_start=0.3, control_guidance_end=0.7),
+     dict(control_guidance_end=0.5)],
 )
 def test_guess_mode_and_control_guidance_window_act_as_in_the_stock_pipeline(controls):
     controlnet = tiny_controlnet()
