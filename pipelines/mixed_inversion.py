@@ -863,7 +863,8 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
                 "(or one list of images, or one embeddings tensor) per adapter."
             )
         ip_processors = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
-        if any(isinstance(p, ip_processors) for p in self.video_unet.attn_processors.values()):
+        # Module by module: not every video UNet (VidRD's) lists its processors in `attn_processors`.
+        if any(isinstance(getattr(m, "processor", None), ip_processors) for m in self.video_unet.modules()):
             raise ValueError(
                 "The IP-Adapter loaded into `unet` also sits in `video_unet`, which shares `unet`'s attention "
                 "layers (an AnimateDiff UNet from `motion_unet_sharing_weights`), and the video model would read "
