@@ -30,16 +30,16 @@ _VIDEO = dict(sample_size=16, down_block_types=("CrossAttnDownBlock3D", "DownBlo
 _WIDE = dict(_VIDEO, block_out_channels=(32, 32), layers_per_block=1)
 
 
-def _seeded(model_class, seed: int = 0, wake: bool = False, **kwargs):
+def _seeded(model_class, seed: int = 0, wake: str = "", **kwargs):
     """`model_class(**kwargs)` (a transformers model: of a config of `kwargs`) in eval mode, its weights drawn right
-    after `torch.manual_seed(seed)`. `wake`: zero-initialised temporal outputs would leave the temporal layers idle,
-    so they get small random weights."""
+    after `torch.manual_seed(seed)`. `wake`: zero-initialised layers whose names hold it (temporal outputs, a
+    ControlNet's) would leave their module idle, so they get small random weights."""
     kwargs = copy.deepcopy(kwargs)  # every model's config gets lists of its own, as if written out for each call
     torch.manual_seed(seed)
     config_class = getattr(model_class, "config_class", None)
     model = model_class(config_class(**kwargs)) if config_class else model_class(**kwargs)
     for name, param in model.named_parameters() if wake else ():
-        if "temp" in name and not param.any():
+        if wake in name and not param.any():
             torch.nn.init.normal_(param, 0, 0.02)
     return model.eval()
 
@@ -47,13 +47,14 @@ def _seeded(model_class, seed: int = 0, wake: bool = False, **kwargs):
 tiny_vae = partial(_seeded, AutoencoderKL, block_out_channels=[8, 16], in_channels=3, out_channels=3,
                    down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                    latent_channels=4, norm_num_groups=2, scaling_factor=0.18215)
-tiny_controlnet = partial(_seeded, ControlNetModel, in_channels=4, conditioning_embedding_out_channels=(8, 16), **_SD)
+tiny_controlnet = partial(_seeded, ControlNetModel, wake="controlnet_", in_channels=4,
+                          conditioning_embedding_out_channels=(8, 16), **_SD)
 # A ModelScope/ZeroScope-shaped UNet3DConditionModel at the narrow widths of the other tiny models.
 tiny_video_unet = partial(_seeded, UNet3DConditionModel, in_channels=4, out_channels=4, **_VIDEO, **_SMALL)
 # VidRD-shaped (temporal convs and in-block temporal attention) and ModelScope-shaped UNets at ModelScope's width,
 # their temporal layers awake.
-tiny_vidrd_unet = partial(_seeded, VidRDUNet3DConditionModel, wake=True, attention_head_dim=(2, 2), **_WIDE)
-tiny_modelscope_unet = partial(_seeded, UNet3DConditionModel, wake=True, attention_head_dim=8, **_WIDE)
+tiny_vidrd_unet = partial(_seeded, VidRDUNet3DConditionModel, wake="temp", attention_head_dim=(2, 2), **_WIDE)
+tiny_modelscope_unet = partial(_seeded, UNet3DConditionModel, wake="temp", attention_head_dim=8, **_WIDE)
 # An AnimateDiff MotionAdapter for `tiny_unet` (its widths, one layer per block, a mid-block motion module).
 tiny_motion_adapter = partial(_seeded, MotionAdapter, block_out_channels=(8, 16), motion_layers_per_block=1,
                               motion_num_attention_heads=2, motion_norm_num_groups=2, motion_max_seq_length=32,
