@@ -129,6 +129,10 @@ class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, ImagePromptMixin):
             image_guidance_scale (`float`, defaults to 1.5): Source-image guidance of InstructPix2Pix; guidance is
                 off altogether when it is below 1 or `guidance_scale` is at most 1 (as in diffusers).
             return_idm_frames (`bool`, defaults to `True`): Also decode and return the frame-wise edits.
+            ip_adapter_image (`PipelineImageInput` or `list`, *optional*): The image prompt of the IP-Adapter loaded
+                with `load_ip_adapter` (a list: one entry per adapter), for every frame of every video. diffusers'
+                stock pipeline reads it only as an image, so it is encoded once per frame batch and no embeddings
+                are taken.
 
         Examples:
 
