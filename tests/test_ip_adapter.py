@@ -120,6 +120,15 @@ def inputs(name, **overrides):
     return {**args, **overrides}
 
 
+def stock_pipeline(name, pipe):
+    """The stock stage-1 pipeline of case `name` on `pipe`'s own models."""
+    _, _, stock_class, own, _ = CASES[name]
+    parts = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "image_encoder", "feature_extractor", *own)
+    stock = stock_class(**{k: getattr(pipe, k) for k in parts}, safety_checker=None, requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    return stock
+
+
 @pytest.fixture(params=list(CASES))
 def name(request):
     return request.param
@@ -128,12 +137,10 @@ def name(request):
 @torch.no_grad()
 def test_stage1_with_an_image_prompt_equals_the_stock_pipeline_per_frame(name):
     pipe = make_pipe(name)
-    _, args, stock_class, own, frame_inputs = CASES[name]
+    _, args, _, _, frame_inputs = CASES[name]
     ours = stage1(pipe, **args, ip_adapter_image=reference_image(), negative_prompt="ugly", num_inference_steps=3,
                   frame_batch_size=2, generator=generators())
-    parts = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "image_encoder", "feature_extractor", *own)
-    stock = stock_class(**{k: getattr(pipe, k) for k in parts}, safety_checker=None, requires_safety_checker=False)
-    stock.set_progress_bar_config(disable=True)
+    stock = stock_pipeline(name, pipe)
     for i in range(NUM_FRAMES):
         expected = stock(args["prompt"], negative_prompt="ugly", ip_adapter_image=reference_image(),
                          num_inference_steps=3, generator=torch.Generator().manual_seed(i), output_type="latent",
@@ -160,9 +167,7 @@ def test_embeddings_give_the_video_of_their_image(name):
     """`ip_adapter_image_embeds` as diffusers' stock pipeline prepares them for its own call. (Its InstructPix2Pix
     pipeline reads an image prompt only as an image, so BIVDiff's takes no embeddings.)"""
     pipe = make_pipe(name)
-    _, _, stock_class, own, _ = CASES[name]
-    parts = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "image_encoder", "feature_extractor", *own)
-    stock = stock_class(**{k: getattr(pipe, k) for k in parts}, safety_checker=None, requires_safety_checker=False)
+    stock = stock_pipeline(name, pipe)
     embeds = stock.prepare_ip_adapter_image_embeds(reference_image(), None, torch.device("cpu"), 1, True)
     from_image = pipe(**inputs(name, ip_adapter_image=reference_image())).frames
     torch.testing.assert_close(pipe(**inputs(name, ip_adapter_image_embeds=embeds)).frames, from_image)
@@ -180,7 +185,7 @@ def test_the_image_prompt_is_encoded_once_per_call_whatever_the_frame_batches():
 def test_the_image_inversion_conditions_the_adapted_unet_on_the_image_prompt():
     """Oracle: a direct UNet call with the embedding diffusers' `encode_image` gives (the conditional one)."""
     pipe = make_pipe("controllable")
-    stock = pipe.stock_pipeline(StableDiffusionControlNetPipeline, controlnet=pipe.controlnet)
+    stock = stock_pipeline("controllable", pipe)
     call = types.SimpleNamespace(ip_adapter_image=reference_image(), ip_adapter_image_embeds=None, guidance_scale=7.5)
     pipe.begin_call()
     pipe.prepare_image_prompt(stock, call)
