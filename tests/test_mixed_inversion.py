@@ -80,7 +80,8 @@ def test_smoothing_equals_reference_ddim_cfg_loop(pipe, clean_latents):
     pos, neg = pipe.encode_video_prompt("a cat", "cpu", negative_prompt="blurry")
     ours = pipe.temporal_smoothing(clean_latents, pos, neg, num_inference_steps=4, guidance_scale=5.0)
     expected = reference_smoothing(pipe.video_unet, clean_latents, pos, neg, pipe.scheduler.alphas_cumprod, 4, 5.0)
-    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    # fp32 rounding of one batched CFG call against the loop's, relative to latents of magnitude ~3
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
