@@ -78,12 +78,14 @@ def example_code(pipeline_class) -> str:
 
 
 def on_tiny_models(code: str, hub: dict[str, str]) -> str:
-    """The example on this machine: the tiny folders for the Hub ids, the CPU, float32, 32-pixel frames."""
-    for repo, folder in hub.items():
-        code = code.replace(f'"{repo}"', repr(folder))
+    """The example on this machine: the tiny folders for the Hub ids, the CPU, float32, 32-pixel frames. The sizes are
+    replaced first, so a folder path holding the number (a `pytest-512` temporary folder) is left as it is."""
     assert '"cuda"' in code and "torch.float16" in code
     code = code.replace('"cuda"', '"cpu"').replace("torch.float16", "torch.float32")
-    return re.sub(r"\b512\b", str(SIZE), code)
+    code = re.sub(r"\b512\b", str(SIZE), code)
+    for repo, folder in hub.items():
+        code = code.replace(f'"{repo}"', repr(folder))
+    return code
 
 
 def fake_load_video(path: str) -> list[PIL.Image.Image]:
