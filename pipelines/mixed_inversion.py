@@ -555,6 +555,11 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
     def do_classifier_free_guidance(self) -> bool:
         return self._guidance_scale > 1.0
 
+    def stage1_guided(self, guidance_scale: float) -> bool:
+        """Whether stage 1's stock pipeline runs a CFG batch at `guidance_scale`: as it decides, none for
+        guidance-distilled UNets (`time_cond_proj_dim`)."""
+        return guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+
     @property
     def cross_attention_kwargs(self) -> dict | None:
         return getattr(self, "_cross_attention_kwargs", None)
@@ -780,8 +785,6 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         if tensor_inputs is not None and any(k not in self._callback_tensor_inputs for k in tensor_inputs):
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}.")
         self.check_batch_inputs(call)
-        if isinstance(self, ImagePromptMixin):
-            self.check_image_prompt(call)
         self.check_mixed_inversion_inputs(
             call.height, call.width, call.mixing_ratio, call.num_inference_steps, call.num_inversion_steps
         )
@@ -826,51 +829,6 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
                     f"`latents` must be stage 1's initial noise (B, C, F, h, w) for {num_videos} video(s) of "
                     f"{num_frames} frames, {expected[1]} channels; got shape {tuple(latents.shape)}."
                 )
-
-    def check_image_prompt(self, call):
-        """An IP-Adapter in `unet` and an image prompt in the call come together (the UNet cannot run without one),
-        one entry per adapter; a video UNet sharing `unet`'s attention layers cannot take the adapter along."""
-        image, embeds = call.ip_adapter_image, call.ip_adapter_image_embeds
-        loaded = carries_ip_adapter(self.unet)
-        if image is None and embeds is None:
-            if loaded:
-                raise ValueError(
-                    "`unet` carries an IP-Adapter, so every call needs its image prompt: pass `ip_adapter_image` "
-                    "(or `ip_adapter_image_embeds`), or call `pipe.unload_ip_adapter()` first."
-                )
-            return
-        if image is not None and embeds is not None:
-            raise ValueError("Pass `ip_adapter_image` or `ip_adapter_image_embeds`, not both.")
-        if not loaded:
-            raise ValueError(
-                "`ip_adapter_image` needs an IP-Adapter in `unet`: load one first, e.g. "
-                "`pipe.load_ip_adapter('h94/IP-Adapter', subfolder='models', weight_name='ip-adapter_sd15.bin')`."
-            )
-        if image is not None and self.image_encoder is None:
-            raise ValueError(
-                "`ip_adapter_image` needs `image_encoder`: load the IP-Adapter with its image encoder "
-                "(`load_ip_adapter(..., image_encoder_folder=...)`), or pass `ip_adapter_image_embeds`."
-            )
-        if embeds is not None and not (
-            isinstance(embeds, list) and all(isinstance(e, torch.Tensor) and e.ndim in (3, 4) for e in embeds)
-        ):
-            raise ValueError("`ip_adapter_image_embeds` must be a list of 3-D or 4-D tensors, one per IP-Adapter.")
-        num_adapters = len(self.unet.encoder_hid_proj.image_projection_layers)
-        given = len(embeds) if embeds is not None else len(image) if isinstance(image, list) else 1
-        if given != num_adapters:
-            raise ValueError(
-                f"{num_adapters} IP-Adapter(s) are loaded but the image prompt has {given} entries: give one image "
-                "(or one list of images, or one embeddings tensor) per adapter."
-            )
-        ip_processors = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
-        # Module by module: not every video UNet (VidRD's) lists its processors in `attn_processors`.
-        if any(isinstance(getattr(m, "processor", None), ip_processors) for m in self.video_unet.modules()):
-            raise ValueError(
-                "The IP-Adapter loaded into `unet` also sits in `video_unet`, which shares `unet`'s attention "
-                "layers (an AnimateDiff UNet from `motion_unet_sharing_weights`), and the video model would read "
-                "part of its text prompt as the image prompt. Give the video model its own copy of the image UNet "
-                "(`UNetMotionModel.from_unet2d`) to use an IP-Adapter."
-            )
 
     def check_video_components(self):
         width = text_width(self.video_text_encoder)
@@ -1160,7 +1118,7 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         by the stock pipeline `pipe` in its own layout and handed to every frame batch."""
         if call.ip_adapter_image is None and call.ip_adapter_image_embeds is None:
             return {}
-        guided = call.guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None  # as the stock pipelines
+        guided = self.stage1_guided(call.guidance_scale)
         embeds = pipe.prepare_ip_adapter_image_embeds(
             call.ip_adapter_image, call.ip_adapter_image_embeds, self._execution_device, 1, guided
         )
@@ -1444,6 +1402,55 @@ class ImagePromptMixin(MixedInversionMixin, IPAdapterMixin):
             inverse_scheduler, inversion_unet,
         )  # fmt: skip
         self.register_modules(image_encoder=image_encoder, feature_extractor=feature_extractor)
+
+    def check_call_options(self, call):
+        super().check_call_options(call)
+        self.check_image_prompt(call)
+
+    def check_image_prompt(self, call):
+        """An IP-Adapter in `unet` and an image prompt in the call come together (the UNet cannot run without one),
+        one entry per adapter; a video UNet sharing `unet`'s attention layers cannot take the adapter along."""
+        image, embeds = call.ip_adapter_image, call.ip_adapter_image_embeds
+        loaded = carries_ip_adapter(self.unet)
+        if image is None and embeds is None:
+            if loaded:
+                raise ValueError(
+                    "`unet` carries an IP-Adapter, so every call needs its image prompt: pass `ip_adapter_image` "
+                    "(or `ip_adapter_image_embeds`), or call `pipe.unload_ip_adapter()` first."
+                )
+            return
+        if image is not None and embeds is not None:
+            raise ValueError("Pass `ip_adapter_image` or `ip_adapter_image_embeds`, not both.")
+        if not loaded:
+            raise ValueError(
+                "`ip_adapter_image` needs an IP-Adapter in `unet`: load one first, e.g. "
+                "`pipe.load_ip_adapter('h94/IP-Adapter', subfolder='models', weight_name='ip-adapter_sd15.bin')`."
+            )
+        if image is not None and self.image_encoder is None:
+            raise ValueError(
+                "`ip_adapter_image` needs `image_encoder`: load the IP-Adapter with its image encoder "
+                "(`load_ip_adapter(..., image_encoder_folder=...)`), or pass `ip_adapter_image_embeds`."
+            )
+        if embeds is not None and not (
+            isinstance(embeds, list) and all(isinstance(e, torch.Tensor) and e.ndim in (3, 4) for e in embeds)
+        ):
+            raise ValueError("`ip_adapter_image_embeds` must be a list of 3-D or 4-D tensors, one per IP-Adapter.")
+        num_adapters = len(self.unet.encoder_hid_proj.image_projection_layers)
+        given = len(embeds) if embeds is not None else len(image) if isinstance(image, list) else 1
+        if given != num_adapters:
+            raise ValueError(
+                f"{num_adapters} IP-Adapter(s) are loaded but the image prompt has {given} entries: give one image "
+                "(or one list of images, or one embeddings tensor) per adapter."
+            )
+        ip_processors = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
+        # Module by module: not every video UNet (VidRD's) lists its processors in `attn_processors`.
+        if any(isinstance(getattr(m, "processor", None), ip_processors) for m in self.video_unet.modules()):
+            raise ValueError(
+                "The IP-Adapter loaded into `unet` also sits in `video_unet`, which shares `unet`'s attention "
+                "layers (an AnimateDiff UNet from `motion_unet_sharing_weights`), and the video model would read "
+                "part of its text prompt as the image prompt. Give the video model its own copy of the image UNet "
+                "(`UNetMotionModel.from_unet2d`) to use an IP-Adapter."
+            )
 
 
 # ---------------------------------------------------------------------- loading

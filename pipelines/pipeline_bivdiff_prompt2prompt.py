@@ -254,8 +254,7 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
             noise = self.invert_source(
                 source, cond[:count], call.num_inference_steps, call.frame_batch_size, call.pool_norms_over_frames
             ).expand(call.batch_size, -1, -1, -1, -1)
-        # As the stock pipeline decides: guidance-distilled UNets (time_cond_proj_dim) run no CFG batch.
-        cfg = self.do_classifier_free_guidance and self.unet.config.time_cond_proj_dim is None
+        cfg = self.stage1_guided(self.guidance_scale)
         pairs = [p for p in zip(as_list(call.source_prompt, call.num_prompts), as_list(call.prompt, call.num_prompts))]
         reconstructed, edited = [], []
         for b in range(call.batch_size):
