@@ -173,6 +173,7 @@ class MixedInversionOptions:
     # The pipelines' call arguments of the same names; True is the original's behaviour (README, Differences).
     pool_norms_over_frames: bool = True
     reencode_frames: bool = True
+    strength: float = bounded(1.0, 0.0, 1.0, " 1 = the full inversion; lower keeps more of the image model's frames.")
 
 
 IDM_SCHEMAS = {"ControlNet": ControlNetOptions, "T2IAdapter": T2IAdapterOptions,
@@ -337,6 +338,10 @@ def validate(config: RunConfig) -> None:
                             f"use {low} or {low + 8}.")
     if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", model["device"]):
         problems.append(f"Model.device={model['device']!r} must be auto, cpu, cuda, cuda:N or mps.")
+    steps, strength = model["num_inference_steps"], config.mixed_inversion["strength"]
+    if steps >= 1 and 0 <= strength <= 1 and int(steps * strength + 1e-9) < 1:
+        problems.append(f"MixedInversion.strength={strength!r} keeps no step of Model.num_inference_steps={steps}: "
+                        f"use at least {math.ceil(1e4 / steps) / 1e4:g}.")
     window, overlap = model["video_window"], model["video_window_overlap"]
     if window is not None and window >= 2 and not overlap < window:
         problems.append(f"Model.video_window_overlap={overlap!r} must be a whole number from 0 to "

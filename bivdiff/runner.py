@@ -264,7 +264,7 @@ def call_arguments(plan: Plan, generator) -> dict:
     model, options, mixed = plan.config.model, plan.config.idm_options, plan.config.mixed_inversion
     shared = dict(video_prompt=model["vdm_prompt"] + options["prompt_suffix"], generator=generator, output_type="pil")
     shared.update({key: options[key] for key in ("negative_prompt", "mixing_ratio")})
-    shared.update({key: mixed[key] for key in ("pool_norms_over_frames", "reencode_frames")})
+    shared.update({key: mixed[key] for key in ("pool_norms_over_frames", "reencode_frames", "strength")})
     keys = ("num_inference_steps", "guidance_scale", "frame_batch_size", "decode_chunk_size", "height", "width")
     return {**shared, **{key: model[key] for key in keys}, **plan.task.call_arguments(plan.config, plan.inputs)}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -221,6 +222,12 @@ class BIVDiffDDIMInverseScheduler(SchedulerMixin, ConfigMixin):
         return self.config.num_train_timesteps
 
 
+def strength_steps(num_steps: int, strength: float) -> int:
+    """`int(num_steps * strength)`, the steps a `strength` keeps; the tolerance keeps float products such as
+    3 * (1 / 3) = 0.99999... from losing a step."""
+    return int(num_steps * strength + 1e-9)
+
+
 def ddim_sampler(scheduler) -> DDIMScheduler:
     """A DDIM scheduler (eta 0) with `scheduler`'s betas, whatever sampler that is.
 
@@ -390,6 +397,11 @@ SHARED_ARGS_DOC = """
                 it and crops.
             num_inference_steps (`int`, defaults to 50): Steps of the image model and of smoothing.
             num_inversion_steps (`int`, *optional*): DDIM inversion steps; defaults to `num_inference_steps`.
+            strength (`float`, defaults to 1.0): How far up the noise schedule Mixed Inversion climbs and smoothing
+                comes back down, as `strength` in diffusers' video-to-video pipelines: the first
+                `int(num_inversion_steps * strength)` inversion steps, then the last
+                `int(num_inference_steps * strength)` smoothing steps. 1 is the original's full inversion; lower
+                values keep more of stage 1's frames (less smoothing, fewer video-UNet calls).
             guidance_scale (`float`, defaults to 7.5): CFG of the image model.
             video_guidance_scale (`float`, *optional*): CFG of smoothing; defaults to `guidance_scale`. Read from
                 `pipe._guidance_scale` at every smoothing step, so a step callback may change it.
@@ -436,6 +448,7 @@ def _shared_call_arguments(
     resize_mode: str = "default",
     num_inference_steps: int = 50,
     num_inversion_steps: int | None = None,
+    strength: float = 1.0,
     guidance_scale: float = 7.5,
     video_guidance_scale: float | None = None,
     pool_norms_over_frames: bool = True,
@@ -746,7 +759,9 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         return pipe
 
     # ------------------------------------------------------------------ checks
-    def check_mixed_inversion_inputs(self, height, width, mixing_ratio, num_inference_steps, num_inversion_steps):
+    def check_mixed_inversion_inputs(
+        self, height, width, mixing_ratio, num_inference_steps, num_inversion_steps, strength=1.0
+    ):
         """Checks shared by every pipeline; raise before any model runs."""
         if height % 8 != 0 or width % 8 != 0:
             raise ValueError(
@@ -764,6 +779,14 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         ):
             if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {steps!r}.")
+        if not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+            raise ValueError(f"`strength` must be in (0, 1] (1 = the full inversion), got {strength!r}.")
+        fewest = min(num_inference_steps, num_inversion_steps)
+        if strength_steps(fewest, strength) < 1:
+            raise ValueError(
+                f"`strength`={strength} leaves no step of {fewest}: `num_inference_steps` and `num_inversion_steps` "
+                f"times `strength` must each be at least 1; use strength >= {math.ceil(1e4 / fewest) / 1e4:g}."
+            )
         self.check_video_components()
         if mixing_ratio > 0:
             self.check_image_inversion_components()
@@ -786,7 +809,12 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}.")
         self.check_batch_inputs(call)
         self.check_mixed_inversion_inputs(
-            call.height, call.width, call.mixing_ratio, call.num_inference_steps, call.num_inversion_steps
+            call.height,
+            call.width,
+            call.mixing_ratio,
+            call.num_inference_steps,
+            call.num_inversion_steps,
+            call.strength,
         )
 
     def check_batch_inputs(self, call):
@@ -1135,39 +1163,53 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         return [e.chunk(2)[1] if guided else e for e in embeds]
 
     # ------------------------------------------------------------------ stage 2
+    def inversion_timesteps(self, num_steps: int, strength: float, device) -> torch.Tensor:
+        """The inversion scheduler's ascending timesteps for `num_steps`, the first `strength` of them."""
+        scheduler = self.inversion_scheduler
+        scheduler.set_timesteps(num_steps, device=device)
+        return scheduler.timesteps[: strength_steps(len(scheduler.timesteps), strength)]
+
     def invert_image_branch(
-        self, latents: torch.Tensor, cond: torch.Tensor, num_steps: int, frame_batch_size: int, pooled: bool = True
+        self,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        num_steps: int,
+        frame_batch_size: int,
+        pooled: bool = True,
+        strength: float = 1.0,
     ) -> torch.Tensor:
         """DDIM-invert (B, C, F, h, w) latents with the image UNet, one clip at a time with its frames folded into
-        the batch, conditioned on (B, L, D) embeddings; `pooled` as in `image_inversion_noise`. The state stays fp32
-        between steps."""
+        the batch, conditioned on (B, L, D) embeddings; `pooled` as in `image_inversion_noise`; `strength` as in
+        `inversion_timesteps`. The state stays fp32 between steps."""
         scheduler = self.inversion_scheduler
         num_frames = latents.shape[2]
         clips = [fold_frames(clip[None]).float() for clip in latents]
-        scheduler.set_timesteps(num_steps, device=latents.device)
+        timesteps = self.inversion_timesteps(num_steps, strength, latents.device)
         with (
             self.stage("image inversion"),
-            self.stage_progress_bar(num_steps, "Mixed inversion (image UNet)") as progress_bar,
+            self.stage_progress_bar(len(timesteps), "Mixed inversion (image UNet)") as progress_bar,
         ):
-            for t in scheduler.timesteps:
+            for t in timesteps:
                 for b, z in enumerate(clips):
                     eps = self.image_inversion_noise(z, t, cond[b : b + 1], frame_batch_size, pooled)
                     clips[b] = scheduler.step(eps, t, z).prev_sample
                 progress_bar.update()
         return torch.cat([unfold_frames(z, num_frames) for z in clips])
 
-    def invert_video_branch(self, latents: torch.Tensor, cond: torch.Tensor, num_steps: int) -> torch.Tensor:
+    def invert_video_branch(
+        self, latents: torch.Tensor, cond: torch.Tensor, num_steps: int, strength: float = 1.0
+    ) -> torch.Tensor:
         """DDIM-invert (B, C, F, h, w) latents with the video UNet on whole clips; the state stays fp32."""
         dtype = self.video_unet.dtype
         scheduler = self.inversion_scheduler
         z = latents.float()
         cond = cond.to(dtype)
-        scheduler.set_timesteps(num_steps, device=z.device)
+        timesteps = self.inversion_timesteps(num_steps, strength, z.device)
         with (
             self.stage("video inversion"),
-            self.stage_progress_bar(num_steps, "Mixed inversion (video UNet)") as progress_bar,
+            self.stage_progress_bar(len(timesteps), "Mixed inversion (video UNet)") as progress_bar,
         ):
-            for t in scheduler.timesteps:
+            for t in timesteps:
                 eps = self.video_noise_prediction(z.to(dtype), t, cond)
                 z = scheduler.step(eps, t, z).prev_sample
                 progress_bar.update()
@@ -1182,16 +1224,18 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         image_cond: torch.Tensor | None,
         video_cond: torch.Tensor | None,
         pool_norms_over_frames: bool = True,
+        strength: float = 1.0,
     ) -> torch.Tensor:
-        """z_T = r * invert_image(z_0) + (1 - r) * invert_video(z_0), computed in fp32, no renormalisation."""
+        """z_T = r * invert_image(z_0) + (1 - r) * invert_video(z_0), computed in fp32, no renormalisation; with
+        `strength` < 1 both branches stop at the same lower level."""
         mixed = torch.zeros_like(latents, dtype=torch.float32)
         if mixing_ratio > 0:
             z_img = self.invert_image_branch(
-                latents, image_cond, num_inversion_steps, frame_batch_size, pool_norms_over_frames
+                latents, image_cond, num_inversion_steps, frame_batch_size, pool_norms_over_frames, strength
             )
             mixed = mixed + mixing_ratio * z_img.float()
         if mixing_ratio < 1:
-            z_vid = self.invert_video_branch(latents, video_cond, num_inversion_steps)
+            z_vid = self.invert_video_branch(latents, video_cond, num_inversion_steps, strength)
             mixed = mixed + (1 - mixing_ratio) * z_vid.float()
         return mixed
 
@@ -1209,15 +1253,17 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         guidance_scale: float,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        strength: float = 1.0,
     ) -> torch.Tensor:
-        """Denoise the mixed noise (B, C, F, h, w) with the video UNet: DDIM, eta 0, CFG in one batched call.
+        """Denoise the mixed noise (B, C, F, h, w) with the video UNet: DDIM, eta 0, CFG in one batched call; with
+        `strength` < 1, only the last `int(num_inference_steps * strength)` steps, as diffusers' video-to-video.
 
         The guidance scale is read from `self._guidance_scale` at every step, so a step callback may change it.
         """
         dtype = self.video_unet.dtype
         scheduler = self.smoothing_scheduler()
         scheduler.set_timesteps(num_inference_steps, device=latents.device)
-        timesteps = scheduler.timesteps
+        timesteps = scheduler.timesteps[len(scheduler.timesteps) - strength_steps(num_inference_steps, strength) :]
         self._guidance_scale = guidance_scale
         self._num_timesteps = len(timesteps)
         latents = latents.to(dtype) * scheduler.init_noise_sigma
@@ -1264,6 +1310,7 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
             embeds.image_cond,
             embeds.video_cond,
             call.pool_norms_over_frames,
+            call.strength,
         )
         return self.temporal_smoothing(
             noise,
@@ -1273,6 +1320,7 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
             call.video_guidance_scale,
             call.callback_on_step_end,
             call.callback_on_step_end_tensor_inputs,
+            call.strength,
         )
 
     # ------------------------------------------------------------------ the call
@@ -1297,6 +1345,7 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
             ip_adapter_image_embeds=None,
             pool_norms_over_frames=True,
             reencode_frames=True,
+            strength=1.0,
         )
         for name, value in defaults.items():
             if not hasattr(call, name):

@@ -49,6 +49,7 @@ class InstructPix2PixStandIn(Recorder):
         mixing_ratio=1.0,
         pool_norms_over_frames=True,
         reencode_frames=True,
+        strength=1.0,
         num_inference_steps=50,
         frame_batch_size=8,
         decode_chunk_size=8,
@@ -73,6 +74,7 @@ class InpaintStandIn(Recorder):
         mixing_ratio=0.1,
         pool_norms_over_frames=True,
         reencode_frames=True,
+        strength=1.0,
         negative_prompt=None,
         guidance_scale=7.5,
         num_inference_steps=50,
@@ -107,6 +109,7 @@ class Prompt2PromptStandIn(Recorder):
         mixing_ratio=0.25,
         pool_norms_over_frames=True,
         reencode_frames=True,
+        strength=1.0,
         negative_prompt=None,
         guidance_scale=7.5,
         num_inference_steps=50,
@@ -157,15 +160,17 @@ def test_instruct_pix2pix_gets_an_8_channel_unet_and_the_quality_prompts(recorde
     assert call["negative_prompt"] == QUALITY_NEGATIVE
     assert call["image_guidance_scale"] == 1.5 and call["mixing_ratio"] == 1.0 and call["num_inference_steps"] == 2
     assert call["pool_norms_over_frames"] is True and call["reencode_frames"] is True  # the original's inversion
+    assert call["strength"] == 1.0
     assert len(call["video"]) == NUM_FRAMES and call["video"][0].size == (SIZE, SIZE)
 
 
 def test_the_inversion_switches_reach_the_call(recorded, tmp_path, capsys):
     name = "video_editing_with_instruct_pix2pix_and_zeroscope"
-    overrides = ("MixedInversion.pool_norms_over_frames=false", "MixedInversion.reencode_frames=false")
+    overrides = ("MixedInversion.pool_norms_over_frames=false", "MixedInversion.reencode_frames=false",
+                 "MixedInversion.strength=0.5")
     run_tiny(capsys, tmp_path, name, *overrides)
     (call,) = recorded.calls
-    assert call["pool_norms_over_frames"] is False and call["reencode_frames"] is False
+    assert call["pool_norms_over_frames"] is False and call["reencode_frames"] is False and call["strength"] == 0.5
 
 
 def test_inpainting_gets_a_binary_mask_video_and_a_9_channel_unet(recorded, tmp_path, capsys):

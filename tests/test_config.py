@@ -95,6 +95,7 @@ def test_shipped_config_keeps_the_original_values(name):
         # not in the original's files: its behaviour, restored by default
         "pool_norms_over_frames": True,
         "reencode_frames": True,
+        "strength": 1.0,
     }
     quality = idm in ("ControlNet", "InstructPix2Pix")
     assert raw["IDM"][idm]["prompt_suffix"] == (QUALITY_SUFFIX if quality else "")
@@ -224,6 +225,9 @@ def test_an_original_config_file_loads_hydra_section_and_all(tmp_path):
         ("IDM.ControlNet.condition=depth", "condition='depth' must be one of: depth_midas, canny, openpose"),
         ("Model.idm_prompt=", "idm_prompt is empty"),
         ("Model.device=gpu", "Model.device='gpu'"),
+        ("MixedInversion.strength=1.5", r"strength=1.5 must be a number in \[0.0, 1.0\]"),
+        ("MixedInversion.strength=0", "strength=0.0 keeps no step of Model.num_inference_steps=50: use at least 0.02"),
+        ("MixedInversion.strength=0.01", "strength=0.01 keeps no step"),
     ],
 )
 def test_bad_values_fail_with_the_fix(override, message):

@@ -23,6 +23,7 @@ from bivdiff import (
     BIVDiffPipeline,
     BIVDiffPrompt2PromptPipeline,
 )
+from bivdiff.profiling import NetworkCallCounter
 from bivdiff.tiny_models import tiny_controlnet, tiny_unet
 
 
@@ -213,6 +214,24 @@ def test_a_callback_changing_the_guidance_scale_takes_effect(case):
     assert not torch.allclose(changed, plain, atol=1e-4)
 
 
+@torch.no_grad()
+def test_strength_keeps_its_share_of_inversion_and_smoothing_steps(case):
+    """strength 0.5 of 4 steps: stage 1 as before, then the first 2 inversion steps and the last 2 smoothing steps
+    (their math: `test_mixed_inversion.py`'s reference loops), each one network call on the whole clip.
+    Prompt2Prompt's own inversion of the source, for its editing, stays whole."""
+    name, pipe = case
+    seen = {}
+    for strength in (1.0, 0.5):
+        with NetworkCallCounter(pipe) as counter:
+            pipe(**inputs(name, num_inference_steps=4, strength=strength))
+        seen[strength] = counter.as_dict()
+    stage_1 = "frame-wise generation"
+    assert seen[0.5].get(stage_1) == seen[1.0].get(stage_1)
+    for stage in ("image inversion", "video inversion", "temporal smoothing"):
+        assert sum(seen[1.0][stage].values()) - sum(seen[0.5][stage].values()) == 2, (stage, seen)
+    assert pipe.num_timesteps == 2
+
+
 def assert_same_components(a, b):
     """Equal component names and classes, equal weights for every model, equal settings for every scheduler."""
     classes = [{k: type(v).__name__ for k, v in pipe.components.items()} for pipe in (a, b)]
@@ -287,6 +306,9 @@ BAD_OPTIONS = [
     (dict(output_type="jpg"), "output_type"),
     (dict(resize_mode="stretch"), "resize_mode"),
     (dict(mixing_ratio=2.0), "mixing_ratio"),
+    (dict(strength=0.0), "strength"),
+    (dict(strength=1.5), "strength"),
+    (dict(strength=0.3), "leaves no step of 2"),
     (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),
 ]
 
