@@ -51,7 +51,8 @@ tiny_controlnet = partial(_seeded, ControlNetModel, wake="controlnet_", in_chann
                           conditioning_embedding_out_channels=(8, 16), **_SD)
 # A ModelScope/ZeroScope-shaped UNet3DConditionModel at the narrow widths of the other tiny models, temporal layers
 # awake.
-tiny_video_unet = partial(_seeded, UNet3DConditionModel, wake="temp", in_channels=4, out_channels=4, **_VIDEO, **_SMALL)
+tiny_video_unet = partial(_seeded, UNet3DConditionModel, wake="temp", in_channels=4, out_channels=4, **_VIDEO,
+                          **_SMALL)
 # VidRD-shaped (temporal convs and in-block temporal attention) and ModelScope-shaped UNets at ModelScope's width,
 # their temporal layers awake.
 tiny_vidrd_unet = partial(_seeded, VidRDUNet3DConditionModel, wake="temp", attention_head_dim=(2, 2), **_WIDE)

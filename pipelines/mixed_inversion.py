@@ -34,7 +34,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.loaders import IPAdapterMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
-from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
+from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import DDIMScheduler, KarrasDiffusionSchedulers
@@ -376,6 +376,13 @@ def carries_ip_adapter(unet) -> bool:
     return unet is not None and getattr(unet.config, "encoder_hid_dim_type", None) == "ip_image_proj"
 
 
+def shares_attention(video_unet, unet) -> bool:
+    """Whether `video_unet` runs `unet`'s own attention modules, as an AnimateDiff UNet from
+    `motion_unet_sharing_weights` does, and so their attention processors too."""
+    own = {id(module) for module in unet.modules() if isinstance(module, Attention)} if unet is not None else set()
+    return any(id(module) in own for module in video_unet.modules() if isinstance(module, Attention))
+
+
 # IP-Adapter's call arguments: the pipelines whose stage 1 is a stock pipeline taking them take them too.
 IMAGE_PROMPT_ARGUMENTS = ("ip_adapter_image", "ip_adapter_image_embeds")
 
@@ -429,7 +436,8 @@ SHARED_ARGS_DOC = """
             clip_skip (`int`, *optional*): CLIP layers skipped when encoding the image prompts.
             ip_adapter_image (`PipelineImageInput` or `list`, *optional*): The image prompt of the IP-Adapter loaded
                 with `load_ip_adapter` (a list: one entry per adapter), for every frame of every video. Encoded once
-                per call; the image branch of the inversion reads it too when it inverts with `unet`.
+                per call; the image branch of the inversion reads it too when it inverts with `unet`, and so does an
+                AnimateDiff video UNet that runs `unet`'s layers (`motion_unet_sharing_weights`).
             ip_adapter_image_embeds (`list[torch.Tensor]`, *optional*): Its embeddings instead, one tensor per
                 adapter, laid out as the stock image pipeline's (with the negative embeddings under guidance).
             callback_on_step_end (`Callable`, *optional*): Called after each smoothing step as
@@ -625,12 +633,16 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         self._video_windows = None
 
     # ------------------------------------------------------------------ the two model seams
-    def video_unet_noise(self, latents: torch.Tensor, timestep, text_embeds: torch.Tensor) -> torch.Tensor:
-        """The video UNet's noise prediction for (B, C, F, h, w) latents and (B, L, D) text embeddings: the one
-        place that knows how each video-UNet family takes its inputs."""
+    def video_unet_noise(
+        self, latents: torch.Tensor, timestep, text_embeds: torch.Tensor, image_embeds: list | None = None
+    ) -> torch.Tensor:
+        """The video UNet's noise prediction for (B, C, F, h, w) latents, (B, L, D) text embeddings and, for a video
+        UNet carrying an IP-Adapter, one (B, ...) image-prompt embedding per adapter: the one place that knows how
+        each video-UNet family takes its inputs."""
         if is_motion_unet(self.video_unet):
             text_embeds = text_embeds.repeat_interleave(latents.shape[2], dim=0)
-        return self.video_unet(latents, timestep, encoder_hidden_states=text_embeds).sample
+        extra = {"added_cond_kwargs": {"image_embeds": image_embeds}} if image_embeds is not None else {}
+        return self.video_unet(latents, timestep, encoder_hidden_states=text_embeds, **extra).sample
 
     def image_inversion_noise(
         self, frames: torch.Tensor, timestep, text_embeds: torch.Tensor, frame_batch_size: int, pooled: bool = True
@@ -689,10 +701,12 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         return (total / norm.view(shape)).to(sample.dtype)
 
     def video_noise_prediction(
-        self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor
+        self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, image_embeds: list | None = None
     ) -> torch.Tensor:
         """The video UNet's output on (B, C, F, h, w), whole clip or blended over temporal windows."""
-        return self.blend_windows(sample, 2, lambda s: self.video_unet_noise(s, timestep, encoder_hidden_states))
+        return self.blend_windows(
+            sample, 2, lambda s: self.video_unet_noise(s, timestep, encoder_hidden_states, image_embeds)
+        )
 
     # ------------------------------------------------------------------ stages
     def begin_call(self):
@@ -1147,11 +1161,15 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         if call.ip_adapter_image is None and call.ip_adapter_image_embeds is None:
             return {}
         guided = self.stage1_guided(call.guidance_scale)
+        # A video UNet carrying the adapter needs the negative embeddings for its own guidance even where stage 1
+        # runs without (`check_image_prompt` refuses given embeddings without them).
+        with_negative = guided or (carries_ip_adapter(self.video_unet) and call.ip_adapter_image is not None)
         embeds = pipe.prepare_ip_adapter_image_embeds(
-            call.ip_adapter_image, call.ip_adapter_image_embeds, self._execution_device, 1, guided
+            call.ip_adapter_image, call.ip_adapter_image_embeds, self._execution_device, 1, with_negative
         )
-        self._image_prompt = (embeds, guided)
-        return {"ip_adapter_image_embeds": embeds}
+        self._image_prompt = (embeds, with_negative)
+        stage1 = embeds if guided or not with_negative else [e.chunk(2)[1] for e in embeds]
+        return {"ip_adapter_image_embeds": stage1}
 
     def inversion_image_prompt(self, unet) -> list[torch.Tensor] | None:
         """The conditional IP-Adapter embeddings for an inverting `unet` that carries the adapter, else None. Only a
@@ -1161,6 +1179,20 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
             return None
         embeds, guided = self._image_prompt
         return [e.chunk(2)[1] if guided else e for e in embeds]
+
+    def video_image_prompt(self, batch_size: int, guided: bool) -> list[torch.Tensor] | None:
+        """The IP-Adapter embeddings for a video UNet that carries the adapter (an AnimateDiff UNet running `unet`'s
+        attention layers), one row per video: under guidance the negative rows first, as the latents are batched.
+        None for any other video UNet."""
+        if not carries_ip_adapter(self.video_unet) or getattr(self, "_image_prompt", None) is None:
+            return None
+        embeds, stage1_guided = self._image_prompt
+        rows = []
+        for e in embeds:
+            negative, positive = e.chunk(2) if stage1_guided else (None, e)
+            halves = [negative, positive] if guided else [positive]
+            rows.append(torch.cat([h.expand(batch_size, *h.shape[1:]) for h in halves]).to(self.video_unet.dtype))
+        return rows
 
     # ------------------------------------------------------------------ stage 2
     def inversion_timesteps(self, num_steps: int, strength: float, device) -> torch.Tensor:
@@ -1205,12 +1237,13 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         z = latents.float()
         cond = cond.to(dtype)
         timesteps = self.inversion_timesteps(num_steps, strength, z.device)
+        image_prompt = self.video_image_prompt(len(z), guided=False)
         with (
             self.stage("video inversion"),
             self.stage_progress_bar(len(timesteps), "Mixed inversion (video UNet)") as progress_bar,
         ):
             for t in timesteps:
-                eps = self.video_noise_prediction(z.to(dtype), t, cond)
+                eps = self.video_noise_prediction(z.to(dtype), t, cond, image_prompt)
                 z = scheduler.step(eps, t, z).prev_sample
                 progress_bar.update()
         return z
@@ -1279,7 +1312,8 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
                 model_in = torch.cat([latents, latents]) if cfg else latents
                 embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds
                 model_in = scheduler.scale_model_input(model_in, t)
-                noise_pred = self.video_noise_prediction(model_in, t, embeds.to(dtype))
+                image_prompt = self.video_image_prompt(len(latents), guided=cfg)
+                noise_pred = self.video_noise_prediction(model_in, t, embeds.to(dtype), image_prompt)
                 if cfg:
                     noise_uncond, noise_text = noise_pred.chunk(2)
                     noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
@@ -1428,7 +1462,9 @@ class ImagePromptMixin(MixedInversionMixin, IPAdapterMixin):
     A BIVDiff pipeline whose stage 1 is a stock pipeline that takes IP-Adapter image prompts (ControlNet,
     InstructPix2Pix, SD Inpainting): `load_ip_adapter` loads an adapter into `unet`, and every call then takes
     `ip_adapter_image` (or `ip_adapter_image_embeds`). Registers the adapter's image side, `image_encoder` and
-    `feature_extractor`, as diffusers' Stable Diffusion pipelines do, beside `MixedInversionMixin`'s components.
+    `feature_extractor`, as diffusers' Stable Diffusion pipelines do, beside `MixedInversionMixin`'s components. An
+    AnimateDiff video UNet running `unet`'s attention layers runs the adapter's processors too: loading and unloading
+    give it the adapter's image projection and take it away, and smoothing hands it the image prompt.
     """
 
     def __init__(
@@ -1451,6 +1487,9 @@ class ImagePromptMixin(MixedInversionMixin, IPAdapterMixin):
             inverse_scheduler, inversion_unet,
         )  # fmt: skip
         self.register_modules(image_encoder=image_encoder, feature_extractor=feature_extractor)
+
+    # Whether stage 1's image-prompt embeddings are kept for a video UNet that carries the adapter too.
+    video_takes_image_prompt = True
 
     def check_call_options(self, call):
         super().check_call_options(call)
@@ -1491,15 +1530,59 @@ class ImagePromptMixin(MixedInversionMixin, IPAdapterMixin):
                 f"{num_adapters} IP-Adapter(s) are loaded but the image prompt has {given} entries: give one image "
                 "(or one list of images, or one embeddings tensor) per adapter."
             )
+        self.check_video_image_prompt(call, num_adapters)
+
+    def check_video_image_prompt(self, call, num_adapters: int):
+        """A video UNet with IP-Adapter processors (one running `unet`'s attention layers, or with an adapter of its
+        own) must carry the adapter's image projection, for the same number of adapters, and get its image prompt
+        with negative embeddings when it is guided."""
         ip_processors = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
+        video = self.video_unet
         # Module by module: not every video UNet (VidRD's) lists its processors in `attn_processors`.
-        if any(isinstance(getattr(m, "processor", None), ip_processors) for m in self.video_unet.modules()):
+        if not any(isinstance(getattr(m, "processor", None), ip_processors) for m in video.modules()):
+            return
+        if not carries_ip_adapter(video):
             raise ValueError(
-                "The IP-Adapter loaded into `unet` also sits in `video_unet`, which shares `unet`'s attention "
-                "layers (an AnimateDiff UNet from `motion_unet_sharing_weights`), and the video model would read "
-                "part of its text prompt as the image prompt. Give the video model its own copy of the image UNet "
-                "(`UNetMotionModel.from_unet2d`) to use an IP-Adapter."
+                "`video_unet` has IP-Adapter attention processors but no image projection (`encoder_hid_proj`) to "
+                "read the image prompt with: load the adapter with `pipe.load_ip_adapter`, which gives an AnimateDiff "
+                "UNet running `unet`'s attention layers the projection as well."
             )
+        if not self.video_takes_image_prompt:
+            raise ValueError(
+                f"`video_unet` carries an IP-Adapter, but {type(self).__name__}'s stage 1 encodes the image prompt "
+                "inside the stock pipeline, so none is left for the video model: give it a video UNet without one."
+            )
+        if len(video.encoder_hid_proj.image_projection_layers) != num_adapters:
+            raise ValueError(
+                f"`unet` carries {num_adapters} IP-Adapter(s) but `video_unet` "
+                f"{len(video.encoder_hid_proj.image_projection_layers)}: both read the same image prompt."
+            )
+        video_guided = call.video_guidance_scale > 1
+        if call.ip_adapter_image is None and video_guided and not self.stage1_guided(call.guidance_scale):
+            raise ValueError(
+                "The video model's guidance needs negative image-prompt embeddings, which unguided "
+                "`ip_adapter_image_embeds` lack: pass `ip_adapter_image` instead, or `video_guidance_scale=1`."
+            )
+
+    def load_ip_adapter(self, *args, **kwargs):
+        super().load_ip_adapter(*args, **kwargs)
+        self.share_image_projection()
+
+    load_ip_adapter.__doc__ = IPAdapterMixin.load_ip_adapter.__doc__
+
+    def unload_ip_adapter(self):
+        super().unload_ip_adapter()
+        self.share_image_projection()
+
+    unload_ip_adapter.__doc__ = IPAdapterMixin.unload_ip_adapter.__doc__
+
+    def share_image_projection(self):
+        """A video UNet running `unet`'s attention layers runs their IP-Adapter processors too, so it takes
+        `unet`'s image projection along, or none once the adapter is unloaded."""
+        video = self.video_unet
+        if is_motion_unet(video) and shares_attention(video, self.unet):
+            video.encoder_hid_proj = self.unet.encoder_hid_proj
+            video.register_to_config(encoder_hid_dim_type=self.unet.config.encoder_hid_dim_type)
 
 
 # ---------------------------------------------------------------------- loading

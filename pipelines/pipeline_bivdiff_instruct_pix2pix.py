@@ -90,6 +90,8 @@ class BIVDiffInstructPix2PixPipeline(DiffusionPipeline, ImagePromptMixin):
             )
         self.check_image_model((2 * self.vae.config.latent_channels,), "an InstructPix2Pix UNet")
 
+    video_takes_image_prompt = False  # see `prepare_image_prompt`
+
     def prepare_image_prompt(self, pipe, call) -> dict:
         # diffusers' stock InstructPix2Pix pipeline hands the adapter's embeddings to its UNet only when it encoded
         # them itself from `ip_adapter_image`, so the image goes to every frame batch (and it takes no embeddings).

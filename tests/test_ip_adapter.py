@@ -11,6 +11,7 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import (
+    DDIMScheduler,
     StableDiffusionControlNetPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionInstructPix2PixPipeline,
@@ -203,9 +204,17 @@ def animatediff_sharing_the_unet() -> dict:
                 video_text_encoder=components["text_encoder"], video_tokenizer=components["tokenizer"])
 
 
+def animatediff_with_its_own_adapters(count: int) -> dict:
+    """An AnimateDiff UNet on its own copy of an SD-1.5 UNet, carrying `count` IP-Adapters of its own."""
+    video_unet = UNetMotionModel.from_unet2d(tiny_unet(), tiny_motion_adapter())
+    video_unet._load_ip_adapter_weights([ip_adapter_weights(tiny_unet())] * count)
+    image = bivdiff_components()
+    return dict(video_unet=video_unet, video_text_encoder=image["text_encoder"], video_tokenizer=image["tokenizer"])
+
+
 # (case, the pipeline's keywords for `make_pipe`, the call's image prompt, the message)
 REFUSALS = {
-    "no adapter": (lambda: dict(ip_adapter=False), lambda: dict(ip_adapter_image=reference_image()),
+    "no adapter": (dict, lambda: dict(ip_adapter_image=reference_image()),
                    "needs an IP-Adapter in `unet`"),
     "no image": (dict, dict, "needs its image prompt"),
     "both": (dict, lambda: dict(ip_adapter_image=reference_image(), ip_adapter_image_embeds=[torch.zeros(2, 1, 12)]),
@@ -216,17 +225,37 @@ REFUSALS = {
                          "needs `image_encoder`"),
     "T2I-Adapter": (lambda: dict(controlnet=None, adapter=tiny_adapter()),
                     lambda: dict(ip_adapter_image=reference_image()), "with `controlnet` only"),
-    "AnimateDiff sharing the UNet": (animatediff_sharing_the_unet, lambda: dict(ip_adapter_image=reference_image()),
-                                     "also sits in `video_unet`"),
+    "a video UNet with two adapters": (lambda: animatediff_with_its_own_adapters(2),
+                                       lambda: dict(ip_adapter_image=reference_image()), "`video_unet` 2"),
+    "unguided embeddings, guided video model": (
+        animatediff_sharing_the_unet,
+        lambda: dict(ip_adapter_image_embeds=[torch.zeros(1, 1, 12)], guidance_scale=1.0, video_guidance_scale=7.5),
+        "negative image-prompt embeddings",
+    ),
+    # As when the adapter came into `unet` outside the pipeline (the projection is taken away below).
+    "a shared AnimateDiff UNet without the projection": (
+        animatediff_sharing_the_unet, lambda: dict(ip_adapter_image=reference_image()), "no image projection"
+    ),
+    "InstructPix2Pix, its video UNet carrying an adapter": (
+        lambda: animatediff_with_its_own_adapters(1), lambda: dict(ip_adapter_image=reference_image()),
+        "none is left for the video model",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_a_mismatched_image_prompt_is_refused_before_any_model_runs(case):
     pipe_keywords, image_prompt, message = REFUSALS[case]
-    pipe = make_pipe("controllable", **pipe_keywords())
+    name = "instruct_pix2pix" if case.startswith("InstructPix2Pix") else "controllable"
+    pipe = CASES[name][0](**{**image_side(), **pipe_keywords()})
+    pipe.set_progress_bar_config(disable=True)
+    if case != "no adapter":
+        load_tiny_ip_adapter(pipe)
+    if case == "a shared AnimateDiff UNet without the projection":
+        pipe.video_unet.encoder_hid_proj = None
+        pipe.video_unet.register_to_config(encoder_hid_dim_type=None)
     with count_forward_calls(**all_models(pipe)) as calls, pytest.raises(ValueError, match=message):
-        pipe(**inputs("controllable", **image_prompt()))
+        pipe(**inputs(name, **image_prompt()))
     assert not any(calls.values())
 
 
@@ -294,11 +323,14 @@ def video_models() -> dict:
         # AnimateDiff on its own copy of an SD-1.5 UNet (not sharing `unet`'s layers), with SD's text side.
         "animatediff": dict(video_unet=UNetMotionModel.from_unet2d(tiny_unet(), tiny_motion_adapter()),
                             video_text_encoder=image["text_encoder"], video_tokenizer=image["tokenizer"]),
+        # AnimateDiff running `unet`'s own layers, and so its adapter too.
+        "animatediff sharing the unet": animatediff_sharing_the_unet(),
     }
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("video_model", ["zeroscope", "modelscope", "vidrd", "animatediff"])
+@pytest.mark.parametrize("video_model", ["zeroscope", "modelscope", "vidrd", "animatediff",
+                                         "animatediff sharing the unet"])
 def test_every_video_model_smooths_frames_made_with_an_image_prompt(video_model):
     """Oracle: the adapter at scale 0 gives the video without it, whatever video model smooths."""
     pipe = make_pipe("controllable", ip_adapter=False, **video_models()[video_model])
@@ -306,3 +338,79 @@ def test_every_video_model_smooths_frames_made_with_an_image_prompt(video_model)
     load_tiny_ip_adapter(pipe)
     pipe.set_ip_adapter_scale(0.0)
     torch.testing.assert_close(pipe(**inputs("controllable", ip_adapter_image=reference_image())).frames, without)
+
+
+def prepared_image_prompt(pipe):
+    """`pipe` as after stage 1 of a guided call with the reference image prompt; the stock pipeline that encoded it."""
+    stock = stock_pipeline("controllable", pipe)
+    call = types.SimpleNamespace(ip_adapter_image=reference_image(), ip_adapter_image_embeds=None, guidance_scale=7.5)
+    pipe.begin_call()
+    pipe.prepare_image_prompt(stock, call)
+    return stock
+
+
+@torch.no_grad()
+def test_an_animatediff_unet_sharing_the_adapted_unet_smooths_and_inverts_with_the_image_prompt():
+    """Oracle: diffusers' own AnimateDiff UNet with the adapter (`from_unet2d` of the adapted UNet: every weight
+    copied), called in a DDIM loop with guidance on the embeddings the stock pipeline prepares, [negative, positive]
+    for each of two videos; the inversion on the conditional ones."""
+    pipe = make_pipe("controllable", **animatediff_sharing_the_unet())
+    stock = prepared_image_prompt(pipe)
+    oracle = UNetMotionModel.from_unet2d(pipe.unet, tiny_motion_adapter())
+    negative_image, image = stock.prepare_ip_adapter_image_embeds(reference_image(), None, "cpu", 1, True)[0].chunk(2)
+    latents = torch.randn(2, 4, NUM_FRAMES, 16, 16, generator=torch.Generator().manual_seed(3))
+    text, negative = torch.randn(2, 77, 32), torch.randn(2, 77, 32)
+
+    def eps(z, t, text_embeds, image_embeds):
+        return oracle(z, t, encoder_hidden_states=text_embeds.repeat_interleave(NUM_FRAMES, 0),
+                      added_cond_kwargs={"image_embeds": [image_embeds]}).sample
+
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    scheduler.set_timesteps(3)
+    z, image_rows = latents, torch.cat([negative_image.expand(2, -1, -1), image.expand(2, -1, -1)])
+    for t in scheduler.timesteps:
+        noise_negative, noise_text = eps(torch.cat([z, z]), t, torch.cat([negative, text]), image_rows).chunk(2)
+        z = scheduler.step(noise_negative + 7.5 * (noise_text - noise_negative), t, z).prev_sample
+    torch.testing.assert_close(pipe.temporal_smoothing(latents, text, negative, 3, 7.5), z, atol=1e-4, rtol=0)
+
+    alphas, z = pipe.scheduler.alphas_cumprod, latents
+    for t in (1, 334, 667):  # the original's reverse step over 3 steps: next level t + 333, the last 998
+        a_t, a_next = alphas[t], alphas[min(t + 333, 998)]
+        x0 = (z - (1 - a_t).sqrt() * (e := eps(z, t, negative, image.expand(2, -1, -1)))) / a_t.sqrt()
+        z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * e
+    torch.testing.assert_close(pipe.invert_video_branch(latents, negative, 3), z, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_loading_and_unloading_through_the_pipeline_keeps_a_shared_animatediff_unet_in_step():
+    """Oracles: the same models with diffusers' `from_unet2d` copy of the adapted UNet as the video UNet, and, once
+    the adapter is unloaded, the pipeline before it was loaded."""
+    pipe = make_pipe("controllable", ip_adapter=False, **animatediff_sharing_the_unet())
+    without = pipe(**inputs("controllable")).frames
+    load_tiny_ip_adapter(pipe)
+    assert pipe.video_unet.encoder_hid_proj is pipe.unet.encoder_hid_proj
+    shared = pipe(**inputs("controllable", ip_adapter_image=reference_image())).frames
+    copied_unet = UNetMotionModel.from_unet2d(pipe.unet, tiny_motion_adapter())
+    copied = BIVDiffControllablePipeline(**{**pipe.components, "video_unet": copied_unet})
+    copied.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(copied(**inputs("controllable", ip_adapter_image=reference_image())).frames, shared)
+    assert not torch.allclose(shared, without, atol=1e-3)
+    pipe.unload_ip_adapter()
+    torch.testing.assert_close(pipe(**inputs("controllable")).frames, without)
+
+
+@torch.no_grad()
+def test_an_unguided_stage_1_still_gives_a_guided_animatediff_unet_the_negative_image_prompt():
+    """Stage 1 at guidance 1 equals the stock pipeline frame by frame, while the AnimateDiff UNet running the adapted
+    layers, guided, gets the [negative, positive] embeddings the stock pipeline prepares under guidance."""
+    pipe = make_pipe("controllable", **animatediff_sharing_the_unet())
+    args = dict(prompt="a red car", ip_adapter_image=reference_image(), guidance_scale=1.0)
+    ours = stage1(pipe, **args, conditioning_frames=control_video(), video_guidance_scale=7.5, num_inference_steps=2,
+                  generator=generators())
+    stock = stock_pipeline("controllable", pipe)
+    for i in range(NUM_FRAMES):
+        expected = stock(**args, num_inference_steps=2, generator=torch.Generator().manual_seed(i),
+                         output_type="latent", **CASES["controllable"][4](i)).images
+        torch.testing.assert_close(ours[0, :, i], expected[0], atol=1e-4, rtol=0)
+    guided = stock.prepare_ip_adapter_image_embeds(reference_image(), None, "cpu", 1, True)
+    torch.testing.assert_close(pipe.video_image_prompt(1, guided=True), guided)
