@@ -414,3 +414,15 @@ def test_an_unguided_stage_1_still_gives_a_guided_animatediff_unet_the_negative_
         torch.testing.assert_close(ours[0, :, i], expected[0], atol=1e-4, rtol=0)
     guided = stock.prepare_ip_adapter_image_embeds(reference_image(), None, "cpu", 1, True)
     torch.testing.assert_close(pipe.video_image_prompt(1, guided=True), guided)
+
+
+@torch.no_grad()
+def test_unguided_embeddings_give_an_unguided_animatediff_unet_the_video_of_their_image():
+    """Without guidance anywhere the embeddings hold no negative half; oracle: the same call given the image."""
+    pipe = make_pipe("controllable", **animatediff_sharing_the_unet())
+    unguided = dict(guidance_scale=1.0, video_guidance_scale=1.0)
+    embeds = stock_pipeline("controllable", pipe).prepare_ip_adapter_image_embeds(reference_image(), None, "cpu", 1,
+                                                                                  False)
+    from_image = pipe(**inputs("controllable", ip_adapter_image=reference_image(), **unguided)).frames
+    torch.testing.assert_close(pipe(**inputs("controllable", ip_adapter_image_embeds=embeds, **unguided)).frames,
+                               from_image)
