@@ -109,3 +109,37 @@ def test_adapter_for_another_architecture_is_refused():
     wider = MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1, motion_norm_num_groups=2)
     with pytest.raises(ValueError, match="another UNet architecture"):
         motion_unet_sharing_weights(tiny_unet(), wider)
+
+
+def motion_lora(model: UNetMotionModel, seed: int = 0) -> dict:
+    """Random LoRA weights on the motion modules' attention projections, in diffusers' layout (`unet.` prefix, peft
+    `lora_A` / `lora_B`), as an AnimateDiff motion LoRA (a camera move) reads once converted."""
+    generator, weights = torch.Generator().manual_seed(seed), {}
+    for name, module in model.named_modules():
+        if "motion_modules" in name and name.endswith(("to_q", "to_k", "to_v", "to_out.0")):
+            weights[f"unet.{name}.lora_A.weight"] = 0.1 * torch.randn(2, module.in_features, generator=generator)
+            weights[f"unet.{name}.lora_B.weight"] = 0.1 * torch.randn(module.out_features, 2, generator=generator)
+    return weights
+
+
+def test_a_motion_lora_loads_into_the_shared_unet_as_into_diffusers_animatediff(parts):
+    """Oracle: diffusers' AnimateDiffPipeline loading the same motion LoRA into its `from_unet2d` UNet. The LoRA sits
+    in the motion modules, so the image UNet, whose layers the motion UNet runs, is left as it was."""
+    from diffusers import AnimateDiffPipeline
+
+    from bivdiff.tiny_models import tiny_scheduler, tiny_text_encoder, tiny_tokenizer, tiny_vae
+
+    unet, adapter, shared = parts
+    stock = AnimateDiffPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(), tokenizer=tiny_tokenizer(),
+                                unet=UNetMotionModel.from_unet2d(unet, adapter), motion_adapter=adapter,
+                                scheduler=tiny_scheduler())
+    args, frame = inputs(), (torch.randn(1, 4, 8, 8), torch.tensor(500), torch.randn(1, 77, IMAGE_TEXT_DIM))
+    before, image_before = run(shared, *args), run(unet, *frame)
+    shared.load_lora_adapter(motion_lora(shared), prefix="unet", adapter_name="zoom-in")
+    stock.load_lora_weights(motion_lora(shared), adapter_name="zoom-in")
+    after = run(shared, *args)
+    assert not torch.allclose(after, before, atol=1e-3)
+    torch.testing.assert_close(after, run(stock.unet, *args), rtol=0, atol=1e-6)
+    torch.testing.assert_close(run(unet, *frame), image_before, rtol=0, atol=0)
+    shared.set_adapters(["zoom-in"], [0.0])
+    torch.testing.assert_close(run(shared, *args), before, rtol=0, atol=1e-6)
