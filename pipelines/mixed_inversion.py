@@ -1582,7 +1582,9 @@ class ImagePromptMixin(MixedInversionMixin, IPAdapterMixin):
         video = self.video_unet
         if is_motion_unet(video) and shares_attention(video, self.unet):
             video.encoder_hid_proj = self.unet.encoder_hid_proj
-            video.register_to_config(encoder_hid_dim_type=self.unet.config.encoder_hid_dim_type)
+            # Set as diffusers' loader sets it on `unet`: outside the saved config, so a pipeline saved with the
+            # adapter loaded reloads as diffusers' own do, without it.
+            video.config.encoder_hid_dim_type = self.unet.config.encoder_hid_dim_type
 
 
 # ---------------------------------------------------------------------- loading

@@ -426,3 +426,16 @@ def test_unguided_embeddings_give_an_unguided_animatediff_unet_the_video_of_thei
     from_image = pipe(**inputs("controllable", ip_adapter_image=reference_image(), **unguided)).frames
     torch.testing.assert_close(pipe(**inputs("controllable", ip_adapter_image_embeds=embeds, **unguided)).frames,
                                from_image)
+
+
+@torch.no_grad()
+def test_a_pipeline_saved_with_the_adapter_loaded_reloads_without_it_as_diffusers_own_do(tmp_path):
+    """diffusers keeps a loaded adapter out of the saved configs, so a reloaded pipeline has none; the AnimateDiff UNet
+    running the adapted layers follows `unet`. Oracle: the pipeline before the adapter was loaded."""
+    pipe = make_pipe("controllable", ip_adapter=False, **animatediff_sharing_the_unet())
+    without = pipe(**inputs("controllable")).frames
+    load_tiny_ip_adapter(pipe)
+    pipe.save_pretrained(tmp_path)
+    restored = BIVDiffControllablePipeline.from_pretrained(tmp_path, local_files_only=True)
+    restored.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(restored(**inputs("controllable")).frames, without)
