@@ -1182,8 +1182,8 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
 
     def video_image_prompt(self, batch_size: int, guided: bool) -> list[torch.Tensor] | None:
         """The IP-Adapter embeddings for a video UNet that carries the adapter (an AnimateDiff UNet running `unet`'s
-        attention layers), one row per video: under guidance the negative rows first, as the latents are batched.
-        None for any other video UNet."""
+        attention layers, or with an adapter of its own), one row per video: under guidance the negative rows first,
+        as the latents are batched. None for any other video UNet."""
         if not carries_ip_adapter(self.video_unet) or getattr(self, "_image_prompt", None) is None:
             return None
         embeds, stage1_guided = self._image_prompt

@@ -1,7 +1,8 @@
 """IP-Adapter image prompts on the pipelines whose stage 1 is a stock pipeline that takes them (ControlNet,
 InstructPix2Pix, SD Inpainting). Oracles: the stock pipeline frame by frame, the pipeline without the adapter (an
-adapter at scale 0 and an unloaded one change nothing), the same call given the embeddings instead of the image, and
-a direct UNet call with diffusers' own image embedding."""
+adapter at scale 0 and an unloaded one change nothing), the same call given the embeddings instead of the image,
+a direct UNet call with diffusers' own image embedding, and, for an AnimateDiff UNet running the adapted layers,
+diffusers' own `from_unet2d` copy of them."""
 
 import inspect
 import types
@@ -212,7 +213,7 @@ def animatediff_with_its_own_adapters(count: int) -> dict:
     return dict(video_unet=video_unet, video_text_encoder=image["text_encoder"], video_tokenizer=image["tokenizer"])
 
 
-# (case, the pipeline's keywords for `make_pipe`, the call's image prompt, the message)
+# case -> (the pipeline's components, the call's image prompt, the message)
 REFUSALS = {
     "no adapter": (dict, lambda: dict(ip_adapter_image=reference_image()),
                    "needs an IP-Adapter in `unet`"),
@@ -232,7 +233,7 @@ REFUSALS = {
         lambda: dict(ip_adapter_image_embeds=[torch.zeros(1, 1, 12)], guidance_scale=1.0, video_guidance_scale=7.5),
         "negative image-prompt embeddings",
     ),
-    # As when the adapter came into `unet` outside the pipeline (the projection is taken away below).
+    # The adapter loaded into `unet` by another pipeline holding it, so the video UNet did not get the projection.
     "a shared AnimateDiff UNet without the projection": (
         animatediff_sharing_the_unet, lambda: dict(ip_adapter_image=reference_image()), "no image projection"
     ),
@@ -249,11 +250,10 @@ def test_a_mismatched_image_prompt_is_refused_before_any_model_runs(case):
     name = "instruct_pix2pix" if case.startswith("InstructPix2Pix") else "controllable"
     pipe = CASES[name][0](**{**image_side(), **pipe_keywords()})
     pipe.set_progress_bar_config(disable=True)
-    if case != "no adapter":
-        load_tiny_ip_adapter(pipe)
     if case == "a shared AnimateDiff UNet without the projection":
-        pipe.video_unet.encoder_hid_proj = None
-        pipe.video_unet.register_to_config(encoder_hid_dim_type=None)
+        load_tiny_ip_adapter(stock_pipeline(name, pipe))
+    elif case != "no adapter":
+        load_tiny_ip_adapter(pipe)
     with count_forward_calls(**all_models(pipe)) as calls, pytest.raises(ValueError, match=message):
         pipe(**inputs(name, **image_prompt()))
     assert not any(calls.values())
