@@ -40,6 +40,7 @@ from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import DDIMScheduler, KarrasDiffusionSchedulers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, replace_example_docstring
+from diffusers.utils.torch_utils import unwrap_module
 from diffusers.video_processor import VideoProcessor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
@@ -368,7 +369,8 @@ VideoUNet = UNet3DConditionModel | UNetMotionModel | ModelMixin
 def is_motion_unet(unet) -> bool:
     """AnimateDiff's `UNetMotionModel` wants its text embeddings repeated per frame; `UNet3DConditionModel` and
     the VidRD UNet repeat them themselves."""
-    return isinstance(unet, UNetMotionModel) or getattr(unet.config, "text_embeds_per_frame", False)
+    # `torch.compile(unet)` wraps the model: its class is the wrapped one's.
+    return isinstance(unwrap_module(unet), UNetMotionModel) or getattr(unet.config, "text_embeds_per_frame", False)
 
 
 def carries_ip_adapter(unet) -> bool:
@@ -1620,7 +1622,7 @@ def video_model_family(video_unet, name_hint: str | None = None) -> str | None:
     records in the config; a `UNet3DConditionModel` without "zeroscope" in either is taken for ModelScope.
     Classes are compared by name because this module never imports the project's own models.
     """
-    kind = type(video_unet).__name__
+    kind = type(unwrap_module(video_unet)).__name__
     if kind == "UNetMotionModel":
         return "animatediff"
     if kind == "VidRDUNet3DConditionModel":

@@ -1,6 +1,7 @@
 """Each video model's training clip length, and the windows a clip gets by default."""
 
 import pytest
+import torch
 from diffusers import UNet3DConditionModel
 from video_model_helpers import video_model_components
 
@@ -16,6 +17,9 @@ def test_family_and_length_from_the_class(video_model, family, frames):
     unet = video_model_components(video_model)["video_unet"]
     assert video_model_family(unet) == family
     assert native_num_frames(unet) == frames
+    # `torch.compile` wraps the model (lazily: nothing is compiled here); the wrapped model is what counts.
+    compiled = torch.compile(unet)
+    assert (video_model_family(compiled), native_num_frames(compiled)) == (family, frames)
 
 
 @pytest.mark.parametrize(

@@ -168,3 +168,14 @@ def test_from_pipe_turns_one_pipeline_into_another_sharing_every_model(video_mod
     args = dict(prompt="a car", conditioning_frames=control_video(), num_inference_steps=STEPS, output_type="latent")
     expected = direct(**args, generator=torch.Generator().manual_seed(0)).frames
     torch.testing.assert_close(controllable(**args, generator=torch.Generator().manual_seed(0)).frames, expected)
+
+
+@torch.no_grad()
+def test_a_compiled_animatediff_unet_takes_its_inputs_as_the_uncompiled_one():
+    """`pipe.video_unet = torch.compile(pipe.video_unet)` (diffusers' idiom) wraps the motion UNet, which still reads
+    its text embeddings repeated per frame. Oracle: the same call before compiling (eager backend: no compiler)."""
+    pipe = make("bivdiff", "animatediff")
+    sample, text = torch.randn(1, 4, NUM_FRAMES, 8, 8), torch.randn(1, 77, 32)
+    expected = pipe.video_unet_noise(sample, 500, text)
+    pipe.video_unet = torch.compile(pipe.video_unet, backend="eager")
+    torch.testing.assert_close(pipe.video_unet_noise(sample, 500, text), expected, rtol=0, atol=1e-6)
