@@ -339,6 +339,7 @@ def validate(config: RunConfig) -> None:
     if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", model["device"]):
         problems.append(f"Model.device={model['device']!r} must be auto, cpu, cuda, cuda:N or mps.")
     steps, strength = model["num_inference_steps"], config.mixed_inversion["strength"]
+    # The pipelines' `strength_steps` rule, written out: importing it would load diffusers to check a config.
     if steps >= 1 and 0 <= strength <= 1 and int(steps * strength + 1e-9) < 1:
         problems.append(f"MixedInversion.strength={strength!r} keeps no step of Model.num_inference_steps={steps}: "
                         f"use at least {math.ceil(1e4 / steps) / 1e4:g}.")
