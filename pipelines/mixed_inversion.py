@@ -1169,8 +1169,9 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         embeds = pipe.prepare_ip_adapter_image_embeds(
             call.ip_adapter_image, call.ip_adapter_image_embeds, self._execution_device, 1, with_negative
         )
-        self._image_prompt = (embeds, with_negative)
-        stage1 = embeds if guided or not with_negative else [e.chunk(2)[1] for e in embeds]
+        # Kept split, (negative or None, positive) per adapter, for the inversion and the video UNet.
+        self._image_prompt = [e.chunk(2) if with_negative else (None, e) for e in embeds]
+        stage1 = embeds if guided or not with_negative else [positive for _, positive in self._image_prompt]
         return {"ip_adapter_image_embeds": stage1}
 
     def inversion_image_prompt(self, unet) -> list[torch.Tensor] | None:
@@ -1179,8 +1180,7 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         out as [negative, positive] under guidance."""
         if not carries_ip_adapter(unet) or getattr(self, "_image_prompt", None) is None:
             return None
-        embeds, guided = self._image_prompt
-        return [e.chunk(2)[1] if guided else e for e in embeds]
+        return [positive for _, positive in self._image_prompt]
 
     def video_image_prompt(self, batch_size: int, guided: bool) -> list[torch.Tensor] | None:
         """The IP-Adapter embeddings for a video UNet that carries the adapter (an AnimateDiff UNet running `unet`'s
@@ -1188,10 +1188,8 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         as the latents are batched. None for any other video UNet."""
         if not carries_ip_adapter(self.video_unet) or getattr(self, "_image_prompt", None) is None:
             return None
-        embeds, stage1_guided = self._image_prompt
         rows = []
-        for e in embeds:
-            negative, positive = e.chunk(2) if stage1_guided else (None, e)
+        for negative, positive in self._image_prompt:
             halves = [negative, positive] if guided else [positive]
             rows.append(torch.cat([h.expand(batch_size, *h.shape[1:]) for h in halves]).to(self.video_unet.dtype))
         return rows
