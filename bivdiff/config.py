@@ -86,6 +86,7 @@ class ControlNetOptions(IDMOptions):
     conditioning_scale: float = bounded(1.0, 0)
     canny_low_threshold: float = bounded(100.0, 0)
     canny_high_threshold: float = bounded(200.0, 0)
+    cross_frame_attention: bool = False  # stage 1 reads each video's first frame (README)
     pretrained_model_path: Optional[str] = None
 
 
@@ -102,6 +103,7 @@ class InstructPix2PixOptions(IDMOptions):
     prompt_suffix: Optional[str] = QUALITY_SUFFIX
     negative_prompt: Optional[str] = QUALITY_NEGATIVE
     image_guidance_scale: float = bounded(1.5, 0)
+    cross_frame_attention: bool = False
     pretrained_model_path: Optional[str] = None
 
 
@@ -126,6 +128,7 @@ class InpaintingOptions(IDMOptions):
     mixing_ratio: float = mixing(0.1)
     video_mask_path: Optional[str] = None
     paste_back: bool = False
+    cross_frame_attention: bool = False
     pretrained_model_path: Optional[str] = None
 
 
@@ -134,6 +137,7 @@ class OutpaintingOptions(IDMOptions):
     mixing_ratio: float = mixing(0.1)
     mask_type: str = one_of("horizontal", "horizontal", "vertical")
     paste_back: bool = False
+    cross_frame_attention: bool = False
     pretrained_model_path: Optional[str] = None
 
 
@@ -343,6 +347,9 @@ def validate(config: RunConfig) -> None:
     if steps >= 1 and 0 <= strength <= 1 and int(steps * strength + 1e-9) < 1:
         problems.append(f"MixedInversion.strength={strength!r} keeps no step of Model.num_inference_steps={steps}: "
                         f"use at least {math.ceil(1e4 / steps) / 1e4:g}.")
+    if options.get("cross_frame_attention") and model["frame_batch_size"] == 1 and model["video_length"] > 1:
+        problems.append(f"{prefix}.cross_frame_attention=true needs Model.frame_batch_size >= 2: every batch of "
+                        "frames carries the video's first frame, which the others attend to.")
     window, overlap = model["video_window"], model["video_window_overlap"]
     if window is not None and window >= 2 and not overlap < window:
         problems.append(f"Model.video_window_overlap={overlap!r} must be a whole number from 0 to "

@@ -36,6 +36,9 @@ from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.loaders import IPAdapterMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.pipelines.deprecated.text_to_video_synthesis.pipeline_text_to_video_zero import (
+    CrossFrameAttnProcessor2_0,
+)
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import DDIMScheduler, KarrasDiffusionSchedulers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -256,6 +259,56 @@ def unfold_frames(latents: torch.Tensor, num_frames: int) -> torch.Tensor:
     return latents.reshape(bf // num_frames, num_frames, c, h, w).permute(0, 2, 1, 3, 4)
 
 
+def frame_batches(num_videos: int, num_frames: int, size: int, anchored: bool = False) -> list[list[int]]:
+    """The folded frame indices of each stage-1 call, `size` frames per call, in order. With `anchored` (cross-frame
+    attention) a call holds one video's frames only, and every call after a video's first starts again with that
+    video's first frame, which the others attend to; its repeat is computed again and dropped."""
+    total = num_videos * num_frames
+    if not anchored:
+        return [list(range(start, min(start + size, total))) for start in range(0, total, size)]
+    batches = []
+    for first in range(0, total, num_frames):
+        end = first + num_frames
+        batches.append(list(range(first, min(first + size, end))))
+        step = max(size - 1, 1)  # a batch of one frame holds only the first frame (a video of one frame)
+        batches += [[first, *range(start, min(start + step, end))] for start in range(first + size, end, step)]
+    return batches
+
+
+class FirstFrameAttnProcessor(CrossFrameAttnProcessor2_0):
+    """diffusers' Text2Video-Zero cross-frame attention (each frame's self-attention reads its clip's first frame's
+    keys and values) for stage-1 calls of `num_frames` frames: the number of guidance copies the stock pipeline
+    stacks (1 to 3, each a run of the call's frames) is read from each batch rather than fixed."""
+
+    def __init__(self):
+        super().__init__(batch_size=1)
+        self.num_frames = 1
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        self.batch_size = hidden_states.shape[0] // self.num_frames
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask)
+
+
+@contextlib.contextmanager
+def self_attention_processor(models, processor):
+    """Sets `processor` on the self-attention (`attn1`) of every transformer block of `models` for the block and
+    restores the processors it replaced: the same UNet inverts afterwards, frame by frame."""
+    replaced = [
+        (module, module.processor)
+        for model in models
+        if model is not None
+        for name, module in model.named_modules()
+        if isinstance(module, Attention) and name.endswith("attn1")
+    ]
+    try:
+        for module, _ in replaced:
+            module.set_processor(processor)
+        yield
+    finally:
+        for module, previous in replaced:
+            module.set_processor(previous)
+
+
 def derive_generators(generator: torch.Generator, count: int) -> list[torch.Generator]:
     """`count` generators seeded from `generator`: seeds `torch.randint(0, 2**62, (count,), generator=generator)`,
     each giving `torch.Generator(generator.device).manual_seed(seed)`."""
@@ -423,6 +476,11 @@ SHARED_ARGS_DOC = """
             reencode_frames (`bool`, defaults to `True`): Invert what the original inverted: stage 1's latents
                 decoded to rounded 8-bit frames and VAE-encoded again (a posterior sample, one draw per video from
                 `generator`; the mean without one). `False` inverts stage 1's latents directly (no VAE round trip).
+            cross_frame_attention (`bool`, defaults to `False`): In stage 1, every frame's self-attention reads the
+                keys and values of its video's first frame (Text2Video-Zero's cross-frame attention, diffusers'
+                `CrossFrameAttnProcessor2_0`), in the UNet and a ControlNet: frames agree more on appearance before
+                smoothing. Each batch of `frame_batch_size` frames carries the first frame (computed again).
+                `False` is the original's: each frame on its own.
             frame_batch_size (`int`, defaults to 8): Frames per image-model call (stage 1, and the image inversion
                 when `pool_norms_over_frames=False`).
             decode_chunk_size (`int`, defaults to 8): Frames per VAE call (encoding and decoding).
@@ -463,6 +521,7 @@ def _shared_call_arguments(
     video_guidance_scale: float | None = None,
     pool_norms_over_frames: bool = True,
     reencode_frames: bool = True,
+    cross_frame_attention: bool = False,
     num_videos_per_prompt: int = 1,
     frame_batch_size: int = 8,
     decode_chunk_size: int = 8,
@@ -820,6 +879,13 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         for name in ("guidance_scale", "video_guidance_scale"):
             if not isinstance(getattr(call, name), (int, float)):
                 raise ValueError(f"`{name}` must be a number, got {getattr(call, name)!r}.")
+        if not isinstance(call.cross_frame_attention, bool):
+            raise ValueError(f"`cross_frame_attention` must be True or False, got {call.cross_frame_attention!r}.")
+        if call.cross_frame_attention and call.frame_batch_size < 2 and call.num_frames > 1:
+            raise ValueError(
+                "`cross_frame_attention` needs `frame_batch_size` >= 2: every batch of frames carries its video's "
+                "first frame, which the others attend to."
+            )
         tensor_inputs = call.callback_on_step_end_tensor_inputs
         if tensor_inputs is not None and any(k not in self._callback_tensor_inputs for k in tensor_inputs):
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}.")
@@ -1128,33 +1194,45 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
 
         Frame i of the folded batch is frame `i % F` of video `i // F`: it gets its video's embeddings, its own
         generator and its initial noise; `frame_inputs(frame_indices)` gives the task's per-frame inputs (condition
-        images, source frames, masks).
+        images, source frames, masks). With `cross_frame_attention`, the self-attention of `pipe`'s UNet (and
+        ControlNet) reads each video's first frame, which every call carries (`frame_batches`).
         """
-        num_frames = call.num_frames
-        total = call.batch_size * num_frames
+        num_frames, anchored = call.num_frames, call.cross_frame_attention
         generators = call.frame_generators
+        # A first frame computed again starts from its generator's state before its first call.
+        first_states = [video[0].get_state() for video in generators] if generators and anchored else None
         noise = fold_frames(call.latents).to(self.unet.dtype) if call.latents is not None else None
         prompt_embeds = embeds.image.repeat_interleave(num_frames, dim=0)
         negative_embeds = embeds.image_negative.repeat_interleave(num_frames, dim=0)
         image_prompt = self.prepare_image_prompt(pipe, call)
-        chunks = []
-        for start in range(0, total, call.frame_batch_size):
-            stop = min(start + call.frame_batch_size, total)
-            indices = range(start, stop)
-            out = pipe(
-                prompt_embeds=prompt_embeds[start:stop],
-                negative_prompt_embeds=negative_embeds[start:stop],
-                num_inference_steps=call.num_inference_steps,
-                guidance_scale=call.guidance_scale,
-                generator=[generators[i // num_frames][i % num_frames] for i in indices] if generators else None,
-                latents=noise[start:stop] if noise is not None else None,
-                cross_attention_kwargs=call.cross_attention_kwargs,
-                output_type="latent",
-                **image_prompt,
-                **kwargs,
-                **frame_inputs([i % num_frames for i in indices]),
-            )
-            chunks.append(out.images)
+        processor = FirstFrameAttnProcessor()
+        models = (pipe.unet, getattr(pipe, "controlnet", None)) if anchored else ()
+        chunks, done = [], 0
+        with self_attention_processor(models, processor):
+            for indices in frame_batches(call.batch_size, num_frames, call.frame_batch_size, anchored):
+                repeated = indices[0] < done  # the video's first frame again
+                processor.num_frames = len(indices)
+                frame_generators = None
+                if generators:
+                    frame_generators = [generators[i // num_frames][i % num_frames] for i in indices]
+                if repeated and generators:
+                    state = first_states[indices[0] // num_frames]
+                    frame_generators[0] = torch.Generator(frame_generators[0].device).set_state(state)
+                out = pipe(
+                    prompt_embeds=prompt_embeds[indices],
+                    negative_prompt_embeds=negative_embeds[indices],
+                    num_inference_steps=call.num_inference_steps,
+                    guidance_scale=call.guidance_scale,
+                    generator=frame_generators,
+                    latents=noise[indices] if noise is not None else None,
+                    cross_attention_kwargs=call.cross_attention_kwargs,
+                    output_type="latent",
+                    **image_prompt,
+                    **kwargs,
+                    **frame_inputs([i % num_frames for i in indices]),
+                )
+                chunks.append(out.images[1:] if repeated else out.images)
+                done = indices[-1] + 1
         return unfold_frames(torch.cat(chunks), num_frames)
 
     def prepare_image_prompt(self, pipe, call) -> dict:
@@ -1380,6 +1458,7 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
             pool_norms_over_frames=True,
             reencode_frames=True,
             strength=1.0,
+            cross_frame_attention=False,
         )
         for name, value in defaults.items():
             if not hasattr(call, name):

@@ -91,12 +91,12 @@ class BIVDiffPipeline(DiffusionPipeline, MixedInversionMixin):
         pixels = self.source_pixels(call.video, call.height, call.width, call.resize_mode)
         return self.encode_frames(pixels, call.decode_chunk_size, call.generator, call.batch_size)
 
-    # No stage 1: no stage-1 noise (`latents`), no frame-wise output, no image prompt, and the one prompt is the
-    # video model's.
+    # No stage 1: no stage-1 noise (`latents`), no frame-wise output, no image prompt, no cross-frame attention, and
+    # the one prompt is the video model's.
     @pipeline_call(
         EXAMPLE_DOC_STRING,
         without=("latents", "return_idm_frames", "video_prompt", "video_guidance_scale", "video_prompt_embeds",
-                 "negative_video_prompt_embeds", *IMAGE_PROMPT_ARGUMENTS),
+                 "negative_video_prompt_embeds", "cross_frame_attention", *IMAGE_PROMPT_ARGUMENTS),
     )
     def __call__(
         self,

@@ -320,8 +320,8 @@ class BIVDiffPrompt2PromptPipeline(DiffusionPipeline, MixedInversionMixin):
         # The source is inverted by the image UNet whatever `mixing_ratio` is.
         self.check_image_inversion_components()
 
-    # Attention editing replaces the attention processors an IP-Adapter would need.
-    @pipeline_call(EXAMPLE_DOC_STRING, without=IMAGE_PROMPT_ARGUMENTS)
+    # Attention editing replaces the attention processors an IP-Adapter or cross-frame attention would need.
+    @pipeline_call(EXAMPLE_DOC_STRING, without=(*IMAGE_PROMPT_ARGUMENTS, "cross_frame_attention"))
     def __call__(
         self,
         video: FrameInput | None = None,

@@ -46,6 +46,7 @@ class InstructPix2PixStandIn(Recorder):
         negative_prompt=None,
         image_guidance_scale=1.5,
         guidance_scale=7.5,
+        cross_frame_attention=False,
         mixing_ratio=1.0,
         pool_norms_over_frames=True,
         reencode_frames=True,
@@ -71,6 +72,7 @@ class InpaintStandIn(Recorder):
         mask=None,
         outpaint=None,
         paste_back=False,
+        cross_frame_attention=False,
         mixing_ratio=0.1,
         pool_norms_over_frames=True,
         reencode_frames=True,
@@ -160,7 +162,7 @@ def test_instruct_pix2pix_gets_an_8_channel_unet_and_the_quality_prompts(recorde
     assert call["negative_prompt"] == QUALITY_NEGATIVE
     assert call["image_guidance_scale"] == 1.5 and call["mixing_ratio"] == 1.0 and call["num_inference_steps"] == 2
     assert call["pool_norms_over_frames"] is True and call["reencode_frames"] is True  # the original's inversion
-    assert call["strength"] == 1.0
+    assert call["strength"] == 1.0 and call["cross_frame_attention"] is False  # the original's frame-wise stage 1
     assert len(call["video"]) == NUM_FRAMES and call["video"][0].size == (SIZE, SIZE)
 
 
@@ -171,6 +173,15 @@ def test_the_inversion_switches_reach_the_call(recorded, tmp_path, capsys):
     run_tiny(capsys, tmp_path, name, *overrides)
     (call,) = recorded.calls
     assert call["pool_norms_over_frames"] is False and call["reencode_frames"] is False and call["strength"] == 0.5
+
+
+@pytest.mark.parametrize("name, idm", [("video_editing_with_instruct_pix2pix_and_zeroscope", "InstructPix2Pix"),
+                                       ("video_inpainting_with_stable_diffusion_inpainting_and_vidrd",
+                                        "StableDiffusionInpainting")])
+def test_cross_frame_attention_reaches_the_call(recorded, tmp_path, capsys, name, idm):
+    run_tiny(capsys, tmp_path, name, f"IDM.{idm}.cross_frame_attention=true")
+    (call,) = recorded.calls
+    assert call["cross_frame_attention"] is True
 
 
 def test_inpainting_gets_a_binary_mask_video_and_a_9_channel_unet(recorded, tmp_path, capsys):

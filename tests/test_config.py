@@ -265,6 +265,16 @@ def test_resolved_config_round_trips(tmp_path):
     assert again.data == config.data
 
 
+def test_cross_frame_attention_needs_two_frames_per_batch():
+    name = "controllable_video_generation_with_controlnet_and_zeroscope"
+    on = "IDM.ControlNet.cross_frame_attention=true"
+    with pytest.raises(ConfigError, match="cross_frame_attention=true needs Model.frame_batch_size >= 2"):
+        load_config(shipped.config_path(name), [on, "Model.frame_batch_size=1"], name=name)
+    for fine in ([on, "Model.frame_batch_size=2"], [on, "Model.frame_batch_size=1", "Model.video_length=1"],
+                 ["Model.frame_batch_size=1"]):
+        load_config(shipped.config_path(name), fine, name=name)
+
+
 def test_video_window_overlap_must_leave_a_stride():
     name = "controllable_video_generation_with_controlnet_and_zeroscope"
     with pytest.raises(ConfigError, match="video_window_overlap=4 must be a whole number from 0 to"):
