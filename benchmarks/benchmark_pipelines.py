@@ -18,6 +18,7 @@ import torch
 
 from bivdiff import BIVDiffControllablePipeline
 from bivdiff import tiny_models as tiny
+from bivdiff.pipelines.mixed_inversion import frame_batches
 from bivdiff.profiling import NetworkCallCounter, stage_summary
 
 
@@ -150,6 +151,16 @@ def main(argv=None):
     print(
         f"\nstage 1, {args.frames} frames per call vs one: time ratio {sequential / batched:.2f} (>1: batching faster)"
     )
+
+    # Cross-frame attention in stage 1: the attention itself, then the first frame carried by every frame batch.
+    half = max(2, args.frames // 2)
+    for size in (args.frames, half):
+        plain, _ = timed(pipe, device, **{**call, "frame_batch_size": size, "mixing_ratio": 1.0})
+        crossed, _ = timed(pipe, device, **{**call, "frame_batch_size": size, "mixing_ratio": 1.0,
+                                            "cross_frame_attention": True})
+        computed = sum(map(len, frame_batches(1, args.frames, size, anchored=True)))
+        print(f"cross_frame_attention, {size} frames per call ({computed} frames computed): time ratio "
+              f"{crossed / plain:.2f} against without")
 
     both, both_calls = timed(pipe, device, **{**call, "mixing_ratio": 1.0 - 1e-6})
     skipped, skipped_calls = timed(pipe, device, **{**call, "mixing_ratio": 1.0})

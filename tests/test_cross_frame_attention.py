@@ -5,10 +5,12 @@ pipeline's own models, run on all frames at once; chunked frame batches must giv
 import copy
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import (
     EulerAncestralDiscreteScheduler,
+    StableDiffusionAdapterPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionInstructPix2PixPipeline,
@@ -20,18 +22,23 @@ from pipeline_helpers import all_models, bivdiff_components, control_video, coun
 
 from bivdiff import BIVDiffControllablePipeline, BIVDiffInpaintPipeline, BIVDiffInstructPix2PixPipeline
 from bivdiff.pipelines.mixed_inversion import frame_batches
-from bivdiff.tiny_models import tiny_controlnet, tiny_unet
+from bivdiff.tiny_models import tiny_adapter, tiny_controlnet, tiny_unet
 
 F = 4
 FRAMES = control_video(F)
 MASKS = np.zeros((F, 32, 32), dtype=np.float32)
 MASKS[:, 8:24, 4:20] = 1.0
+PIL_FRAMES = [PIL.Image.fromarray((frame * 255).astype(np.uint8)) for frame in FRAMES]
 # name -> (pipeline class, its own components, stock class, the stock models given cross-frame attention, the call's
 # inputs, the stock call's inputs for the same frames, its guidance copies)
 CASES = {
     "controlnet": (
         BIVDiffControllablePipeline, dict(controlnet=tiny_controlnet()), StableDiffusionControlNetPipeline,
         ("unet", "controlnet"), dict(conditioning_frames=FRAMES), dict(image=FRAMES), 2,
+    ),
+    "t2i_adapter": (
+        BIVDiffControllablePipeline, dict(adapter=tiny_adapter()), StableDiffusionAdapterPipeline, ("unet",),
+        dict(conditioning_frames=PIL_FRAMES), dict(image=PIL_FRAMES), 2,
     ),
     "instruct_pix2pix": (
         BIVDiffInstructPix2PixPipeline, dict(unet=tiny_unet(8), inversion_unet=tiny_unet()),
@@ -69,8 +76,9 @@ def run(name, pipe, **extra):
 @torch.no_grad()
 def test_stage1_equals_diffusers_cross_frame_processor_on_the_whole_clip(case):
     name, pipe = case
-    _, _, stock_class, crossed, _, stock_inputs, copies = CASES[name]
-    models = {key: getattr(pipe, key) for key in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    _, own, stock_class, crossed, _, stock_inputs, copies = CASES[name]
+    keys = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", *({"controlnet", "adapter"} & set(own)))
+    models = {key: getattr(pipe, key) for key in keys}
     for key in crossed:
         models[key] = copy.deepcopy(getattr(pipe, key))
         models[key].set_attn_processor(CrossFrameAttnProcessor2_0(batch_size=copies))

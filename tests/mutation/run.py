@@ -36,13 +36,15 @@ CORE = [
     *(MIXED + f"x_{name}__*" for name in ("fold_frames", "unfold_frames", "video_frame_generators", "derive_generators")),
     *(MIXED + f"x_{name}__*" for name in ("temporal_windows", "window_weights", "frame_pooled_norms", "video_windows_for_clip")),
     MIXED + "x_strength_steps__*",
+    *(MIXED + f"x_{name}__*" for name in ("frame_batches", "self_attention_processor")),
+    MIXED + "xǁFirstFrameAttnProcessorǁ*",
     *(
         MIXED + f"xǁMixedInversionMixinǁ{name}__*"
         for name in (
             "video_noise_prediction", "blend_windows", "temporal_windows_for", "encode_frames", "reencode_latents",
             "decode_latents", "image_inversion_noise", "invert_image_branch", "invert_video_branch", "mixed_inversion",
             "smoothing_scheduler", "temporal_smoothing", "invert_and_smooth", "inversion_timesteps",
-            "video_image_prompt", "video_unet_noise",
+            "video_image_prompt", "video_unet_noise", "run_frame_batches",
         )
     ),
 ]
