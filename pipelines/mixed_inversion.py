@@ -1199,8 +1199,13 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         """
         num_frames, anchored = call.num_frames, call.cross_frame_attention
         generators = call.frame_generators
+        if anchored and generators is None:
+            # A first frame computed again must draw the same noise: without a generator, each frame still gets
+            # one, seeded from torch's global generator.
+            seed = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+            generators = video_frame_generators(seed, call.batch_size, num_frames)
         # A first frame computed again starts from its generator's state before its first call.
-        first_states = [video[0].get_state() for video in generators] if generators and anchored else None
+        first_states = [video[0].get_state() for video in generators] if anchored else None
         noise = fold_frames(call.latents).to(self.unet.dtype) if call.latents is not None else None
         prompt_embeds = embeds.image.repeat_interleave(num_frames, dim=0)
         negative_embeds = embeds.image_negative.repeat_interleave(num_frames, dim=0)
@@ -1215,7 +1220,7 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
                 frame_generators = None
                 if generators:
                     frame_generators = [generators[i // num_frames][i % num_frames] for i in indices]
-                if repeated and generators:
+                if repeated:
                     state = first_states[indices[0] // num_frames]
                     frame_generators[0] = torch.Generator(frame_generators[0].device).set_state(state)
                 out = pipe(
