@@ -202,3 +202,19 @@ def test_without_a_generator_a_first_frame_computed_again_draws_the_same_noise()
         runs.append(stage1(pipe, prompt="a red car", conditioning_frames=FRAMES, num_inference_steps=3,
                            cross_frame_attention=True, frame_batch_size=frame_batch_size))
     torch.testing.assert_close(runs[1], runs[0], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cross_frame_attention", [False, True])
+def test_without_a_generator_torch_manual_seed_reproduces_stage_1(cross_frame_attention):
+    """diffusers' convention: no generator means torch's global one."""
+    cls, own, *_ = CASES["controlnet"]
+    pipe = cls(**bivdiff_components(**own))
+    pipe.set_progress_bar_config(disable=True)
+    runs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        runs.append(stage1(pipe, prompt="a red car", conditioning_frames=FRAMES, num_inference_steps=2,
+                           cross_frame_attention=cross_frame_attention, frame_batch_size=2))
+    torch.testing.assert_close(runs[1], runs[0], atol=0, rtol=0)
+    assert (runs[2] - runs[0]).abs().max() > 1e-3
