@@ -61,6 +61,7 @@ class ModelOptions:
     guidance_scale: float = bounded(7.5, 0)
     num_inference_steps: int = bounded(50, 1)
     frame_batch_size: int = bounded(8, 1)
+    cross_frame_attention: bool = False  # stage 1 reads each video's first frame (README)
     decode_chunk_size: int = bounded(8, 1)
     device: str = "auto"
     dtype: str = one_of("auto", "auto", "fp16", "bf16", "fp32")
@@ -86,7 +87,6 @@ class ControlNetOptions(IDMOptions):
     conditioning_scale: float = bounded(1.0, 0)
     canny_low_threshold: float = bounded(100.0, 0)
     canny_high_threshold: float = bounded(200.0, 0)
-    cross_frame_attention: bool = False  # stage 1 reads each video's first frame (README)
     pretrained_model_path: Optional[str] = None
 
 
@@ -103,7 +103,6 @@ class InstructPix2PixOptions(IDMOptions):
     prompt_suffix: Optional[str] = QUALITY_SUFFIX
     negative_prompt: Optional[str] = QUALITY_NEGATIVE
     image_guidance_scale: float = bounded(1.5, 0)
-    cross_frame_attention: bool = False
     pretrained_model_path: Optional[str] = None
 
 
@@ -128,7 +127,6 @@ class InpaintingOptions(IDMOptions):
     mixing_ratio: float = mixing(0.1)
     video_mask_path: Optional[str] = None
     paste_back: bool = False
-    cross_frame_attention: bool = False
     pretrained_model_path: Optional[str] = None
 
 
@@ -137,7 +135,6 @@ class OutpaintingOptions(IDMOptions):
     mixing_ratio: float = mixing(0.1)
     mask_type: str = one_of("horizontal", "horizontal", "vertical")
     paste_back: bool = False
-    cross_frame_attention: bool = False
     pretrained_model_path: Optional[str] = None
 
 
@@ -347,9 +344,12 @@ def validate(config: RunConfig) -> None:
     if steps >= 1 and 0 <= strength <= 1 and int(steps * strength + 1e-9) < 1:
         problems.append(f"MixedInversion.strength={strength!r} keeps no step of Model.num_inference_steps={steps}: "
                         f"use at least {math.ceil(1e4 / steps) / 1e4:g}.")
-    if options.get("cross_frame_attention") and model["frame_batch_size"] == 1 and model["video_length"] > 1:
-        problems.append(f"{prefix}.cross_frame_attention=true needs Model.frame_batch_size >= 2: every batch of "
-                        "frames carries the video's first frame, which the others attend to.")
+    if model["cross_frame_attention"] and config.idm == "Prompt2Prompt":
+        problems.append("Model.cross_frame_attention=true: Prompt2Prompt's attention editing owns stage 1's "
+                        "self-attention; set it to false.")
+    elif model["cross_frame_attention"] and model["frame_batch_size"] == 1 and model["video_length"] > 1:
+        problems.append("Model.cross_frame_attention=true needs Model.frame_batch_size >= 2: every batch of frames "
+                        "carries the video's first frame, which the others attend to.")
     window, overlap = model["video_window"], model["video_window_overlap"]
     if window is not None and window >= 2 and not overlap < window:
         problems.append(f"Model.video_window_overlap={overlap!r} must be a whole number from 0 to "

@@ -51,9 +51,8 @@ class Task:
 
     def call_arguments(self, config: RunConfig, inputs: Inputs) -> dict:
         """The task's own keyword arguments of the pipeline call (the shared ones are added by the runner)."""
-        options = config.idm_options
-        prompt = config.model["idm_prompt"] + options["prompt_suffix"]
-        return dict(video=inputs.source, prompt=prompt, cross_frame_attention=options["cross_frame_attention"])
+        prompt = config.model["idm_prompt"] + config.idm_options["prompt_suffix"]
+        return dict(video=inputs.source, prompt=prompt, cross_frame_attention=config.model["cross_frame_attention"])
 
 
 class ControllableTask(Task):

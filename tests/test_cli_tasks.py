@@ -175,11 +175,10 @@ def test_the_inversion_switches_reach_the_call(recorded, tmp_path, capsys):
     assert call["pool_norms_over_frames"] is False and call["reencode_frames"] is False and call["strength"] == 0.5
 
 
-@pytest.mark.parametrize("name, idm", [("video_editing_with_instruct_pix2pix_and_zeroscope", "InstructPix2Pix"),
-                                       ("video_inpainting_with_stable_diffusion_inpainting_and_vidrd",
-                                        "StableDiffusionInpainting")])
-def test_cross_frame_attention_reaches_the_call(recorded, tmp_path, capsys, name, idm):
-    run_tiny(capsys, tmp_path, name, f"IDM.{idm}.cross_frame_attention=true")
+@pytest.mark.parametrize("name", ["video_editing_with_instruct_pix2pix_and_zeroscope",
+                                  "video_inpainting_with_stable_diffusion_inpainting_and_vidrd"])
+def test_cross_frame_attention_reaches_the_call(recorded, tmp_path, capsys, name):
+    run_tiny(capsys, tmp_path, name, "Model.cross_frame_attention=true")
     (call,) = recorded.calls
     assert call["cross_frame_attention"] is True
 

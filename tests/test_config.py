@@ -265,14 +265,17 @@ def test_resolved_config_round_trips(tmp_path):
     assert again.data == config.data
 
 
-def test_cross_frame_attention_needs_two_frames_per_batch():
+def test_cross_frame_attention_needs_two_frames_per_batch_and_is_not_for_prompt2prompt():
     name = "controllable_video_generation_with_controlnet_and_zeroscope"
-    on = "IDM.ControlNet.cross_frame_attention=true"
+    on = "Model.cross_frame_attention=true"
     with pytest.raises(ConfigError, match="cross_frame_attention=true needs Model.frame_batch_size >= 2"):
         load_config(shipped.config_path(name), [on, "Model.frame_batch_size=1"], name=name)
     for fine in ([on, "Model.frame_batch_size=2"], [on, "Model.frame_batch_size=1", "Model.video_length=1"],
                  ["Model.frame_batch_size=1"]):
         load_config(shipped.config_path(name), fine, name=name)
+    p2p = "video_editing_with_prompt2prompt_and_vidrd"
+    with pytest.raises(ConfigError, match="Prompt2Prompt's attention editing owns stage 1's self-attention"):
+        load_config(shipped.config_path(p2p), [on], name=p2p)
 
 
 def test_video_window_overlap_must_leave_a_stride():
