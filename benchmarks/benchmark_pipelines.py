@@ -152,7 +152,7 @@ def main(argv=None):
         f"\nstage 1, {args.frames} frames per call vs one: time ratio {sequential / batched:.2f} (>1: batching faster)"
     )
 
-    # Cross-frame attention in stage 1: the attention itself, then the first frame carried by every frame batch.
+    # Cross-frame attention in stage 1: the attention, then the first frame carried by each later batch of a video.
     def stage1_seconds(**options) -> float:
         timed(pipe, device, **{**call, "mixing_ratio": 1.0, **options})
         return next(e["seconds"] for e in stage_summary(pipe.stage_log, {}) if e["stage"] == "frame-wise generation")

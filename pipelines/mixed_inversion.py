@@ -261,16 +261,16 @@ def unfold_frames(latents: torch.Tensor, num_frames: int) -> torch.Tensor:
 
 def frame_batches(num_videos: int, num_frames: int, size: int, anchored: bool = False) -> list[list[int]]:
     """The folded frame indices of each stage-1 call, `size` frames per call, in order. With `anchored` (cross-frame
-    attention) a call holds one video's frames only, and every call after a video's first starts again with that
-    video's first frame, which the others attend to; its repeat is computed again and dropped."""
+    attention) a call holds whole videos, as many as fit, or part of one video too long for a call: then every call
+    after its first starts again with its first frame, which the others attend to (computed again and dropped)."""
     total = num_videos * num_frames
-    if not anchored:
-        return [list(range(start, min(start + size, total))) for start in range(0, total, size)]
-    batches = []
+    if not anchored or num_frames <= size:
+        whole = size // num_frames * num_frames if anchored else size
+        return [list(range(start, min(start + whole, total))) for start in range(0, total, whole)]
+    batches, step = [], size - 1
     for first in range(0, total, num_frames):
         end = first + num_frames
-        batches.append(list(range(first, min(first + size, end))))
-        step = max(size - 1, 1)  # a batch of one frame holds only the first frame (a video of one frame)
+        batches.append(list(range(first, first + size)))
         batches += [[first, *range(start, min(start + step, end))] for start in range(first + size, end, step)]
     return batches
 
@@ -479,7 +479,8 @@ SHARED_ARGS_DOC = """
             cross_frame_attention (`bool`, defaults to `False`): In stage 1, every frame's self-attention reads the
                 keys and values of its video's first frame (Text2Video-Zero's cross-frame attention, diffusers'
                 `CrossFrameAttnProcessor2_0`), in the UNet and a ControlNet: frames agree more on appearance before
-                smoothing. Each batch of `frame_batch_size` frames carries the first frame (computed again).
+                smoothing. A video longer than `frame_batch_size` runs in batches that each carry its first frame
+                (computed again).
                 `False` is the original's: each frame on its own.
             frame_batch_size (`int`, defaults to 8): Frames per image-model call (stage 1, and the image inversion
                 when `pool_norms_over_frames=False`).
@@ -883,7 +884,7 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
             raise ValueError(f"`cross_frame_attention` must be True or False, got {call.cross_frame_attention!r}.")
         if call.cross_frame_attention and call.frame_batch_size < 2 and call.num_frames > 1:
             raise ValueError(
-                "`cross_frame_attention` needs `frame_batch_size` >= 2: every batch of frames carries its video's "
+                "`cross_frame_attention` needs `frame_batch_size` >= 2: each batch of a video's frames carries its "
                 "first frame, which the others attend to."
             )
         tensor_inputs = call.callback_on_step_end_tensor_inputs
@@ -1195,7 +1196,8 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         Frame i of the folded batch is frame `i % F` of video `i // F`: it gets its video's embeddings, its own
         generator and its initial noise; `frame_inputs(frame_indices)` gives the task's per-frame inputs (condition
         images, source frames, masks). With `cross_frame_attention`, the self-attention of `pipe`'s UNet (and
-        ControlNet) reads each video's first frame, which every call carries (`frame_batches`).
+        ControlNet) reads each video's first frame, which every call holding any of its frames carries
+        (`frame_batches`).
         """
         num_frames, anchored = call.num_frames, call.cross_frame_attention
         generators = call.frame_generators
@@ -1216,7 +1218,7 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         with self_attention_processor(models, processor):
             for indices in frame_batches(call.batch_size, num_frames, call.frame_batch_size, anchored):
                 repeated = indices[0] < done  # the video's first frame again
-                processor.num_frames = len(indices)
+                processor.num_frames = min(len(indices), num_frames)  # the frames of each video in the call
                 frame_generators = None
                 if generators:
                     frame_generators = [generators[i // num_frames][i % num_frames] for i in indices]
