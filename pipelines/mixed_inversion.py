@@ -277,8 +277,9 @@ def frame_batches(num_videos: int, num_frames: int, size: int, anchored: bool = 
 
 class FirstFrameAttnProcessor(CrossFrameAttnProcessor2_0):
     """diffusers' Text2Video-Zero cross-frame attention (each frame's self-attention reads its clip's first frame's
-    keys and values) for stage-1 calls of `num_frames` frames: the number of guidance copies the stock pipeline
-    stacks (1 to 3, each a run of the call's frames) is read from each batch rather than fixed."""
+    keys and values) for stage-1 calls holding runs of `num_frames` frames of a video each: the number of runs (the
+    call's videos times the 1 to 3 guidance copies the stock pipeline stacks) is read from each batch rather than
+    fixed."""
 
     def __init__(self):
         super().__init__(batch_size=1)
@@ -292,7 +293,8 @@ class FirstFrameAttnProcessor(CrossFrameAttnProcessor2_0):
 @contextlib.contextmanager
 def self_attention_processor(models, processor):
     """Sets `processor` on the self-attention (`attn1`) of every transformer block of `models` for the block and
-    restores the processors it replaced: the same UNet inverts afterwards, frame by frame."""
+    restores the processors it replaced: the same UNet inverts afterwards, frame by frame. Module by module rather
+    than with diffusers' `set_attn_processor`, which a `MultiControlNetModel` does not have."""
     replaced = [
         (module, module.processor)
         for model in models
