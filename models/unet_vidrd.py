@@ -29,6 +29,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_3d_condition import UNet3DConditionOutput
 from diffusers.models.upsampling import Upsample2D
+from diffusers.utils.torch_utils import apply_freeu
 from torch import nn
 
 # VidRD's temporal convolutions use GroupNorm(32) whatever `norm_num_groups` says, so every width must be a
@@ -447,9 +448,12 @@ class VidRDUpBlock3D(_CheckpointedBlock):
         add_temp_embed: bool,
         add_temp_conv: bool,
         temporal_conv_dropout: float,
+        resolution_idx: int = 0,
     ):
         super().__init__()
         self.has_cross_attention = has_cross_attention
+        self.resolution_idx = resolution_idx
+        self.freeu: dict[str, float] | None = None  # FreeU's s1, s2, b1, b2 (`enable_freeu`)
         resnets, temp_convs, attentions = [], [], []
         for i in range(num_layers):
             res_skip_channels = in_channels if i == num_layers - 1 else out_channels
@@ -502,6 +506,13 @@ class VidRDUpBlock3D(_CheckpointedBlock):
         for i, resnet in enumerate(self.resnets):
             res_hidden_states = res_hidden_states_tuple[-1]
             res_hidden_states_tuple = res_hidden_states_tuple[:-1]
+            if self.freeu is not None:
+                # diffusers' FreeU filters (N, C, H, W) skip features frame by frame: frames go into the batch.
+                num_frames = hidden_states.shape[2]
+                folded = apply_freeu(
+                    self.resolution_idx, _fold_frames(hidden_states), _fold_frames(res_hidden_states), **self.freeu
+                )
+                hidden_states, res_hidden_states = (_unfold_frames(x, num_frames) for x in folded)
             hidden_states = torch.cat([hidden_states, res_hidden_states], dim=1)
             hidden_states = self._run(resnet, hidden_states, temb)
             if self.temp_convs is not None:
@@ -762,6 +773,7 @@ class VidRDUNet3DConditionModel(ModelMixin, ConfigMixin):
                     has_cross_attention=_UP_BLOCKS[block_type],
                     num_attention_heads=reversed_heads[i],
                     add_temp_attn=True,
+                    resolution_idx=i,
                     **shared,
                 )
             )
@@ -772,6 +784,20 @@ class VidRDUNet3DConditionModel(ModelMixin, ConfigMixin):
         self.conv_out = FrameConv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
 
         self.eval()
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float):
+        r"""FreeU (arXiv 2309.11497), as [`UNet3DConditionModel.enable_freeu`]: in the two deepest up blocks the
+        backbone's first half of channels is scaled by `b1` / `b2` and the skip features' lowest frequencies by `s1` /
+        `s2`, frame by frame. It counters the over-smoothing of denoising; the FreeU authors' diffusers example
+        uses `s1=0.9, s2=0.2, b1=1.2, b2=1.4` for ZeroScope.
+        """
+        for block in self.up_blocks:
+            block.freeu = dict(s1=s1, s2=s2, b1=b1, b2=b2)
+
+    def disable_freeu(self):
+        """Turns FreeU off again."""
+        for block in self.up_blocks:
+            block.freeu = None
 
     def forward(
         self,

@@ -161,6 +161,29 @@ def test_identical_frames_with_idle_temporal_layers_equal_framewise_sd_unet():
         assert (single - per_frame).abs().max() < 1e-5
 
 
+def test_freeu_is_diffusers_freeu_on_the_framewise_sd_unet():
+    # Oracle: diffusers' own FreeU on the spatial twin. With idle temporal layers and identical frames the video UNet
+    # is that UNet frame by frame (the test above), so with FreeU on in both they must agree again. The two stages
+    # get different factors, so a block given the other's also fails.
+    torch.manual_seed(0)
+    unet = VidRDUNet3DConditionModel(**_tiny_config(add_temp_embed=False))
+    twin = _spatial_twin(unet)
+    frame, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    video = frame[:, :, None].expand(-1, -1, 3, -1, -1)
+    freeu = dict(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    with torch.no_grad():
+        plain = unet(video, 300, text).sample
+        unet.enable_freeu(**freeu)
+        twin.enable_freeu(**freeu)
+        expected = twin(frame, 300, text).sample
+        with_freeu = unet(video, 300, text).sample
+        for f in range(3):
+            assert (with_freeu[:, :, f] - expected).abs().max() < 1e-5
+        assert (with_freeu - plain).abs().max() > 1e-2
+        unet.disable_freeu()
+        assert torch.equal(unet(video, 300, text).sample, plain)
+
+
 def test_additional_residuals_accept_video_and_folded_layouts(parity_unet, parity):
     _, tensors, _ = parity
     sample, text = tensors["f4.sample"], tensors["f4.encoder_hidden_states"]

@@ -179,3 +179,23 @@ def test_a_compiled_animatediff_unet_takes_its_inputs_as_the_uncompiled_one():
     expected = pipe.video_unet_noise(sample, 500, text)
     pipe.video_unet = torch.compile(pipe.video_unet, backend="eager")
     torch.testing.assert_close(pipe.video_unet_noise(sample, 500, text), expected, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("video_model", VIDEO_MODELS)
+def test_freeu_on_the_video_unet_changes_only_what_the_video_unet_does(video_model):
+    """`pipe.video_unet.enable_freeu` (diffusers' own on ZeroScope, ModelScope and AnimateDiff; the port's on VidRD)
+    reshapes the video branch of the inversion and smoothing, never stage 1: not even AnimateDiff's, whose motion UNet
+    runs the image UNet's own layers. Turned off, the video is bit for bit the plain one."""
+    pipe = make("controllable", video_model)
+
+    def run():
+        return pipe(**inputs("controllable", mixing_ratio=0.5, num_inference_steps=STEPS))
+
+    plain = run()
+    pipe.video_unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    with_freeu = run()
+    assert torch.equal(with_freeu.idm_frames, plain.idm_frames)
+    assert (with_freeu.frames - plain.frames).abs().max() > 1e-3
+    pipe.video_unet.disable_freeu()
+    assert torch.equal(run().frames, plain.frames)
