@@ -184,9 +184,8 @@ def refinement_mapper(tokenizer, source_prompt: str, prompt: str) -> Tuple[torch
 
     Returns ``(mapper, alphas)``, both of length L (the tokenizer length): edit token ``j`` takes the source map of
     token ``mapper[j]`` with weight ``alphas[j]`` (1 where the token is aligned to an identical source token, 0 for
-    new tokens, which keep their own maps). Padding positions after the edited prompt map onto the source's padding
-    positions (the original mapped them to the same position, which is a real source token when the source is
-    longer).
+    new tokens, which keep their own maps). Positions after the edited prompt map to the same positions of the
+    source, as in the original (for a shorter edited prompt, some of them are real source tokens).
     """
     x, y = token_ids(tokenizer, source_prompt), token_ids(tokenizer, prompt)
     length = _max_length(tokenizer)
@@ -196,9 +195,8 @@ def refinement_mapper(tokenizer, source_prompt: str, prompt: str) -> Tuple[torch
         if i is not None and j is not None and x[i] == y[j]:
             mapper[j] = i
             alphas[j] = 1.0
-    for j in range(len(y), length):
-        mapper[j] = min(len(x) + (j - len(y)), length - 1)
-        alphas[j] = 1.0
+    mapper[len(y) :] = torch.arange(len(y), length)
+    alphas[len(y) :] = 1.0
     return mapper, alphas
 
 

@@ -231,8 +231,8 @@ def test_refinement_mapper_hand_made(tokenizer):
     assert mapper.shape == alphas.shape == (77,)
     assert alphas[:11].tolist() == [1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1]
     assert mapper[[0, 1, 7, 8, 9, 10]].tolist() == [0, 1, 2, 3, 4, 5]
-    # padding after the edited prompt maps onto the source's padding
-    assert mapper[11:14].tolist() == [6, 7, 8] and mapper[-1].item() == 71 and bool(alphas[11:].eq(1).all())
+    # positions after the edited prompt map to the same positions of the source, as in the original
+    assert mapper[11:14].tolist() == [11, 12, 13] and mapper[-1].item() == 76 and bool(alphas[11:].eq(1).all())
     # removing a word: every edited token is aligned
     mapper, alphas = p2p.refinement_mapper(tokenizer, "a big cat", "a cat")
     assert alphas[:6].tolist() == [1] * 6
