@@ -23,9 +23,10 @@ from bivdiff.tiny_models import tiny_text_encoder
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "original_prompt2prompt_parity"
 META = json.loads(FIXTURE.with_suffix(".json").read_text())
-# Float32 on both sides; the recording's own code gives bit-identical latents here, and the margin covers other
-# CPUs' summation orders, which five guided steps amplify about a thousandfold. A wrong edit moves them by units.
-TOLERANCE = 1e-3
+# Float32 on both sides. Here the latents are bit-identical to the recording; the margin is for other CPUs' summation
+# orders: noise moved by 1e-7 (relative) moves these latents (up to 34 in size) by 1.5e-4. A wrong edit moves them by
+# units (an earlier padding mapping of refine failed it).
+TOLERANCE = 1e-2
 
 
 @pytest.fixture(scope="module")
