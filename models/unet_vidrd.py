@@ -788,8 +788,8 @@ class VidRDUNet3DConditionModel(ModelMixin, ConfigMixin):
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float):
         r"""FreeU (arXiv 2309.11497), as [`UNet3DConditionModel.enable_freeu`]: in the two deepest up blocks the
         backbone's first half of channels is scaled by `b1` / `b2` and the skip features' lowest frequencies by `s1` /
-        `s2`, frame by frame. It counters the over-smoothing of denoising; the FreeU authors' diffusers example
-        uses `s1=0.9, s2=0.2, b1=1.2, b2=1.4` for ZeroScope.
+        `s2`, frame by frame. It counters the over-smoothing of denoising; FreeU's diffusers port
+        (lyn-rgb/FreeU_Diffusers) gives ZeroScope `s1=0.9, s2=0.2, b1=1.2, b2=1.4`.
         """
         for block in self.up_blocks:
             block.freeu = dict(s1=s1, s2=s2, b1=b1, b2=b2)
