@@ -70,9 +70,6 @@ def test_prompt_embeddings_are_the_recorded_ones(pipe, rec):
 @pytest.mark.parametrize("case", list(META["cases"]))
 def test_frame_wise_editing_matches_the_original(pipe, rec, original_layers, case):
     spec = META["cases"][case]
-    options = dict(spec["bivdiff"])
-    if isinstance(options["self_replace_steps"], list):
-        options["self_replace_steps"] = tuple(options["self_replace_steps"])
     source, edited = (META["prompts"][i] for i in spec["prompts"])
     latents = rec["latents"].permute(1, 0, 2, 3)[None]  # per frame (4, 32, 32) -> one video (1, 4, F, 32, 32)
     num_frames = latents.shape[2]
@@ -86,7 +83,7 @@ def test_frame_wise_editing_matches_the_original(pipe, rec, original_layers, cas
         edit_with_ddim=False,
         output_type="latent",
         strength=0.2,  # one inversion and one smoothing step: only stage 1 is compared
-        **options,
+        **spec["bivdiff"],
     )
     expected = rec[f"out.{case}"]  # (F, 2, 4, h, w): source branch, edited branch
     assert (out.source_frames[0].permute(1, 0, 2, 3) - expected[:, 0]).abs().max() <= TOLERANCE
