@@ -68,6 +68,7 @@ class ModelOptions:
     cpu_offload: bool = False
     video_window: Optional[int] = bounded(None, 2)
     video_window_overlap: int = bounded(4, 0)
+    video_freeu: Optional[List[float]] = None  # FreeU's [s1, s2, b1, b2] on the video UNet (README, Python API)
 
 
 @dataclass
@@ -354,6 +355,10 @@ def validate(config: RunConfig) -> None:
     if window is not None and window >= 2 and not overlap < window:
         problems.append(f"Model.video_window_overlap={overlap!r} must be a whole number from 0 to "
                         f"Model.video_window - 1 ({window - 1}).")
+    freeu = model["video_freeu"]
+    if freeu is not None and not (len(freeu) == 4 and all(0 <= factor < math.inf for factor in freeu)):
+        problems.append(f"Model.video_freeu={freeu!r} must be FreeU's four factors [s1, s2, b1, b2], each >= 0, e.g. "
+                        "[0.9,0.2,1.2,1.4] (the values FreeU's diffusers port gives ZeroScope), or null for none.")
     need = {"InstructPix2Pix": "an editing instruction"}.get(config.idm, "a prompt describing the frames")
     if config.idm in ("ControlNet", "T2IAdapter", "InstructPix2Pix") and not model["idm_prompt"].strip():
         problems.append(f"Model.idm_prompt is empty: {config.idm} needs {need}.")

@@ -279,6 +279,12 @@ def run_job(pipe, plan: Plan, progress: Callable[[int, int], None] | None = None
     if progress is not None:
         steps = plan.config.model["num_inference_steps"]
         arguments["callback_on_step_end"] = lambda _pipe, step, _timestep, _tensors: progress(step + 1, steps) or {}
+    # FreeU is the video UNet's state, not a call argument: set on every job, as a batch reuses pipelines and models.
+    freeu = plan.config.model["video_freeu"]
+    if freeu:
+        pipe.video_unet.enable_freeu(*freeu)
+    else:
+        pipe.video_unet.disable_freeu()
     with NetworkCallCounter(pipe) as counter:
         try:
             result = pipe(**arguments)

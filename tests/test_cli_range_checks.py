@@ -38,6 +38,8 @@ HAND_WRITTEN = [
     ("Model.width", 500, "not a multiple of 8"),
     ("Model.device", "gpu", "must be auto, cpu, cuda"),
     ("Model.video_window", 4, "video_window_overlap=4 must be a whole number from 0 to"),
+    ("Model.video_freeu", "[0.9,0.2,1.2]", "must be FreeU's four factors"),
+    ("Model.video_freeu", "[0.9,0.2,1.2,-1]", "must be FreeU's four factors"),
     ("Model.idm_prompt", "' '", "Model.idm_prompt is empty"),
     ("Model.seed", "abc", "Bad value for Model.seed"),
     ("Model.idm", "ControlNetXL", "not an image model"),

@@ -278,6 +278,33 @@ def test_video_window_runs_the_video_model_on_windows(tmp_path, capsys):
     assert calls["temporal smoothing"] == {"video_unet": 2 * 2}
 
 
+def test_video_freeu_is_the_video_unets_own_and_a_reused_pipeline_drops_it():
+    import numpy as np
+    import torch
+
+    from bivdiff.runner import build_pipeline, call_arguments, plan_run, run_job
+
+    freeu = [0.9, 0.2, 1.2, 1.4]
+    plain = plan_run(CONTROLNET_ZEROSCOPE, FAST, tiny=True)
+    with_freeu = plan_run(CONTROLNET_ZEROSCOPE, [*FAST, "Model.video_freeu=[0.9,0.2,1.2,1.4]"], tiny=True)
+    assert with_freeu.config.model["video_freeu"] == freeu
+    assert with_freeu.model_set == plain.model_set  # a batch runs both jobs on one pipeline
+
+    def video(output) -> np.ndarray:
+        return np.stack([np.asarray(frame) for frame in output.frames[0]])
+
+    pipe = build_pipeline(with_freeu)
+    by_key, then_plain = (video(run_job(pipe, plan)[0]) for plan in (with_freeu, plain))
+    # Oracles: a pipeline that never had FreeU, then the same with FreeU enabled on its video UNet from Python.
+    fresh = build_pipeline(plain)
+    never = video(fresh(**call_arguments(plain, torch.Generator("cpu").manual_seed(42))))
+    fresh.video_unet.enable_freeu(*freeu)
+    by_python = video(fresh(**call_arguments(with_freeu, torch.Generator("cpu").manual_seed(42))))
+    np.testing.assert_array_equal(then_plain, never)
+    np.testing.assert_array_equal(by_key, by_python)
+    assert np.abs(by_key.astype(int) - never).max() > 0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The same pass from Python (what a web demo calls)
 
