@@ -80,10 +80,8 @@ class IDMOptions:
 
 
 @dataclass
-class ControlNetOptions(IDMOptions):
-    prompt_suffix: Optional[str] = QUALITY_SUFFIX
-    negative_prompt: Optional[str] = QUALITY_NEGATIVE
-    condition: str = one_of("canny", "depth_midas", "canny", "openpose")
+class ConditionOptions(IDMOptions):
+    condition: str = one_of("canny", "depth_midas", "canny")
     condition_video: Optional[str] = None
     conditioning_scale: float = bounded(1.0, 0)
     canny_low_threshold: float = bounded(100.0, 0)
@@ -92,11 +90,19 @@ class ControlNetOptions(IDMOptions):
 
 
 @dataclass
-class T2IAdapterOptions(ControlNetOptions):
-    prompt_suffix: Optional[str] = ""
-    negative_prompt: Optional[str] = ""
+class ControlNetOptions(ConditionOptions):
+    prompt_suffix: Optional[str] = QUALITY_SUFFIX
+    negative_prompt: Optional[str] = QUALITY_NEGATIVE
+    condition: str = one_of("canny", "depth_midas", "canny", "openpose")
+    # diffusers' ControlNet call arguments: the fractions of stage 1's steps the ControlNet acts in, and guess mode.
+    control_guidance_start: float = bounded(0.0, 0.0, 1.0)
+    control_guidance_end: float = bounded(1.0, 0.0, 1.0)
+    guess_mode: bool = False
+
+
+@dataclass
+class T2IAdapterOptions(ConditionOptions):
     scheduler: str = one_of("DDIM", *SCHEDULERS)
-    condition: str = one_of("canny", "depth_midas", "canny")
 
 
 @dataclass
@@ -355,6 +361,10 @@ def validate(config: RunConfig) -> None:
     if window is not None and window >= 2 and not overlap < window:
         problems.append(f"Model.video_window_overlap={overlap!r} must be a whole number from 0 to "
                         f"Model.video_window - 1 ({window - 1}).")
+    start, end = options.get("control_guidance_start", 0.0), options.get("control_guidance_end", 1.0)
+    if not start < end:
+        problems.append(f"{prefix}.control_guidance_start={start!r} must be below {prefix}.control_guidance_end="
+                        f"{end!r}: they are the fractions of stage 1's steps between which the ControlNet acts.")
     freeu = model["video_freeu"]
     if freeu is not None and not (len(freeu) == 4 and all(0 <= factor < math.inf for factor in freeu)):
         problems.append(f"Model.video_freeu={freeu!r} must be FreeU's four factors [s1, s2, b1, b2], each >= 0, e.g. "

@@ -98,8 +98,12 @@ class ControllableTask(Task):
     def call_arguments(self, config, inputs) -> dict:
         arguments = super().call_arguments(config, inputs)
         del arguments["video"]
-        scale = {f"{self.component}_conditioning_scale": config.idm_options["conditioning_scale"]}
-        return dict(arguments, conditioning_frames=inputs.condition, num_frames=config.model["video_length"], **scale)
+        options = config.idm_options
+        control = {f"{self.component}_conditioning_scale": options["conditioning_scale"]}
+        # ControlNet's guidance window and guess mode; T2I-Adapter's config has no such keys.
+        control.update({key: options[key] for key in ("control_guidance_start", "control_guidance_end", "guess_mode")
+                        if key in options})
+        return dict(arguments, conditioning_frames=inputs.condition, num_frames=config.model["video_length"], **control)
 
 
 class InstructPix2PixTask(Task):
