@@ -96,14 +96,14 @@ class ControllableTask(Task):
         return inputs
 
     def call_arguments(self, config, inputs) -> dict:
-        arguments = super().call_arguments(config, inputs)
-        del arguments["video"]
         options = config.idm_options
-        control = {f"{self.component}_conditioning_scale": options["conditioning_scale"]}
+        arguments = dict(super().call_arguments(config, inputs), conditioning_frames=inputs.condition,
+                         num_frames=config.model["video_length"])
+        del arguments["video"]
+        arguments[f"{self.component}_conditioning_scale"] = options["conditioning_scale"]
         # ControlNet's guidance window and guess mode; T2I-Adapter's config has no such keys.
-        control.update({key: options[key] for key in ("control_guidance_start", "control_guidance_end", "guess_mode")
-                        if key in options})
-        return dict(arguments, conditioning_frames=inputs.condition, num_frames=config.model["video_length"], **control)
+        controlnet_only = ("control_guidance_start", "control_guidance_end", "guess_mode")
+        return dict(arguments, **{key: options[key] for key in controlnet_only if key in options})
 
 
 class InstructPix2PixTask(Task):
