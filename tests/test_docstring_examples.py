@@ -39,15 +39,14 @@ STEPS = 4
 def save_image_pipeline(folder: Path, pipeline_class, unet_in_channels: int = 4):
     image = tiny_image_components(0, unet_in_channels)
     image.pop("inverse_scheduler")
-    pipeline_class(**image, safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(
-        folder
-    )
+    pipe = pipeline_class(**image, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
 
 
 def save_video_model(folder: Path):
     video = tiny_video_components(1)
-    for name, part in (("unet", "video_unet"), ("text_encoder", "video_text_encoder"), ("tokenizer", "video_tokenizer")):
-        video[part].save_pretrained(folder / name)
+    for name in ("unet", "text_encoder", "tokenizer"):
+        video[f"video_{name}"].save_pretrained(folder / name)
 
 
 HUB = {

@@ -141,11 +141,8 @@ def test_callback_zeroing_latents_on_last_step_gives_zero_output(pipe):
 def test_multi_controlnet_takes_one_video_per_net():
     pipe = make_pipe(controlnet=[tiny_controlnet(seed=1), tiny_controlnet(seed=2)])
     assert isinstance(pipe.controlnet, MultiControlNetModel)
-    out = pipe(
-        **inputs(
-            conditioning_frames=[control_video(seed=1), control_video(seed=2)], controlnet_conditioning_scale=[1.0, 0.5]
-        )
-    )
+    videos = [control_video(seed=1), control_video(seed=2)]
+    out = pipe(**inputs(conditioning_frames=videos, controlnet_conditioning_scale=[1.0, 0.5]))
     assert out.frames.shape == (1, NUM_FRAMES, HEIGHT, WIDTH, 3)
 
 
