@@ -319,7 +319,8 @@ def _merge(base, layer, where: str):
         raise ConfigError(f"Unknown config key {dotted!r} in {where}.{hint}") from None
     except ValidationError as err:
         if err.full_key:
-            raise ConfigError(f"Bad value for {err.full_key} in {where}: {err.msg.splitlines()[0]}.") from None
+            reason = err.msg.splitlines()[0].rstrip(".")
+            raise ConfigError(f"Bad value for {err.full_key} in {where}: {reason}.") from None
         raise ConfigError(f"{where} sets a section to a value: set keys inside it, e.g. Model.seed=1.") from None
 
 

@@ -228,6 +228,8 @@ def test_an_original_config_file_loads_hydra_section_and_all(tmp_path):
         ("MixedInversion.strength=1.5", r"strength=1.5 must be a number in \[0.0, 1.0\]"),
         ("MixedInversion.strength=0", "strength=0.0 keeps no step of Model.num_inference_steps=50: use at least 0.02"),
         ("MixedInversion.strength=0.01", "strength=0.01 keeps no step"),
+        # OmegaConf's reason ends with a full stop of its own: the message ends with one, not two.
+        ("Model.video_freeu=0.9", r"Bad value for Model.video_freeu in the command-line overrides: .*[^.]\.\Z"),
     ],
 )
 def test_bad_values_fail_with_the_fix(override, message):
