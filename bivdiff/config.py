@@ -362,8 +362,8 @@ def validate(config: RunConfig) -> None:
     if window is not None and window >= 2 and not overlap < window:
         problems.append(f"Model.video_window_overlap={overlap!r} must be a whole number from 0 to "
                         f"Model.video_window - 1 ({window - 1}).")
-    start, end = options.get("control_guidance_start", 0.0), options.get("control_guidance_end", 1.0)
-    if not start < end:
+    start, end = options.get("control_guidance_start"), options.get("control_guidance_end")  # ControlNet's only
+    if start is not None and not start < end:
         problems.append(f"{prefix}.control_guidance_start={start!r} must be below {prefix}.control_guidance_end="
                         f"{end!r}: they are the fractions of stage 1's steps between which the ControlNet acts.")
     freeu = model["video_freeu"]

@@ -335,9 +335,9 @@ def test_controlnet_guidance_window_and_guess_mode_reach_the_call_as_diffusers_a
 
     name = "controllable_video_generation_with_controlnet_and_zeroscope"
     keys = ["IDM.ControlNet.control_guidance_start=0.5", "IDM.ControlNet.guess_mode=true"]
-    plain, windowed = plan_run(name, FAST, tiny=True), plan_run(name, [*FAST, *keys], tiny=True)
+    plain, controlled = plan_run(name, FAST, tiny=True), plan_run(name, [*FAST, *keys], tiny=True)
     pipe = build_pipeline(plain)
-    by_keys = np.stack(run_job(pipe, windowed)[0].idm_frames[0])
+    by_keys = np.stack(run_job(pipe, controlled)[0].idm_frames[0])
     # Oracle: the same pipeline called from Python with diffusers' arguments.
     arguments = dict(call_arguments(plain, torch.Generator("cpu").manual_seed(42)), control_guidance_start=0.5,
                      guess_mode=True)
