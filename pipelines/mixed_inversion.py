@@ -698,15 +698,15 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
 
     # ------------------------------------------------------------------ the two model seams
     def video_unet_noise(
-        self, latents: torch.Tensor, timestep, text_embeds: torch.Tensor, image_embeds: list | None = None
+        self, latents: torch.Tensor, timestep, text_embeds: torch.Tensor, image_embeds: list | None = None, **residuals
     ) -> torch.Tensor:
         """The video UNet's noise prediction for (B, C, F, h, w) latents, (B, L, D) text embeddings and, for a video
         UNet carrying an IP-Adapter, one (B, ...) image-prompt embedding per adapter: the one place that knows how
-        each video-UNet family takes its inputs."""
+        each video-UNet family takes its inputs. `residuals`: a ControlNet's, for a motion UNet."""
         if is_motion_unet(self.video_unet):
             text_embeds = text_embeds.repeat_interleave(latents.shape[2], dim=0)
         extra = {"added_cond_kwargs": {"image_embeds": image_embeds}} if image_embeds is not None else {}
-        return self.video_unet(latents, timestep, encoder_hidden_states=text_embeds, **extra).sample
+        return self.video_unet(latents, timestep, encoder_hidden_states=text_embeds, **extra, **residuals).sample
 
     def image_inversion_noise(
         self, frames: torch.Tensor, timestep, text_embeds: torch.Tensor, frame_batch_size: int, pooled: bool = True
@@ -730,7 +730,7 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
                 extra["added_cond_kwargs"] = {"image_embeds": images}
             return unet(chunk.to(unet.dtype), timestep, encoder_hidden_states=cond, **extra).sample
 
-        def predict_pooled(window):
+        def predict_pooled(window, _frames):
             with pool_group_norms_over_frames(unet, window.shape[0]):
                 return predict(window)
 
@@ -746,20 +746,21 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         return chosen or (None, 0)
 
     def blend_windows(self, sample: torch.Tensor, frame_dim: int, predict) -> torch.Tensor:
-        """`predict(sample)`, or with video windows on, `predict` of each window of frames along `frame_dim`,
-        blended with linear ramps over the overlaps (memory then depends on the window size, not the clip)."""
+        """`predict(sample, frames)`, or with video windows on, `predict` of each window of frames along `frame_dim`,
+        blended with linear ramps over the overlaps (memory then depends on the window size, not the clip).
+        `frames` is the window's slice of the clip's frames."""
         num_frames = sample.shape[frame_dim]
         size, overlap = self.temporal_windows_for(num_frames)
         windows = temporal_windows(num_frames, size, overlap)
         if len(windows) == 1:
-            return predict(sample)
+            return predict(sample, slice(0, num_frames))
         shape = [1] * sample.ndim
         shape[frame_dim] = -1
         total = torch.zeros_like(sample, dtype=torch.float32)
         norm = torch.zeros(num_frames, device=sample.device)
         for i, (start, stop) in enumerate(windows):
             weights = window_weights(stop - start, overlap, i == 0, i == len(windows) - 1).to(sample.device)
-            out = predict(sample.narrow(frame_dim, start, stop - start))
+            out = predict(sample.narrow(frame_dim, start, stop - start), slice(start, stop))
             total.narrow(frame_dim, start, stop - start).add_(out.float() * weights.view(shape))
             norm[start:stop] += weights
         return (total / norm.view(shape)).to(sample.dtype)
@@ -768,9 +769,16 @@ class MixedInversionMixin(StableDiffusionMixin, StableDiffusionLoraLoaderMixin, 
         self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, image_embeds: list | None = None
     ) -> torch.Tensor:
         """The video UNet's output on (B, C, F, h, w), whole clip or blended over temporal windows."""
-        return self.blend_windows(
-            sample, 2, lambda s: self.video_unet_noise(s, timestep, encoder_hidden_states, image_embeds)
-        )
+
+        def predict(window: torch.Tensor, frames: slice) -> torch.Tensor:
+            residuals = self.video_unet_residuals(window, timestep, encoder_hidden_states, frames)
+            return self.video_unet_noise(window, timestep, encoder_hidden_states, image_embeds, **residuals)
+
+        return self.blend_windows(sample, 2, predict)
+
+    def video_unet_residuals(self, sample: torch.Tensor, timestep, encoder_hidden_states, frames: slice) -> dict:
+        """Residuals the video UNet adds to its blocks for these frames of the clip (a ControlNet's); none here."""
+        return {}
 
     # ------------------------------------------------------------------ stages
     def begin_call(self):

@@ -28,6 +28,7 @@ from .mixed_inversion import (
     VideoUNet,
     carries_ip_adapter,
     count_frames,
+    is_motion_unet,
     pipeline_call,
 )
 
@@ -201,6 +202,46 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
         size = dict(height=call.height, width=call.width)
         return self.run_frame_batches(pipe, call, embeds, frame_inputs, **size, **control)
 
+    # ------------------------------------------------------------------ stage 3 with `control_smoothing`
+    def invert_and_smooth(self, latents: torch.Tensor, call, embeds) -> torch.Tensor:
+        self._smoothing_control = None
+        if call.control_smoothing:
+            # The condition frames as stage 1's ControlNet pipeline prepares them ([0, 1], at the output size).
+            pipe = self.stock_pipeline(StableDiffusionControlNetPipeline, controlnet=self.controlnet)
+            conditions = [
+                pipe.prepare_image(
+                    self.resize_frames(video, call.height, call.width, call.resize_mode), call.width, call.height,
+                    count_frames(video), 1, latents.device, self.controlnet.dtype,
+                )
+                for video in self.condition_videos(call.conditioning_frames)
+            ]  # fmt: skip
+            self._smoothing_control = (conditions, call.controlnet_conditioning_scale)
+        try:
+            return super().invert_and_smooth(latents, call, embeds)
+        finally:
+            self._smoothing_control = None
+
+    def video_unet_residuals(self, sample: torch.Tensor, timestep, encoder_hidden_states, frames: slice) -> dict:
+        """With `control_smoothing`, the ControlNet's residuals for the motion UNet while it smooths, as diffusers'
+        `AnimateDiffControlNetPipeline` adds them: every video's frames folded into the batch, each read with its
+        condition frame. The video branch of the inversion stays the original's, without them."""
+        control = getattr(self, "_smoothing_control", None)
+        if control is None or self.current_stage != "temporal smoothing":
+            return {}
+        conditions, scale = control
+        num_videos, num_frames = sample.shape[0], sample.shape[2]
+        dtype = self.controlnet.dtype
+        images = [condition[frames].repeat(num_videos, 1, 1, 1) for condition in conditions]
+        down, mid = self.controlnet(
+            sample.transpose(1, 2).flatten(0, 1).to(dtype),
+            timestep,
+            encoder_hidden_states=encoder_hidden_states.repeat_interleave(num_frames, dim=0).to(dtype),
+            controlnet_cond=images if self.num_conditions > 1 else images[0],
+            conditioning_scale=scale,
+            return_dict=False,
+        )
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
     # ------------------------------------------------------------------ checks
     def check_inputs(self, call):
         if (self.controlnet is None) == (self.adapter is None):
@@ -215,6 +256,8 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
                 "`guess_mode`, `control_guidance_start` and `control_guidance_end` are ControlNet's: diffusers' "
                 "StableDiffusionAdapterPipeline, which runs stage 1 with a T2I-Adapter, takes none of them."
             )
+        if call.control_smoothing:
+            self.check_control_smoothing(call)
         image_prompt = call.ip_adapter_image is not None or call.ip_adapter_image_embeds is not None
         if self.adapter is not None and (image_prompt or carries_ip_adapter(self.unet)):
             raise ValueError(
@@ -244,6 +287,26 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
             )
         self.check_image_model((self.vae.config.latent_channels,), "an SD-1.5 text-to-image UNet")
 
+    def check_control_smoothing(self, call):
+        if self.controlnet is None or not is_motion_unet(self.video_unet):
+            raise ValueError(
+                "`control_smoothing=True` needs a `controlnet` and an AnimateDiff `video_unet` (`UNetMotionModel`): "
+                "only a video UNet built on SD-1.5's blocks takes a ControlNet's residuals."
+            )
+        if call.guess_mode:
+            raise ValueError(
+                "`control_smoothing=True` takes no `guess_mode`: temporal smoothing reads the ControlNet as "
+                "diffusers' AnimateDiffControlNetPipeline does, with the prompt."
+            )
+        nets = self.controlnet.nets if isinstance(self.controlnet, MultiControlNetModel) else [self.controlnet]
+        width = self.video_text_encoder.config.hidden_size
+        if any(net.config.cross_attention_dim != width for net in nets):
+            raise ValueError(
+                f"`control_smoothing=True` feeds the video prompt's embeddings ({width} wide) to the ControlNet, "
+                f"which takes {nets[0].config.cross_attention_dim}: use a video text encoder of the ControlNet's "
+                "width."
+            )
+
     # ------------------------------------------------------------------ call
     @pipeline_call(EXAMPLE_DOC_STRING)
     def __call__(
@@ -257,6 +320,7 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
         guess_mode: bool = False,
         control_guidance_start: float | list[float] = 0.0,
         control_guidance_end: float | list[float] = 1.0,
+        control_smoothing: bool = False,
         **shared,
     ):
         r"""
@@ -276,6 +340,10 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
             control_guidance_start, control_guidance_end (`float` or `list[float]`, defaults to 0.0 and 1.0): As in
                 diffusers: the fractions of stage 1's steps between which each ControlNet acts, one number for all or
                 one per ControlNet. ControlNet only.
+            control_smoothing (`bool`, defaults to `False`): Also guide temporal smoothing with the ControlNet, at
+                every smoothing step with `controlnet_conditioning_scale`, as diffusers'
+                `AnimateDiffControlNetPipeline` does (the guidance window and guess mode are stage 1's). Needs an
+                AnimateDiff `video_unet`. An addition: the original smooths from the video prompt alone.
             return_idm_frames (`bool`, defaults to `True`): Also decode and return the image model's frames.
 
         Examples:

@@ -56,7 +56,7 @@ def test_window_weights_cover_every_frame_and_blend_to_one(data):
 
     # Normalised weights sum to one: when every window agrees on a frame, the blend is exactly that value.
     unet = FramewiseUNet()
-    stub = types.SimpleNamespace(_video_windows=(size, overlap),
+    stub = types.SimpleNamespace(_video_windows=(size, overlap), video_unet_residuals=lambda *args: {},
                                  video_unet_noise=lambda z, t, c, image: unet(z, t, c).sample)
     stub.temporal_windows_for = lambda n: MixedInversionMixin.temporal_windows_for(stub, n)
     stub.blend_windows = lambda *args: MixedInversionMixin.blend_windows(stub, *args)
