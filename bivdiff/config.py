@@ -98,6 +98,7 @@ class ControlNetOptions(ConditionOptions):
     control_guidance_start: float = bounded(0.0, 0.0, 1.0)
     control_guidance_end: float = bounded(1.0, 0.0, 1.0)
     guess_mode: bool = False
+    control_smoothing: bool = False  # the ControlNet also guides smoothing (AnimateDiff only; README, Differences)
 
 
 @dataclass
@@ -366,6 +367,9 @@ def validate(config: RunConfig) -> None:
     if start is not None and not start < end:
         problems.append(f"{prefix}.control_guidance_start={start!r} must be below {prefix}.control_guidance_end="
                         f"{end!r}: they are the fractions of stage 1's steps between which the ControlNet acts.")
+    if options.get("control_smoothing") and (config.vdm != "AnimateDiff" or options["guess_mode"]):
+        problems.append(f"{prefix}.control_smoothing=true needs Model.vdm=AnimateDiff (the one video model that takes "
+                        f"a ControlNet's residuals) and {prefix}.guess_mode=false.")
     freeu = model["video_freeu"]
     if freeu is not None and not (len(freeu) == 4 and all(0 <= factor < math.inf for factor in freeu)):
         problems.append(f"Model.video_freeu={freeu!r} must be FreeU's four factors [s1, s2, b1, b2], each >= 0, e.g. "

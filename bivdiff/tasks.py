@@ -101,8 +101,8 @@ class ControllableTask(Task):
                          num_frames=config.model["video_length"])
         del arguments["video"]
         arguments[f"{self.component}_conditioning_scale"] = options["conditioning_scale"]
-        # ControlNet's guidance window and guess mode; T2I-Adapter's config has no such keys.
-        controlnet_only = ("control_guidance_start", "control_guidance_end", "guess_mode")
+        # ControlNet's guidance window, guess mode and smoothing; T2I-Adapter's config has no such keys.
+        controlnet_only = ("control_guidance_start", "control_guidance_end", "guess_mode", "control_smoothing")
         return dict(arguments, **{key: options[key] for key in controlnet_only if key in options})
 
 

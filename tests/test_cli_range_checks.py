@@ -39,6 +39,7 @@ HAND_WRITTEN = [
     ("Model.device", "gpu", "must be auto, cpu, cuda"),
     ("Model.video_window", 4, "video_window_overlap=4 must be a whole number from 0 to"),
     ("IDM.ControlNet.control_guidance_start", 1.0, "must be below IDM.ControlNet.control_guidance_end=1.0"),
+    ("IDM.ControlNet.control_smoothing", "true", "control_smoothing=true needs Model.vdm=AnimateDiff"),
     ("Model.video_freeu", "[0.9,0.2,1.2]", "must be FreeU's four factors"),
     ("Model.video_freeu", "[0.9,0.2,1.2,-1]", "must be FreeU's four factors"),
     ("Model.idm_prompt", "' '", "Model.idm_prompt is empty"),

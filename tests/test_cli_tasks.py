@@ -327,23 +327,30 @@ def test_inputs_the_pipeline_refuses_are_reported_without_a_traceback(recorded, 
     assert not (folder / "stats.json").exists()
 
 
-def test_controlnet_guidance_window_and_guess_mode_reach_the_call_as_diffusers_arguments():
+@pytest.mark.parametrize(
+    "name, keys, arguments, output",
+    [
+        ("controllable_video_generation_with_controlnet_and_zeroscope",
+         ["IDM.ControlNet.control_guidance_start=0.5", "IDM.ControlNet.guess_mode=true"],
+         dict(control_guidance_start=0.5, guess_mode=True), "idm_frames"),
+        ("controllable_video_generation_with_controlnet_and_animatediff", ["IDM.ControlNet.control_smoothing=true"],
+         dict(control_smoothing=True), "frames"),
+    ],
+    ids=["guidance window and guess mode", "control smoothing"],
+)
+def test_controlnet_keys_reach_the_call_as_its_arguments(name, keys, arguments, output):
     import torch
 
     from bivdiff.config import valid_keys
     from bivdiff.runner import build_pipeline, call_arguments, plan_run, run_job
 
-    name = "controllable_video_generation_with_controlnet_and_zeroscope"
-    keys = ["IDM.ControlNet.control_guidance_start=0.5", "IDM.ControlNet.guess_mode=true"]
     plain, controlled = plan_run(name, FAST, tiny=True), plan_run(name, [*FAST, *keys], tiny=True)
     pipe = build_pipeline(plain)
-    by_keys = np.stack(run_job(pipe, controlled)[0].idm_frames[0])
-    # Oracle: the same pipeline called from Python with diffusers' arguments.
-    arguments = dict(call_arguments(plain, torch.Generator("cpu").manual_seed(42)), control_guidance_start=0.5,
-                     guess_mode=True)
-    np.testing.assert_array_equal(by_keys, np.stack(pipe(**arguments).idm_frames[0]))
-    assert not np.array_equal(by_keys, np.stack(run_job(pipe, plain)[0].idm_frames[0]))
-    # T2I-Adapter has neither (the pipeline refuses them for an adapter).
+    by_keys = np.stack(getattr(run_job(pipe, controlled)[0], output)[0])
+    # Oracle: the same pipeline called from Python with the arguments.
+    by_python = pipe(**{**call_arguments(plain, torch.Generator("cpu").manual_seed(42)), **arguments})
+    np.testing.assert_array_equal(by_keys, np.stack(getattr(by_python, output)[0]))
+    assert not np.array_equal(by_keys, np.stack(getattr(run_job(pipe, plain)[0], output)[0]))
+    # T2I-Adapter has none of them (the pipeline refuses them for an adapter).
     adapter_keys = [key for key in valid_keys() if key.startswith("IDM.T2IAdapter.")]
-    controlnet_only = ("guess_mode", "control_guidance_start", "control_guidance_end")
-    assert adapter_keys and not any(key.endswith(controlnet_only) for key in adapter_keys)
+    assert adapter_keys and not any(key.rsplit(".", 1)[1] in arguments for key in adapter_keys)
