@@ -116,6 +116,8 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
     _optional_components = [
         "controlnet", "adapter", "inversion_unet", "inverse_scheduler", "image_encoder", "feature_extractor"
     ]
+    # With `control_smoothing`, during one call's inversion and smoothing: (condition frames per ControlNet, scale).
+    _smoothing_control = None
 
     def __init__(
         self,
@@ -204,7 +206,6 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
 
     # ------------------------------------------------------------------ stage 3 with `control_smoothing`
     def invert_and_smooth(self, latents: torch.Tensor, call, embeds) -> torch.Tensor:
-        self._smoothing_control = None
         if call.control_smoothing:
             # The condition frames as stage 1's ControlNet pipeline prepares them ([0, 1], at the output size).
             pipe = self.stock_pipeline(StableDiffusionControlNetPipeline, controlnet=self.controlnet)
@@ -225,10 +226,9 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
         """With `control_smoothing`, the ControlNet's residuals for the motion UNet while it smooths, as diffusers'
         `AnimateDiffControlNetPipeline` adds them: every video's frames folded into the batch, each read with its
         condition frame. The video branch of the inversion stays the original's, without them."""
-        control = getattr(self, "_smoothing_control", None)
-        if control is None or self.current_stage != "temporal smoothing":
+        if self._smoothing_control is None or self.current_stage != "temporal smoothing":
             return {}
-        conditions, scale = control
+        conditions, scale = self._smoothing_control
         num_videos, num_frames = sample.shape[0], sample.shape[2]
         dtype = self.controlnet.dtype
         images = [condition[frames].repeat(num_videos, 1, 1, 1) for condition in conditions]
