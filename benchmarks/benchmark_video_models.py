@@ -10,6 +10,7 @@ Video models (nothing is downloaded; the image side is SD-1.5 + ControlNet, as i
 - `animatediff`: `UNetMotionModel` of SD-1.5's UNet and a MotionAdapter at the v1-5-3 config, built on the image
   UNet's own weights; its text encoder is the image model's CLIP-L.
 - `vidrd`: `VidRDUNet3DConditionModel` at SD-2.1-base size with the OpenCLIP-H text tower.
+- `animatediff+control`: `animatediff` with `control_smoothing=True` (the ControlNet also guides smoothing).
 A model the pipeline cannot run is reported with its error and the others still run.
 """
 
@@ -26,7 +27,7 @@ from bivdiff import BIVDiffControllablePipeline
 from bivdiff import tiny_models as tiny
 from bivdiff.profiling import peak_rss_bytes, stage_summary
 
-VIDEO_MODELS = ("modelscope", "animatediff", "vidrd")
+VIDEO_MODELS = ("modelscope", "animatediff", "vidrd", "animatediff+control")
 VIDEO_STAGES = ("video inversion", "temporal smoothing")
 
 
@@ -87,8 +88,10 @@ def use_xformers(pipe) -> str:
 
 
 def benchmark_model(name: str, image: dict, call: dict, device, dtype, xformers: bool) -> dict:
+    model, _, switch = name.partition("+")
+    call = {**call, "control_smoothing": switch == "control"}
     with torch.device(device):
-        video = video_components(name, image)
+        video = video_components(model, image)
     pipe = BIVDiffControllablePipeline(**image, **video)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
@@ -96,7 +99,7 @@ def benchmark_model(name: str, image: dict, call: dict, device, dtype, xformers:
     result = {"model": name, "attention": use_xformers(pipe) if xformers else "sdpa"}
     models = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
     result["weights"] = weight_bytes(*models)
-    if name == "animatediff":
+    if model == "animatediff":
         # What `UNetMotionModel.from_unet2d` would hold: its own copy of every spatial tensor.
         result["weights_unshared"] = result["weights"] + weight_bytes(pipe.unet)
     try:
@@ -132,16 +135,16 @@ def print_summary(results: list[dict]) -> None:
     ran = [r for r in results if "error" not in r]
     base = ran[0] if ran else None
     header = f"{'total s':>10}{'video s':>10}{'x total':>9}{'x video':>9}{'peak MiB':>10}  {'weights MiB':>11}"
-    print(f"\n{'video model':<14}{header}")
+    print(f"\n{'video model':<20}{header}")
     for r in results:
         weights = mib(r["weights"]) + (f" (unshared {mib(r['weights_unshared'])})" if "weights_unshared" in r else "")
         if "error" in r:
-            print(f"{r['model']:<14}{'not run':>10}{'':>10}{'':>9}{'':>9}{'':>10}  {weights:>11}")
+            print(f"{r['model']:<20}{'not run':>10}{'':>10}{'':>9}{'':>9}{'':>10}  {weights:>11}")
             continue
         ratio = r["seconds"] / base["seconds"]
         video_ratio = video_seconds(r) / max(video_seconds(base), 1e-9)
         print(
-            f"{r['model']:<14}{r['seconds']:10.2f}{video_seconds(r):10.2f}{ratio:9.2f}{video_ratio:9.2f}"
+            f"{r['model']:<20}{r['seconds']:10.2f}{video_seconds(r):10.2f}{ratio:9.2f}{video_ratio:9.2f}"
             f"{mib(r['peak']):>10}  {weights:>11}"
         )
     if base is not None:
