@@ -342,7 +342,7 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
                 one per ControlNet. ControlNet only.
             control_smoothing (`bool`, defaults to `False`): Also guide temporal smoothing with the ControlNet, at
                 every smoothing step with `controlnet_conditioning_scale`, as diffusers'
-                `AnimateDiffControlNetPipeline` does (the guidance window and guess mode are stage 1's). Needs an
+                `AnimateDiffControlNetPipeline` does (the guidance window is stage 1's; no `guess_mode`). Needs an
                 AnimateDiff `video_unet`. An addition: the original smooths from the video prompt alone.
             return_idm_frames (`bool`, defaults to `True`): Also decode and return the image model's frames.
 
