@@ -95,3 +95,12 @@ def test_control_smoothing_is_refused_where_it_cannot_work(video_model, override
     pipe = BIVDiffControllablePipeline(**video_model_components(video_model, controlnet=tiny_controlnet()))
     with pytest.raises(ValueError, match=message):
         call(pipe, control_smoothing=True, **overrides)
+
+
+def test_each_video_of_a_batch_is_smoothed_as_if_alone():
+    """Every video of a batch reads the same condition frames: video 2 of a batch equals video 2 called alone."""
+    pipe = animatediff_pipe()
+    batch = call(pipe, prompt=["a bear walking", "a robot walking"], control_smoothing=True,
+                 generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    alone = call(pipe, prompt="a robot walking", control_smoothing=True, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(batch[1], alone[0], rtol=1e-4, atol=1e-4)
