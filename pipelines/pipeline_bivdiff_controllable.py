@@ -156,11 +156,16 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
             return len(control.adapters)
         return 1
 
-    def condition_videos(self, conditioning_frames) -> list[list]:
-        """One list of frames per ControlNet/adapter: a single model takes a video, several take a list of videos."""
-        if self.num_conditions == 1:
-            return [as_frame_list(conditioning_frames)]
-        return [as_frame_list(video) for video in conditioning_frames]
+    def condition_videos(self, call) -> list:
+        """One video per ControlNet/adapter (a single model takes a video, several take a list of videos), at the
+        output size; resized once per call, for stage 1 and for smoothing with `control_smoothing`."""
+        if getattr(call, "sized_conditions", None) is None:
+            frames = call.conditioning_frames
+            videos = [frames] if self.num_conditions == 1 else frames
+            call.sized_conditions = [
+                self.resize_frames(as_frame_list(video), call.height, call.width, call.resize_mode) for video in videos
+            ]
+        return call.sized_conditions
 
     def input_frames(self, call):
         frames = call.conditioning_frames
@@ -171,10 +176,7 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
     def generate_frames(self, call, embeds) -> torch.Tensor:
         """Stage 1: ControlNet / T2I-Adapter on every frame of every video; the same condition frame for frame f
         of each video."""
-        videos = [
-            self.resize_frames(v, call.height, call.width, call.resize_mode)
-            for v in self.condition_videos(call.conditioning_frames)
-        ]
+        videos = self.condition_videos(call)
         if self.controlnet is not None:
             pipe = self.stock_pipeline(
                 StableDiffusionControlNetPipeline, "Frame-wise generation (ControlNet)", controlnet=self.controlnet
@@ -209,13 +211,11 @@ class BIVDiffControllablePipeline(DiffusionPipeline, ImagePromptMixin):
         if call.control_smoothing:
             # The condition frames as stage 1's ControlNet pipeline prepares them ([0, 1], at the output size).
             pipe = self.stock_pipeline(StableDiffusionControlNetPipeline, controlnet=self.controlnet)
+            device, dtype = latents.device, self.controlnet.dtype
             conditions = [
-                pipe.prepare_image(
-                    self.resize_frames(video, call.height, call.width, call.resize_mode), call.width, call.height,
-                    count_frames(video), 1, latents.device, self.controlnet.dtype,
-                )
-                for video in self.condition_videos(call.conditioning_frames)
-            ]  # fmt: skip
+                pipe.prepare_image(video, call.width, call.height, count_frames(video), 1, device, dtype)
+                for video in self.condition_videos(call)
+            ]
             self._smoothing_control = (conditions, call.controlnet_conditioning_scale)
         try:
             return super().invert_and_smooth(latents, call, embeds)
